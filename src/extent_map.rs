@@ -1,0 +1,122 @@
+//! A map from volume byte ranges to where their newest content comes from. Inserting a range
+//! replaces whatever overlapped it, so folding a stretch of journal records into the map in
+//! order leaves exactly their net effect: the content of a snapshot delta.
+
+use std::collections::BTreeMap;
+
+/// Where an extent's bytes come from; `skip` moves the start forward when an extent is split.
+pub trait ExtentSource: Copy {
+    fn skip(self, bytes: u64) -> Self;
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ExtentMap<S> {
+    /// start → (length, source); ranges never overlap and are never empty.
+    extents: BTreeMap<u64, (u64, S)>,
+}
+
+impl<S: ExtentSource> ExtentMap<S> {
+    pub fn new() -> Self {
+        Self { extents: BTreeMap::new() }
+    }
+
+    pub fn insert(&mut self, start: u64, len: u64, source: S) {
+        if len == 0 {
+            return;
+        }
+        let end = start + len;
+        // The extent starting before `start` may reach into the new range: keep its head, and
+        // its tail too if it reaches past the new range.
+        if let Some((&prev_start, &(prev_len, prev_source))) = self.extents.range(..start).next_back() {
+            let prev_end = prev_start + prev_len;
+            if prev_end > start {
+                self.extents.insert(prev_start, (start - prev_start, prev_source));
+                if prev_end > end {
+                    self.extents.insert(end, (prev_end - end, prev_source.skip(end - prev_start)));
+                }
+            }
+        }
+        let covered: Vec<u64> = self.extents.range(start..end).map(|(&s, _)| s).collect();
+        for old_start in covered {
+            let (old_len, old_source) = self.extents.remove(&old_start).expect("key just listed");
+            let old_end = old_start + old_len;
+            if old_end > end {
+                self.extents.insert(end, (old_end - end, old_source.skip(end - old_start)));
+            }
+        }
+        self.extents.insert(start, (len, source));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64, S)> + '_ {
+        self.extents.iter().map(|(&start, &(len, source))| (start, len, source))
+    }
+
+    pub fn len(&self) -> usize {
+        self.extents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A source that remembers which insert it came from and how far into it we are, so the
+    /// map can be checked byte by byte against a plain array.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Tagged {
+        insert: u32,
+        at: u64,
+    }
+
+    impl ExtentSource for Tagged {
+        fn skip(self, bytes: u64) -> Self {
+            Self { insert: self.insert, at: self.at + bytes }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn map_matches_byte_array(ops in proptest::collection::vec((0u64..200, 1u64..60), 1..40)) {
+            let mut map = ExtentMap::new();
+            let mut bytes: Vec<Option<(u32, u64)>> = vec![None; 300];
+            for (i, &(start, len)) in ops.iter().enumerate() {
+                map.insert(start, len, Tagged { insert: i as u32, at: 0 });
+                for k in 0..len {
+                    bytes[(start + k) as usize] = Some((i as u32, k));
+                }
+            }
+            let mut from_map: Vec<Option<(u32, u64)>> = vec![None; 300];
+            let mut last_end = 0;
+            for (start, len, source) in map.iter() {
+                prop_assert!(start >= last_end, "extents overlap");
+                prop_assert!(len > 0);
+                last_end = start + len;
+                for k in 0..len {
+                    from_map[(start + k) as usize] = Some((source.insert, source.at + k));
+                }
+            }
+            prop_assert_eq!(from_map, bytes);
+        }
+    }
+
+    #[test]
+    fn insert_inside_an_extent_splits_it_in_three() {
+        let mut map = ExtentMap::new();
+        map.insert(0, 100, Tagged { insert: 0, at: 0 });
+        map.insert(40, 10, Tagged { insert: 1, at: 0 });
+        let got: Vec<_> = map.iter().collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 40, Tagged { insert: 0, at: 0 }),
+                (40, 10, Tagged { insert: 1, at: 0 }),
+                (50, 50, Tagged { insert: 0, at: 50 }),
+            ]
+        );
+    }
+}

@@ -1,0 +1,236 @@
+//! Thin wrappers over the file-system calls std does not offer: vectored positional writes,
+//! hole punching, sparse-aware copies, directory syncs and atomic replacement of small files.
+
+use std::fs::{self, File};
+use std::io::{self, IoSlice};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{IoContext, Result};
+
+pub fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// `pwritev` until every byte of `slices` is written at `offset`.
+pub fn write_all_vectored_at(file: &File, slices: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    let mut owned: Vec<IoSlice<'_>> = slices.to_vec();
+    let mut remaining: &mut [IoSlice<'_>] = &mut owned;
+    let mut offset = offset;
+    while !remaining.is_empty() {
+        let batch = remaining.len().min(IOV_MAX);
+        // SAFETY: IoSlice is ABI-compatible with iovec, and every slice outlives the call.
+        let written = unsafe {
+            libc::pwritev(file.as_raw_fd(), remaining.as_ptr().cast(), batch as libc::c_int, offset as libc::off_t)
+        };
+        if written < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if written == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"));
+        }
+        offset += written as u64;
+        IoSlice::advance_slices(&mut remaining, written as usize);
+    }
+    Ok(())
+}
+
+/// Makes `[offset, offset+len)` read as zeroes, deallocating it where the file system can.
+pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain syscall on an owned fd.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(err);
+    }
+    write_zeroes(file, offset, len)
+}
+
+fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeroes = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+fn seek_data_or_hole(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: plain syscall on an owned fd.
+    let pos = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if pos < 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(err) };
+    }
+    Ok(Some(pos as u64))
+}
+
+/// The data (non-hole) ranges of `file` below `len`, as the file system reports them.
+pub fn data_ranges(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut ranges = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let Some(start) = seek_data_or_hole(file, pos, libc::SEEK_DATA)? else { break };
+        if start >= len {
+            break;
+        }
+        let end = seek_data_or_hole(file, start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        ranges.push((start, end - start));
+        pos = end;
+    }
+    Ok(ranges)
+}
+
+/// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` inside the kernel.
+pub fn copy_range(src: &File, src_offset: u64, dst: &File, dst_offset: u64, len: u64) -> io::Result<()> {
+    let mut src_off = src_offset as libc::loff_t;
+    let mut dst_off = dst_offset as libc::loff_t;
+    let mut left = len;
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        // SAFETY: both fds are open for the call's duration; offsets are passed by pointer.
+        let n = unsafe {
+            libc::copy_file_range(src.as_raw_fd(), &mut src_off, dst.as_raw_fd(), &mut dst_off, chunk, 0)
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if matches!(err.raw_os_error(), Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)) {
+                return copy_range_by_reading(src, src_off as u64, dst, dst_off as u64, left);
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source ended during copy"));
+        }
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+fn copy_range_by_reading(src: &File, src_offset: u64, dst: &File, dst_offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], src_offset + done)?;
+        dst.write_all_at(&buf[..n], dst_offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Copies the data ranges of `src` into `dst` (already sized), leaving holes as holes.
+/// `progress` is told the bytes copied so far.
+pub fn copy_sparse(src: &File, dst: &File, len: u64, mut progress: impl FnMut(u64)) -> io::Result<u64> {
+    let mut copied = 0;
+    for (start, range_len) in data_ranges(src, len)? {
+        copy_range(src, start, dst, start, range_len)?;
+        copied += range_len;
+        progress(start + range_len);
+    }
+    Ok(copied)
+}
+
+/// The directory holding `path` ("." for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Replaces `path` with `contents` so that a crash leaves either the old or the new file.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let write = || -> io::Result<()> {
+        let file = File::create(&tmp)?;
+        use std::io::Write;
+        (&file).write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().context(|| format!("writing {}", path.display()))?;
+    sync_dir(parent_dir(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn sparse_copy_keeps_holes_and_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        let src = File::create(&src_path).unwrap();
+        let len = 8 << 20;
+        src.set_len(len).unwrap();
+        src.write_all_at(&[0xab; 5000], 1 << 20).unwrap();
+        src.write_all_at(&[0xcd; 100], len - 100).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let dst_path = dir.path().join("dst");
+        let dst = File::create(&dst_path).unwrap();
+        dst.set_len(len).unwrap();
+        copy_sparse(&src, &dst, len, |_| {}).unwrap();
+        assert_eq!(fs::read(&src_path).unwrap(), fs::read(&dst_path).unwrap());
+        let copied: u64 = data_ranges(&dst, len).unwrap().iter().map(|r| r.1).sum();
+        assert!(copied < len / 2, "destination is not sparse: {copied} bytes of data");
+    }
+
+    #[test]
+    fn zero_range_reads_back_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.write_all_at(&[0xff; 3 * 4096], 0).unwrap();
+        zero_range(&file, 1000, 5000).unwrap();
+        let data = fs::read(&path).unwrap();
+        assert!(data[..1000].iter().all(|&b| b == 0xff));
+        assert!(data[1000..6000].iter().all(|&b| b == 0));
+        assert!(data[6000..].iter().all(|&b| b == 0xff));
+    }
+
+    #[test]
+    fn vectored_write_lands_every_piece_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = File::create(&path).unwrap();
+        let pieces: Vec<Vec<u8>> = (0..2000u32).map(|i| vec![(i % 256) as u8; (i % 7 + 1) as usize]).collect();
+        let slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+        write_all_vectored_at(&file, &slices, 10).unwrap();
+        let expected: Vec<u8> = std::iter::repeat(0).take(10).chain(pieces.concat()).collect();
+        assert_eq!(fs::read(&path).unwrap(), expected);
+    }
+}

@@ -1,0 +1,613 @@
+//! The journal: numbered, checksummed records in append-only segment files.
+//!
+//! Writers append batches of records with one `pwritev` per batch (group commit); `sync_active`
+//! makes everything appended durable with one `fdatasync`. Readers take a [`JournalView`] — the
+//! list of segments and their ends at one instant — and walk records without holding the
+//! writer's lock. On open the journal is scanned: a torn tail past the last durable point is cut
+//! back and logged, damage anywhere else stops the open with the segment and offset.
+
+pub mod record;
+pub mod segment;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::IoSlice;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+
+pub use record::{RecordHeader, RecordKind, HEADER_LEN};
+use segment::{ChunkReader, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
+
+/// A journal sequence number. Records are numbered 1, 2, 3, … without gaps; 0 names the state
+/// before the first record.
+pub type Seq = u64;
+
+/// Freed segments kept for reuse: overwriting existing file pages is several times cheaper
+/// than filling fresh ones.
+const MAX_SPARE_SEGMENTS: usize = 4;
+const SPARE_PREFIX: &str = "spare-";
+
+/// A record to append: the journal assigns its sequence number and timestamp.
+#[derive(Debug, Clone, Copy)]
+pub struct NewRecord<'a> {
+    pub kind: RecordKind,
+    pub offset: u64,
+    pub length: u64,
+    pub payload: &'a [&'a [u8]],
+}
+
+/// A record read back: its header, where it lies, and its payload when it was read.
+pub struct RecordRef<'a> {
+    pub header: RecordHeader,
+    pub segment: &'a Segment,
+    pub position: u64,
+    pub payload: Option<&'a [u8]>,
+}
+
+impl RecordRef<'_> {
+    pub fn payload_position(&self) -> u64 {
+        self.position + HEADER_LEN as u64
+    }
+}
+
+/// How the scan at open ended the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailRepair {
+    pub segment: PathBuf,
+    pub offset: u64,
+    pub reason: String,
+    /// Bytes of the segment past the cut that held no valid record.
+    pub discarded_bytes: u64,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    store_uuid: [u8; 16],
+    segment_capacity: u64,
+    /// Oldest first; the last one is the active segment that appends go to.
+    segments: Vec<Segment>,
+    last_timestamp_ns: u64,
+    next_segment_index: u64,
+}
+
+/// Why a walk over a segment stopped before its file ended or at a record it could not use.
+struct WalkEnd {
+    end: u64,
+    next_seq: Seq,
+    /// None when the segment's bytes simply ran out.
+    fault: Option<String>,
+}
+
+/// What a walk should do with each record's payload.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Payloads {
+    /// Skip payloads (headers are still checked).
+    Skip,
+    /// Read and check the payloads of these kinds only.
+    OfKinds(&'static [RecordKind]),
+    /// Read and check every payload.
+    All,
+}
+
+impl Payloads {
+    fn wanted(self, kind: RecordKind) -> bool {
+        match self {
+            Self::Skip => false,
+            Self::OfKinds(kinds) => kinds.contains(&kind),
+            Self::All => true,
+        }
+    }
+}
+
+fn walk_segment(
+    segment: &Segment,
+    limit: Option<(u64, Seq)>,
+    payloads: impl Fn(&RecordHeader) -> bool,
+    mut visit: impl FnMut(RecordRef<'_>) -> Result<()>,
+) -> Result<WalkEnd> {
+    let file_len = match limit {
+        Some((end, _)) => end,
+        None => segment
+            .file
+            .metadata()
+            .context(|| format!("reading size of {}", segment.path.display()))?
+            .len(),
+    };
+    let mut reader = ChunkReader::new(&segment.file, &segment.path);
+    let mut pos = SEGMENT_HEADER_LEN;
+    let mut expected = segment.first_seq;
+    let fault = loop {
+        if pos + HEADER_LEN as u64 > file_len {
+            break (pos < file_len).then(|| "short record header".to_string());
+        }
+        let bytes: [u8; HEADER_LEN] =
+            reader.read_at(pos, HEADER_LEN)?.try_into().expect("read_at returns full header inside the file");
+        let header = match RecordHeader::decode(&bytes) {
+            Ok(header) => header,
+            Err(record::HeaderFault::NoMagic) => break Some("no record here".to_string()),
+            Err(fault) => break Some(fault.to_string()),
+        };
+        if header.seq != expected {
+            break Some(format!("sequence {} where {expected} was expected", header.seq));
+        }
+        let record_end = pos + header.record_len();
+        if record_end > file_len {
+            break Some("record runs past the end of the segment".to_string());
+        }
+        let payload = if payloads(&header) {
+            let payload = reader.read_at(pos + HEADER_LEN as u64, header.payload_len as usize)?;
+            if crc32c::crc32c(payload) != header.payload_crc {
+                break Some("payload checksum mismatch".to_string());
+            }
+            Some(payload.to_vec())
+        } else {
+            None
+        };
+        visit(RecordRef { header, segment, position: pos, payload: payload.as_deref() })?;
+        pos = record_end;
+        expected += 1;
+        if limit.is_some_and(|(_, next)| expected >= next) {
+            break None;
+        }
+    };
+    Ok(WalkEnd { end: pos, next_seq: expected, fault })
+}
+
+/// Looks past `from` for any valid record numbered `min_seq` or later: if one exists, the
+/// records before it were durable once, and a fault before it is damage, not a torn tail.
+fn later_valid_record(segment: &Segment, from: u64, min_seq: Seq) -> Result<Option<u64>> {
+    let file_len = segment.file.metadata().context(|| format!("reading size of {}", segment.path.display()))?.len();
+    let mut reader = ChunkReader::new(&segment.file, &segment.path);
+    let mut pos = from.div_ceil(record::ALIGN) * record::ALIGN;
+    while pos + HEADER_LEN as u64 <= file_len {
+        let bytes: [u8; HEADER_LEN] = reader.read_at(pos, HEADER_LEN)?.try_into().expect("full header inside file");
+        if let Ok(header) = RecordHeader::decode(&bytes) {
+            if header.seq >= min_seq {
+                return Ok(Some(pos));
+            }
+        }
+        pos += record::ALIGN;
+    }
+    Ok(None)
+}
+
+impl Journal {
+    /// Creates an empty journal whose first record will be `first_seq`.
+    pub fn create(dir: &Path, store_uuid: [u8; 16], segment_capacity: u64, first_seq: Seq) -> Result<Self> {
+        fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+        let mut journal = Self {
+            dir: dir.to_path_buf(),
+            store_uuid,
+            segment_capacity,
+            segments: Vec::new(),
+            last_timestamp_ns: 0,
+            next_segment_index: 0,
+        };
+        journal.start_segment(first_seq)?;
+        Ok(journal)
+    }
+
+    /// Opens and scans the journal. `durable_through` is the newest sequence number known to be
+    /// durable (the store's checkpoint): a fault at or before it is damage and fails the open;
+    /// past it, a fault with nothing valid behind it is a torn tail and is cut back. Every record
+    /// is passed to `visit`, with its payload when `payloads` asks for it; payloads of records
+    /// past `durable_through` and of the last segment are always checked.
+    pub fn open(
+        dir: &Path,
+        store_uuid: [u8; 16],
+        segment_capacity: u64,
+        durable_through: Seq,
+        payloads: Payloads,
+        mut visit: impl FnMut(RecordRef<'_>) -> Result<()>,
+    ) -> Result<(Self, Option<TailRepair>)> {
+        let mut indexes = Vec::new();
+        for entry in fs::read_dir(dir).context(|| format!("listing {}", dir.display()))? {
+            let entry = entry.context(|| format!("listing {}", dir.display()))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(hex) = name.strip_suffix(".seg").filter(|s| !s.starts_with(SPARE_PREFIX)) {
+                if let Ok(index) = u64::from_str_radix(hex, 16) {
+                    indexes.push(index);
+                }
+            }
+        }
+        indexes.sort_unstable();
+        if indexes.is_empty() {
+            return Err(Error::JournalCorrupt {
+                segment: dir.to_path_buf(),
+                offset: 0,
+                reason: "no journal segments".into(),
+            });
+        }
+        let mut journal = Self {
+            dir: dir.to_path_buf(),
+            store_uuid,
+            segment_capacity,
+            segments: Vec::new(),
+            last_timestamp_ns: 0,
+            next_segment_index: indexes[indexes.len() - 1] + 1,
+        };
+        let mut repair = None;
+        let mut expected: Option<Seq> = None;
+        let mut pending_fault: Option<(PathBuf, u64, String)> = None;
+        for (i, &index) in indexes.iter().enumerate() {
+            let is_last = i + 1 == indexes.len();
+            let path = dir.join(Segment::file_name(index));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .context(|| format!("opening {}", path.display()))?;
+            let mut header_bytes = [0u8; SEGMENT_HEADER_LEN as usize];
+            let header = file
+                .read_exact_at(&mut header_bytes, 0)
+                .map_err(|cause| Error::Io { context: format!("reading {}", path.display()), cause })
+                .and_then(|()| SegmentHeader::decode(&header_bytes, &path));
+            let header = match header {
+                Ok(header) => header,
+                // A crash while a new segment was being started leaves it without a header;
+                // its predecessor was synced before, so nothing is lost by starting it again.
+                Err(err) if is_last && i > 0 => {
+                    log::warn!("journal: discarding half-created segment {}: {err}", path.display());
+                    fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+                    journal.next_segment_index = index;
+                    let next = expected.expect("a previous segment was scanned");
+                    journal.start_segment(next)?;
+                    break;
+                }
+                Err(err) => return Err(err),
+            };
+            if header.store_uuid != store_uuid || header.index != index {
+                return Err(Error::JournalCorrupt {
+                    segment: path,
+                    offset: 0,
+                    reason: "segment belongs to another store or position".into(),
+                });
+            }
+            if let Some(expected) = expected {
+                if header.first_seq != expected {
+                    let (segment, offset, reason) = pending_fault.take().unwrap_or_else(|| {
+                        (path.clone(), 0, format!("segment starts at {} where {expected} was expected", header.first_seq))
+                    });
+                    return Err(Error::JournalCorrupt { segment, offset, reason });
+                }
+            }
+            pending_fault = None;
+            let mut segment = Segment {
+                index,
+                path,
+                file: Arc::new(file),
+                first_seq: header.first_seq,
+                next_seq: header.first_seq,
+                end: SEGMENT_HEADER_LEN,
+                first_timestamp_ns: 0,
+                last_timestamp_ns: 0,
+            };
+            let mut timestamps = (0u64, 0u64);
+            let walked = walk_segment(
+                &segment,
+                None,
+                |h| is_last || h.seq > durable_through || payloads.wanted(h.kind),
+                |rec| {
+                    if timestamps.0 == 0 {
+                        timestamps.0 = rec.header.timestamp_ns;
+                    }
+                    timestamps.1 = rec.header.timestamp_ns;
+                    visit(rec)
+                },
+            )?;
+            segment.end = walked.end;
+            segment.next_seq = walked.next_seq;
+            (segment.first_timestamp_ns, segment.last_timestamp_ns) = timestamps;
+            expected = Some(walked.next_seq);
+            if let Some(reason) = walked.fault {
+                if is_last {
+                    let damaged_durable = walked.next_seq <= durable_through;
+                    let later = later_valid_record(&segment, walked.end + 1, walked.next_seq)?;
+                    if damaged_durable || later.is_some() {
+                        return Err(Error::JournalCorrupt { segment: segment.path, offset: walked.end, reason });
+                    }
+                    let file_len = segment.file.metadata().context(|| "reading segment size".to_string())?.len();
+                    log::warn!(
+                        "journal: torn tail in {} at offset {}: {reason}; cut back after seq {}",
+                        segment.path.display(),
+                        walked.end,
+                        walked.next_seq.saturating_sub(1)
+                    );
+                    // Clear the torn bytes so a later crash cannot mistake them for records.
+                    fsutil::zero_range(&segment.file, walked.end, file_len - walked.end)
+                        .context(|| format!("clearing torn tail of {}", segment.path.display()))?;
+                    segment.file.sync_data().context(|| format!("syncing {}", segment.path.display()))?;
+                    repair = Some(TailRepair {
+                        segment: segment.path.clone(),
+                        offset: walked.end,
+                        reason,
+                        discarded_bytes: file_len - walked.end,
+                    });
+                } else {
+                    pending_fault = Some((segment.path.clone(), walked.end, reason));
+                }
+            }
+            journal.last_timestamp_ns = journal.last_timestamp_ns.max(segment.last_timestamp_ns);
+            journal.segments.push(segment);
+        }
+        if journal.next_seq() <= durable_through {
+            let last = journal.active();
+            return Err(Error::JournalCorrupt {
+                segment: last.path.clone(),
+                offset: last.end,
+                reason: format!(
+                    "journal ends at seq {} but seq {durable_through} was made durable",
+                    journal.next_seq() - 1
+                ),
+            });
+        }
+        Ok((journal, repair))
+    }
+
+    pub fn next_seq(&self) -> Seq {
+        self.active().next_seq
+    }
+
+    /// Sequence number of the oldest record still held, or `next_seq` when there is none.
+    pub fn first_seq(&self) -> Seq {
+        self.segments[0].first_seq
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    pub fn active(&self) -> &Segment {
+        self.segments.last().expect("a journal always has an active segment")
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.segments.iter().map(Segment::used_bytes).sum()
+    }
+
+    pub fn view(&self) -> JournalView {
+        JournalView { segments: self.segments.clone() }
+    }
+
+    /// Appends `records` in order with one vectored write per segment they land in. Returns the
+    /// sequence number of the first. On error nothing is appended: the numbers are not used and
+    /// whatever bytes reached the file past the old end are overwritten by the next append.
+    pub fn append(&mut self, records: &[NewRecord<'_>]) -> Result<Seq> {
+        let first = self.next_seq();
+        let mut start = 0;
+        while start < records.len() {
+            let active_end = self.active().end;
+            let mut fit_end = active_end;
+            let mut count = 0;
+            for record in &records[start..] {
+                let len = HEADER_LEN as u64 + record::padded_len(record.length_of_payload());
+                if fit_end + len > self.segment_capacity && (fit_end > SEGMENT_HEADER_LEN || count > 0) {
+                    break;
+                }
+                fit_end += len;
+                count += 1;
+            }
+            if count == 0 {
+                self.roll_over()?;
+                continue;
+            }
+            self.append_to_active(&records[start..start + count])?;
+            start += count;
+        }
+        Ok(first)
+    }
+
+    fn append_to_active(&mut self, records: &[NewRecord<'_>]) -> Result<()> {
+        static PADDING: [u8; record::ALIGN as usize] = [0; record::ALIGN as usize];
+        let now = fsutil::now_ns().max(self.last_timestamp_ns);
+        let active = self.segments.last().expect("active segment");
+        let headers: Vec<[u8; HEADER_LEN]> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let payload_len = r.length_of_payload();
+                RecordHeader {
+                    kind: r.kind,
+                    seq: active.next_seq + i as u64,
+                    timestamp_ns: now,
+                    offset: r.offset,
+                    length: r.length,
+                    payload_len: payload_len as u32,
+                    payload_crc: record::payload_crc(r.payload),
+                }
+                .encode()
+            })
+            .collect();
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(records.len() * 3);
+        let mut total = 0u64;
+        for (header, record) in headers.iter().zip(records) {
+            slices.push(IoSlice::new(header));
+            slices.extend(record.payload.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)));
+            let payload_len = record.length_of_payload();
+            let padding = (record::padded_len(payload_len) - payload_len) as usize;
+            if padding > 0 {
+                slices.push(IoSlice::new(&PADDING[..padding]));
+            }
+            total += HEADER_LEN as u64 + record::padded_len(payload_len);
+        }
+        fsutil::write_all_vectored_at(&active.file, &slices, active.end)
+            .context(|| format!("appending to {}", active.path.display()))?;
+        let active = self.segments.last_mut().expect("active segment");
+        if active.is_empty() {
+            active.first_timestamp_ns = now;
+        }
+        active.last_timestamp_ns = now;
+        active.end += total;
+        active.next_seq += records.len() as u64;
+        self.last_timestamp_ns = now;
+        Ok(())
+    }
+
+    /// Seals the active segment (durably) and starts the next one, reusing a spare if any.
+    fn roll_over(&mut self) -> Result<()> {
+        let active = self.active();
+        active.file.sync_data().context(|| format!("syncing {}", active.path.display()))?;
+        let next = active.next_seq;
+        self.start_segment(next)
+    }
+
+    fn start_segment(&mut self, first_seq: Seq) -> Result<()> {
+        let index = self.next_segment_index;
+        let path = self.dir.join(Segment::file_name(index));
+        if let Some(spare) = self.spare_paths()?.into_iter().next() {
+            fs::rename(&spare, &path).context(|| format!("reusing {}", spare.display()))?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .context(|| format!("creating {}", path.display()))?;
+        let header = SegmentHeader { store_uuid: self.store_uuid, index, first_seq };
+        // A reused segment still holds its old records past the header; they are numbered below
+        // `first_seq`, so the scanner never takes them for this life's records.
+        file.write_all_at(&header.encode(), 0).context(|| format!("writing {}", path.display()))?;
+        file.sync_data().context(|| format!("syncing {}", path.display()))?;
+        fsutil::sync_dir(&self.dir)?;
+        self.next_segment_index += 1;
+        self.segments.push(Segment {
+            index,
+            path,
+            file: Arc::new(file),
+            first_seq,
+            next_seq: first_seq,
+            end: SEGMENT_HEADER_LEN,
+            first_timestamp_ns: 0,
+            last_timestamp_ns: 0,
+        });
+        Ok(())
+    }
+
+    fn spare_paths(&self) -> Result<Vec<PathBuf>> {
+        let mut spares = Vec::new();
+        for entry in fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))? {
+            let entry = entry.context(|| format!("listing {}", self.dir.display()))?;
+            if entry.file_name().to_string_lossy().starts_with(SPARE_PREFIX) {
+                spares.push(entry.path());
+            }
+        }
+        spares.sort();
+        Ok(spares)
+    }
+
+    /// Frees the oldest `count` segments (never the active one), keeping a few for reuse.
+    /// The caller has made sure nothing still needs their records.
+    pub fn free_oldest(&mut self, count: usize) -> Result<()> {
+        let count = count.min(self.segments.len() - 1);
+        let mut spares = self.spare_paths()?.len();
+        for segment in self.segments.drain(..count) {
+            if spares < MAX_SPARE_SEGMENTS {
+                let spare = self.dir.join(format!("{SPARE_PREFIX}{:016x}.seg", segment.index));
+                fs::rename(&segment.path, &spare).context(|| format!("retiring {}", segment.path.display()))?;
+                spares += 1;
+            } else {
+                fs::remove_file(&segment.path).context(|| format!("removing {}", segment.path.display()))?;
+            }
+        }
+        fsutil::sync_dir(&self.dir)
+    }
+
+    /// The active segment's file, for syncing without holding the journal.
+    pub fn active_file(&self) -> Arc<File> {
+        Arc::clone(&self.active().file)
+    }
+}
+
+impl NewRecord<'_> {
+    fn length_of_payload(&self) -> u64 {
+        self.payload.iter().map(|p| p.len() as u64).sum()
+    }
+}
+
+/// The segments of a journal at one instant. Records appended later are not seen; segments
+/// freed later must not be freed while a view is in use (the store serialises the two).
+#[derive(Clone)]
+pub struct JournalView {
+    segments: Vec<Segment>,
+}
+
+impl JournalView {
+    pub fn first_seq(&self) -> Seq {
+        self.segments.first().map_or(0, |s| s.first_seq)
+    }
+
+    pub fn next_seq(&self) -> Seq {
+        self.segments.last().map_or(0, |s| s.next_seq)
+    }
+
+    pub fn segment(&self, index: u64) -> Option<&Segment> {
+        self.segments.iter().find(|s| s.index == index)
+    }
+
+    /// Visits every record with `from <= seq <= to`, in order, reading and checking payloads as
+    /// asked. Any fault inside the view is damage.
+    pub fn for_each(
+        &self,
+        from: Seq,
+        to: Seq,
+        payloads: Payloads,
+        mut visit: impl FnMut(RecordRef<'_>) -> Result<()>,
+    ) -> Result<()> {
+        if from > to {
+            return Ok(());
+        }
+        for segment in &self.segments {
+            if segment.next_seq <= from || segment.first_seq > to {
+                continue;
+            }
+            let walked = walk_segment(
+                segment,
+                Some((segment.end, segment.next_seq.min(to + 1))),
+                |h| h.seq >= from && payloads.wanted(h.kind),
+                |rec| if rec.header.seq >= from { visit(rec) } else { Ok(()) },
+            )?;
+            if let Some(reason) = walked.fault {
+                return Err(Error::JournalCorrupt { segment: segment.path.clone(), offset: walked.end, reason });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sequence number of the last record with a timestamp at or before `time_ns`, if any.
+    pub fn last_at_or_before(&self, time_ns: u64) -> Result<Option<Seq>> {
+        let mut found = None;
+        for segment in &self.segments {
+            if segment.is_empty() || segment.first_timestamp_ns > time_ns {
+                break;
+            }
+            if segment.last_timestamp_ns <= time_ns {
+                found = segment.last_seq();
+                continue;
+            }
+            self.for_each(segment.first_seq, segment.next_seq - 1, Payloads::Skip, |rec| {
+                if rec.header.timestamp_ns <= time_ns {
+                    found = Some(rec.header.seq);
+                }
+                Ok(())
+            })?;
+            break;
+        }
+        Ok(found)
+    }
+
+    /// Reads `buf.len()` payload bytes at `position` of `segment`.
+    pub fn read_payload(segment: &Segment, position: u64, buf: &mut [u8]) -> Result<()> {
+        segment
+            .file
+            .read_exact_at(buf, position)
+            .context(|| format!("reading {} at {position}", segment.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,457 @@
+//! Snapshots: the volume's content at chosen sequence numbers, kept as a chain.
+//!
+//! The chain is rooted in a base image (`snapshots/base.img`, a sparse raw file holding the
+//! volume at the base's sequence number). Every later snapshot is a delta file holding only the
+//! byte ranges that changed since the snapshot before it, with their content at the snapshot's
+//! point. A delta is compacted from the journal records between the two points, never read from
+//! the live volume, so taking one costs in proportion to what was written and never pauses
+//! guest I/O. Deltas that no recovery point needs any more are merged into the base.
+//!
+//! `manifest.json` lists the chain; it is replaced atomically after every file it names is
+//! durable, so a crash leaves either the old chain or the new one.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::extent_map::{ExtentMap, ExtentSource};
+use crate::fsutil;
+use crate::journal::{JournalView, Payloads, RecordKind, Seq};
+use crate::FORMAT_VERSION;
+
+const DELTA_MAGIC: [u8; 8] = *b"RWSNAPD\0";
+const DELTA_HEADER_LEN: u64 = 64;
+const EXTENT_ENTRY_LEN: u64 = 32;
+/// Marks a table entry whose range reads as zeroes and has no data in the file.
+const ZERO_EXTENT: u64 = u64::MAX;
+const BASE_FILE: &str = "base.img";
+const MANIFEST_FILE: &str = "manifest.json";
+const COPY_CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotOrigin {
+    /// The volume as it was when the store was created.
+    Initial,
+    /// Asked for by a user or the periodic timer.
+    Requested,
+    /// Taken by retention so that freeing the journal keeps the remaining points recoverable.
+    Retention,
+    /// Kept at a marker so the marker outlives the journal it was recorded in.
+    Marker,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub seq: Seq,
+    pub origin: SnapshotOrigin,
+    pub created_ns: u64,
+    /// Data bytes held by this link of the chain (for the base: its allocated data).
+    pub data_bytes: u64,
+    pub extents: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Manifest {
+    format_version: u32,
+    base: SnapshotInfo,
+    deltas: Vec<SnapshotInfo>,
+}
+
+/// Where a range of a delta being built comes from: zeroes, or a journal payload.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Zero,
+    Journal { segment: u64, position: u64 },
+}
+
+impl ExtentSource for Source {
+    fn skip(self, bytes: u64) -> Self {
+        match self {
+            Self::Zero => Self::Zero,
+            Self::Journal { segment, position } => Self::Journal { segment, position: position + bytes },
+        }
+    }
+}
+
+struct DeltaExtent {
+    offset: u64,
+    len: u64,
+    data_position: u64,
+    crc: u32,
+}
+
+pub struct SnapshotStore {
+    dir: PathBuf,
+    volume_size: u64,
+    manifest: Manifest,
+}
+
+impl SnapshotStore {
+    /// Creates the snapshot area with a base at seq 0 holding `initial` (a copy of the adopted
+    /// image, holes kept) or an empty sparse base when there is none.
+    pub fn create(dir: &Path, volume_size: u64, initial: Option<&File>, progress: &mut dyn FnMut(u64, u64)) -> Result<Self> {
+        fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+        let base_path = dir.join(BASE_FILE);
+        let base = File::create(&base_path).context(|| format!("creating {}", base_path.display()))?;
+        base.set_len(volume_size).context(|| format!("sizing {}", base_path.display()))?;
+        let data_bytes = match initial {
+            Some(image) => fsutil::copy_sparse(image, &base, volume_size, |done| progress(done, volume_size))
+                .context(|| format!("copying the image into {}", base_path.display()))?,
+            None => 0,
+        };
+        base.sync_all().context(|| format!("syncing {}", base_path.display()))?;
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            base: SnapshotInfo {
+                seq: 0,
+                origin: SnapshotOrigin::Initial,
+                created_ns: fsutil::now_ns(),
+                data_bytes,
+                extents: 0,
+            },
+            deltas: Vec::new(),
+        };
+        let store = Self { dir: dir.to_path_buf(), volume_size, manifest };
+        store.save_manifest()?;
+        Ok(store)
+    }
+
+    pub fn open(dir: &Path, volume_size: u64) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = fs::read(&path).context(|| format!("reading {}", path.display()))?;
+        let manifest: Manifest = serde_json::from_slice(&text)
+            .map_err(|e| Error::BadMetadata { path: path.clone(), reason: e.to_string() })?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion { path, found: manifest.format_version, supported: FORMAT_VERSION });
+        }
+        let store = Self { dir: dir.to_path_buf(), volume_size, manifest };
+        store.remove_unlisted_files()?;
+        Ok(store)
+    }
+
+    /// Deletes delta files a crash left behind before (or after) the manifest named them.
+    fn remove_unlisted_files(&self) -> Result<()> {
+        let listed: Vec<String> = self.manifest.deltas.iter().map(|d| delta_file_name(d.seq)).collect();
+        for entry in fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))? {
+            let entry = entry.context(|| format!("listing {}", self.dir.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale_delta = name.ends_with(".delta") && !listed.contains(&name);
+            if stale_delta || name.ends_with(".tmp") {
+                log::info!("snapshots: removing leftover {name}");
+                fs::remove_file(entry.path()).context(|| format!("removing {}", entry.path().display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn save_manifest(&self) -> Result<()> {
+        let text = serde_json::to_vec_pretty(&self.manifest).expect("manifest serialises");
+        fsutil::write_atomically(&self.dir.join(MANIFEST_FILE), &text)
+    }
+
+    /// Every snapshot, oldest (the base) first.
+    pub fn list(&self) -> Vec<SnapshotInfo> {
+        std::iter::once(self.manifest.base.clone()).chain(self.manifest.deltas.iter().cloned()).collect()
+    }
+
+    pub fn base_seq(&self) -> Seq {
+        self.manifest.base.seq
+    }
+
+    pub fn newest_seq(&self) -> Seq {
+        self.manifest.deltas.last().map_or(self.manifest.base.seq, |d| d.seq)
+    }
+
+    pub fn has_point(&self, seq: Seq) -> bool {
+        self.list().iter().any(|s| s.seq == seq)
+    }
+
+    /// The newest snapshot at or before `seq`.
+    pub fn newest_at_or_before(&self, seq: Seq) -> Option<Seq> {
+        self.list().iter().rev().map(|s| s.seq).find(|&s| s <= seq)
+    }
+
+    /// The oldest snapshot at or after `seq`.
+    pub fn oldest_at_or_after(&self, seq: Seq) -> Option<Seq> {
+        self.list().iter().map(|s| s.seq).find(|&s| s >= seq)
+    }
+
+    /// Adds a snapshot at `seq`, compacted from `view`, splitting the delta that spans it if
+    /// the chain already reaches past it. The view must hold every record after the snapshot
+    /// just before `seq` up to the one just after it.
+    pub fn insert(&mut self, view: &JournalView, seq: Seq, origin: SnapshotOrigin) -> Result<SnapshotInfo> {
+        if seq < self.manifest.base.seq {
+            return Err(Error::Unrecoverable {
+                requested: format!("snapshot at seq {seq}"),
+                oldest: self.manifest.base.seq,
+                head: view.next_seq().saturating_sub(1),
+            });
+        }
+        if let Some(existing) = self.list().into_iter().find(|s| s.seq == seq) {
+            return Ok(existing);
+        }
+        let previous = self.newest_at_or_before(seq).expect("the base is at or before seq");
+        let position = self.manifest.deltas.iter().position(|d| d.seq > seq);
+        let info = self.write_delta(view, previous, seq, origin)?;
+        match position {
+            None => self.manifest.deltas.push(info.clone()),
+            Some(index) => {
+                // The delta previous→next is replaced by previous→seq and seq→next.
+                let next = self.manifest.deltas[index].clone();
+                let rest = self.write_delta(view, seq, next.seq, next.origin)?;
+                self.manifest.deltas[index] = SnapshotInfo { created_ns: next.created_ns, ..rest };
+                self.manifest.deltas.insert(index, info.clone());
+            }
+        }
+        self.save_manifest()?;
+        Ok(info)
+    }
+
+    /// Folds the oldest delta into the base while `base_is_needed(base_seq)` is false.
+    /// Returns how many deltas were merged.
+    pub fn merge_into_base(&mut self, base_is_needed: impl Fn(Seq) -> bool) -> Result<usize> {
+        let mut merged = 0;
+        while !self.manifest.deltas.is_empty() && !base_is_needed(self.manifest.base.seq) {
+            let delta = self.manifest.deltas[0].clone();
+            let base_path = self.dir.join(BASE_FILE);
+            let base = OpenOptions::new().write(true).read(true).open(&base_path).context(|| format!("opening {}", base_path.display()))?;
+            // Applying a delta twice gives the same bytes, so a crash before the manifest
+            // names the new base only repeats this step on the next merge or recovery.
+            self.apply_delta(delta.seq, &base)?;
+            base.sync_all().context(|| format!("syncing {}", base_path.display()))?;
+            self.manifest.base = SnapshotInfo {
+                data_bytes: fsutil::data_ranges(&base, self.volume_size)
+                    .context(|| format!("mapping {}", base_path.display()))?
+                    .iter()
+                    .map(|r| r.1)
+                    .sum(),
+                extents: 0,
+                ..delta
+            };
+            self.manifest.deltas.remove(0);
+            self.save_manifest()?;
+            let delta_path = self.delta_path(delta.seq);
+            fs::remove_file(&delta_path).context(|| format!("removing {}", delta_path.display()))?;
+            merged += 1;
+        }
+        Ok(merged)
+    }
+
+    /// Writes the volume at snapshot `seq` into `output` (sized to the volume, empty): the base
+    /// copied with its holes, then each delta up to `seq`. Returns the data bytes written.
+    pub fn materialize(&self, seq: Seq, output: &File, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+        let base_path = self.dir.join(BASE_FILE);
+        let base = File::open(&base_path).context(|| format!("opening {}", base_path.display()))?;
+        let total = self.volume_size;
+        let mut written = fsutil::copy_sparse(&base, output, self.volume_size, |done| progress(done, total))
+            .context(|| format!("copying {}", base_path.display()))?;
+        for delta in self.manifest.deltas.iter().take_while(|d| d.seq <= seq) {
+            written += self.apply_delta(delta.seq, output)?;
+        }
+        Ok(written)
+    }
+
+    fn delta_path(&self, seq: Seq) -> PathBuf {
+        self.dir.join(delta_file_name(seq))
+    }
+
+    /// Compacts the records in (from, to] into a new delta file.
+    fn write_delta(&self, view: &JournalView, from: Seq, to: Seq, origin: SnapshotOrigin) -> Result<SnapshotInfo> {
+        if view.first_seq() > from + 1 || view.next_seq() <= to {
+            return Err(Error::Unrecoverable {
+                requested: format!("snapshot at seq {to}"),
+                oldest: view.first_seq().saturating_sub(1),
+                head: view.next_seq().saturating_sub(1),
+            });
+        }
+        let mut map = ExtentMap::new();
+        view.for_each(from + 1, to, Payloads::OfKinds(&[RecordKind::Write]), |rec| {
+            let h = rec.header;
+            match h.kind {
+                RecordKind::Write => map.insert(
+                    h.offset,
+                    h.length,
+                    Source::Journal { segment: rec.segment.index, position: rec.payload_position() },
+                ),
+                RecordKind::WriteZeroes | RecordKind::Discard => map.insert(h.offset, h.length, Source::Zero),
+                RecordKind::Marker | RecordKind::Snapshot => {}
+            }
+            Ok(())
+        })?;
+
+        let final_path = self.delta_path(to);
+        let tmp_path = final_path.with_extension("tmp");
+        let file = File::create(&tmp_path).context(|| format!("creating {}", tmp_path.display()))?;
+        let table_len = map.len() as u64 * EXTENT_ENTRY_LEN;
+        let data_start = (DELTA_HEADER_LEN + table_len).div_ceil(4096) * 4096;
+        let mut out = BufWriter::with_capacity(COPY_CHUNK, &file);
+        let mut extents = Vec::with_capacity(map.len());
+        let mut data_position = data_start;
+        let mut chunk = vec![0u8; COPY_CHUNK];
+        let write_err = |e| Error::Io { context: format!("writing {}", tmp_path.display()), cause: e };
+        std::io::Seek::seek(&mut out, std::io::SeekFrom::Start(data_start)).map_err(write_err)?;
+        for (offset, len, source) in map.iter() {
+            let Source::Journal { segment, position } = source else {
+                extents.push(DeltaExtent { offset, len, data_position: ZERO_EXTENT, crc: 0 });
+                continue;
+            };
+            let segment = view.segment(segment).expect("extent source comes from this view");
+            let mut crc = 0;
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(COPY_CHUNK as u64) as usize;
+                JournalView::read_payload(segment, position + done, &mut chunk[..n])?;
+                crc = crc32c::crc32c_append(crc, &chunk[..n]);
+                out.write_all(&chunk[..n]).map_err(write_err)?;
+                done += n as u64;
+            }
+            extents.push(DeltaExtent { offset, len, data_position, crc });
+            data_position += len;
+        }
+        out.flush().map_err(write_err)?;
+        drop(out);
+
+        let mut table = Vec::with_capacity(table_len as usize);
+        for extent in &extents {
+            table.extend_from_slice(&extent.offset.to_le_bytes());
+            table.extend_from_slice(&extent.len.to_le_bytes());
+            table.extend_from_slice(&extent.data_position.to_le_bytes());
+            table.extend_from_slice(&extent.crc.to_le_bytes());
+            table.extend_from_slice(&[0u8; 4]);
+        }
+        let mut header = [0u8; DELTA_HEADER_LEN as usize];
+        header[0..8].copy_from_slice(&DELTA_MAGIC);
+        header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        header[16..24].copy_from_slice(&from.to_le_bytes());
+        header[24..32].copy_from_slice(&to.to_le_bytes());
+        header[32..40].copy_from_slice(&(extents.len() as u64).to_le_bytes());
+        header[40..44].copy_from_slice(&crc32c::crc32c(&table).to_le_bytes());
+        let header_crc = crc32c::crc32c(&header[0..44]);
+        header[44..48].copy_from_slice(&header_crc.to_le_bytes());
+        file.write_all_at(&header, 0).map_err(write_err)?;
+        file.write_all_at(&table, DELTA_HEADER_LEN).map_err(write_err)?;
+        file.set_len(data_position).map_err(write_err)?;
+        file.sync_all().map_err(write_err)?;
+        fs::rename(&tmp_path, &final_path).context(|| format!("renaming {}", tmp_path.display()))?;
+        fsutil::sync_dir(&self.dir)?;
+        Ok(SnapshotInfo {
+            seq: to,
+            origin,
+            created_ns: fsutil::now_ns(),
+            data_bytes: data_position - data_start,
+            extents: extents.len() as u64,
+        })
+    }
+
+    fn read_delta_table(&self, seq: Seq) -> Result<(File, Vec<DeltaExtent>)> {
+        let path = self.delta_path(seq);
+        let corrupt = |reason: &str| Error::SnapshotCorrupt { path: path.clone(), reason: reason.to_string() };
+        let file = File::open(&path).context(|| format!("opening {}", path.display()))?;
+        let mut header = [0u8; DELTA_HEADER_LEN as usize];
+        file.read_exact_at(&mut header, 0).map_err(|_| corrupt("short header"))?;
+        if header[0..8] != DELTA_MAGIC {
+            return Err(corrupt("bad magic"));
+        }
+        let field = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        let crc_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&header[0..44]) != crc_at(44) {
+            return Err(corrupt("header checksum mismatch"));
+        }
+        if field(24) != seq {
+            return Err(corrupt("delta is for another sequence number"));
+        }
+        let count = field(32);
+        let file_len = file.metadata().context(|| format!("reading size of {}", path.display()))?.len();
+        if count.saturating_mul(EXTENT_ENTRY_LEN) > file_len {
+            return Err(corrupt("extent count larger than the file"));
+        }
+        let mut table = vec![0u8; (count * EXTENT_ENTRY_LEN) as usize];
+        file.read_exact_at(&mut table, DELTA_HEADER_LEN).map_err(|_| corrupt("short extent table"))?;
+        if crc32c::crc32c(&table) != crc_at(40) {
+            return Err(corrupt("extent table checksum mismatch"));
+        }
+        let extents = table
+            .chunks_exact(EXTENT_ENTRY_LEN as usize)
+            .map(|e| DeltaExtent {
+                offset: u64::from_le_bytes(e[0..8].try_into().expect("8 bytes")),
+                len: u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")),
+                data_position: u64::from_le_bytes(e[16..24].try_into().expect("8 bytes")),
+                crc: u32::from_le_bytes(e[24..28].try_into().expect("4 bytes")),
+            })
+            .collect::<Vec<_>>();
+        if extents.iter().any(|e| e.offset.checked_add(e.len).is_none_or(|end| end > self.volume_size)) {
+            return Err(corrupt("extent outside the volume"));
+        }
+        Ok((file, extents))
+    }
+
+    /// Reads delta `seq` extent by extent, checking every data checksum: zero ranges go to
+    /// `on_zero(offset, len)`, data to `on_data(volume_offset, bytes)` in pieces. Returns the data
+    /// bytes read.
+    fn scan_delta(
+        &self,
+        seq: Seq,
+        mut on_zero: impl FnMut(u64, u64) -> Result<()>,
+        mut on_data: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<u64> {
+        let path = self.delta_path(seq);
+        let (file, extents) = self.read_delta_table(seq)?;
+        let mut chunk = vec![0u8; COPY_CHUNK];
+        let mut total = 0;
+        for extent in extents {
+            if extent.data_position == ZERO_EXTENT {
+                on_zero(extent.offset, extent.len)?;
+                continue;
+            }
+            let mut crc = 0;
+            let mut done = 0;
+            while done < extent.len {
+                let n = (extent.len - done).min(COPY_CHUNK as u64) as usize;
+                file.read_exact_at(&mut chunk[..n], extent.data_position + done)
+                    .map_err(|_| Error::SnapshotCorrupt { path: path.clone(), reason: "extent data cut short".into() })?;
+                crc = crc32c::crc32c_append(crc, &chunk[..n]);
+                on_data(extent.offset + done, &chunk[..n])?;
+                done += n as u64;
+            }
+            if crc != extent.crc {
+                return Err(Error::SnapshotCorrupt {
+                    path,
+                    reason: format!("data checksum mismatch in extent at volume offset {}", extent.offset),
+                });
+            }
+            total += extent.len;
+        }
+        Ok(total)
+    }
+
+    /// Applies delta `seq` to `target`. Returns the data bytes written.
+    fn apply_delta(&self, seq: Seq, target: &File) -> Result<u64> {
+        self.scan_delta(
+            seq,
+            |offset, len| fsutil::zero_range(target, offset, len).context(|| "zeroing a range".to_string()),
+            |offset, bytes| target.write_all_at(bytes, offset).context(|| "writing snapshot data".to_string()),
+        )
+    }
+
+    /// Checks every delta's header, table and data checksums.
+    pub fn verify(&self) -> Result<()> {
+        for delta in &self.manifest.deltas {
+            self.scan_delta(delta.seq, |_, _| Ok(()), |_, _| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    /// Bytes the snapshot area takes on disk (allocated data of the base plus the deltas).
+    pub fn stored_bytes(&self) -> u64 {
+        self.manifest.base.data_bytes + self.manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>()
+    }
+}
+
+fn delta_file_name(seq: Seq) -> String {
+    format!("{seq:016x}.delta")
+}

@@ -1,0 +1,775 @@
+//! The store: one data volume with its journal, snapshots and markers, and the write path that
+//! ties them together. Safe to share between I/O threads (`&self` everywhere).
+//!
+//! Locks, always taken in this order: `maintenance` (snapshots, retention, recovery, verify:
+//! the slow operations, one at a time) → `writer` (numbering, journal append and volume apply:
+//! one critical section, so the volume is always written in sequence order) → `durable`
+//! (group commit of `sync`). The write path takes only `writer` and, to sync, `durable`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+use crate::journal::{Journal, JournalView, NewRecord, Payloads, RecordKind, Seq, TailRepair};
+use crate::marker::{self, Marker, MarkerIndex, MarkerSource};
+use crate::recovery::{self, Progress, RecoveryReport, RecoveryTarget};
+use crate::retention::{self, RetentionPlan, RetentionPolicy, SegmentSummary};
+use crate::snapshot::{SnapshotInfo, SnapshotOrigin, SnapshotStore};
+use crate::FORMAT_VERSION;
+
+pub const DEFAULT_SEGMENT_CAPACITY: u64 = 64 << 20;
+pub const SECTOR_SIZE: u64 = 512;
+const META_FILE: &str = "meta.json";
+const LOCK_FILE: &str = "lock";
+const JOURNAL_DIR: &str = "journal";
+const SNAPSHOT_DIR: &str = "snapshots";
+
+/// The store's persistent metadata (`meta.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Meta {
+    pub format_version: u32,
+    pub uuid: uuid::Uuid,
+    pub volume_size: u64,
+    pub block_size: u32,
+    pub segment_capacity: u64,
+    /// Every record up to here is durably applied to the volume (the checkpoint).
+    pub applied_seq: Seq,
+    pub retention: RetentionPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Size of a new image; an existing image is adopted at its own size.
+    pub size: Option<u64>,
+    pub segment_capacity: u64,
+    pub retention: RetentionPolicy,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        Self { size: None, segment_capacity: DEFAULT_SEGMENT_CAPACITY, retention: RetentionPolicy::default() }
+    }
+}
+
+/// One change to the volume.
+#[derive(Debug, Clone, Copy)]
+pub enum VolumeOp<'a> {
+    /// Data in pieces (as it sits in guest memory), written contiguously at `offset`.
+    Write { offset: u64, data: &'a [&'a [u8]] },
+    WriteZeroes { offset: u64, len: u64 },
+    Discard { offset: u64, len: u64 },
+}
+
+impl VolumeOp<'_> {
+    fn range(&self) -> (u64, u64) {
+        match *self {
+            Self::Write { offset, data } => (offset, data.iter().map(|d| d.len() as u64).sum()),
+            Self::WriteZeroes { offset, len } | Self::Discard { offset, len } => (offset, len),
+        }
+    }
+
+    fn record(&self) -> NewRecord<'_> {
+        let (offset, length) = self.range();
+        let (kind, payload): (RecordKind, &[&[u8]]) = match self {
+            Self::Write { data, .. } => (RecordKind::Write, data),
+            Self::WriteZeroes { .. } => (RecordKind::WriteZeroes, &[]),
+            Self::Discard { .. } => (RecordKind::Discard, &[]),
+        };
+        NewRecord { kind, offset, length, payload }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkerStatus {
+    #[serde(flatten)]
+    pub marker: Marker,
+    /// The point can no longer be recovered: its journal was freed and no snapshot pins it.
+    pub expired: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub image: PathBuf,
+    pub store: PathBuf,
+    pub uuid: uuid::Uuid,
+    pub volume_size: u64,
+    pub block_size: u32,
+    /// Oldest record still in the journal (head + 1 when the journal is empty).
+    pub first_seq: Seq,
+    /// Newest record (0 before the first).
+    pub head: Seq,
+    pub oldest_recoverable: Seq,
+    pub checkpoint: Seq,
+    pub journal_bytes: u64,
+    pub journal_segments: usize,
+    pub snapshots: Vec<SnapshotInfo>,
+    pub snapshot_bytes: u64,
+    pub markers: usize,
+    pub expired_markers: usize,
+    pub retention: RetentionPolicy,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionReport {
+    pub freed_segments: usize,
+    pub freed_bytes: u64,
+    pub snapshots_taken: Vec<Seq>,
+    pub merged_into_base: usize,
+    pub oldest_recoverable: Seq,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub records_checked: u64,
+    pub snapshots_checked: usize,
+    pub head: Seq,
+    pub volume_bytes_compared: u64,
+}
+
+/// What opening found and repaired.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    pub tail_repair: Option<TailRepair>,
+    pub records_replayed: u64,
+}
+
+struct Writer {
+    journal: Journal,
+    markers: MarkerIndex,
+    /// Set when a record reached the journal but could not be applied to the volume: the
+    /// volume lacks every record from here on until they are re-applied.
+    volume_behind_from: Option<Seq>,
+}
+
+struct Maintenance {
+    snapshots: SnapshotStore,
+    meta: Meta,
+}
+
+/// The recoverable range's lower end and the snapshot points, kept apart from `maintenance`
+/// so listings never wait behind a long recovery.
+#[derive(Clone, Default)]
+struct Recoverability {
+    oldest: Seq,
+    snapshot_points: Vec<Seq>,
+}
+
+impl Recoverability {
+    fn marker_expired(&self, seq: Seq) -> bool {
+        seq < self.oldest && !self.snapshot_points.contains(&seq)
+    }
+}
+
+pub struct Store {
+    image: PathBuf,
+    dir: PathBuf,
+    volume: File,
+    volume_size: u64,
+    _lock: File,
+    maintenance: Mutex<Maintenance>,
+    writer: Mutex<Writer>,
+    durable: Mutex<Seq>,
+    recoverability: Mutex<Recoverability>,
+}
+
+/// The store directory used for `image` unless one is named: `IMAGE.rewind` beside it.
+pub fn default_store_dir(image: &Path) -> PathBuf {
+    let mut name = image.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".rewind");
+    image.with_file_name(name)
+}
+
+fn lock_poisoned<T>(guard: std::sync::LockResult<MutexGuard<'_, T>>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock is a bug; the state behind it stays consistent because every
+    // mutation is completed or returned as an error before the guard is released.
+    guard.unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn read_meta(dir: &Path) -> Result<Meta> {
+    let path = dir.join(META_FILE);
+    let text = match fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NoStore(dir.to_path_buf())),
+        Err(e) => return Err(Error::Io { context: format!("reading {}", path.display()), cause: e }),
+    };
+    let meta: Meta =
+        serde_json::from_slice(&text).map_err(|e| Error::BadMetadata { path: path.clone(), reason: e.to_string() })?;
+    if meta.format_version != FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion { path, found: meta.format_version, supported: FORMAT_VERSION });
+    }
+    Ok(meta)
+}
+
+fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
+    fsutil::write_atomically(&dir.join(META_FILE), &serde_json::to_vec_pretty(meta).expect("meta serialises"))
+}
+
+/// Takes the store's advisory lock, or names the process that holds it.
+fn take_lock(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .context(|| format!("opening {}", path.display()))?;
+    // SAFETY: plain syscall on an owned fd.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut owner = String::new();
+        let _ = file.read_to_string(&mut owner);
+        let owner = owner.trim();
+        return Err(Error::Locked {
+            path: dir.to_path_buf(),
+            owner: if owner.is_empty() { "unknown owner".to_string() } else { owner.to_string() },
+        });
+    }
+    let command: Vec<String> = std::env::args().collect();
+    let owner = format!("pid {}: {}", std::process::id(), command.join(" "));
+    file.set_len(0).context(|| format!("writing {}", path.display()))?;
+    file.rewind().context(|| format!("writing {}", path.display()))?;
+    file.write_all(owner.as_bytes()).context(|| format!("writing {}", path.display()))?;
+    Ok(file)
+}
+
+fn check_range(offset: u64, len: u64, volume_size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= volume_size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, volume_size }),
+    }
+}
+
+impl Store {
+    /// Creates a store for `image`: a new sparse image of `options.size`, or an existing image
+    /// adopted as it is (its content becomes the snapshot at seq 0).
+    pub fn create(image: &Path, store_dir: Option<&Path>, options: &CreateOptions, progress: Progress<'_>) -> Result<(Self, OpenReport)> {
+        let dir = store_dir.map_or_else(|| default_store_dir(image), Path::to_path_buf);
+        if dir.exists() {
+            return Err(Error::StoreExists(dir));
+        }
+        let existing = match fs::metadata(image) {
+            Ok(meta) => Some(meta.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::Io { context: format!("inspecting {}", image.display()), cause: e }),
+        };
+        let volume_size = match (existing, options.size) {
+            (Some(len), Some(size)) if len != size => {
+                return Err(Error::BadMetadata {
+                    path: image.to_path_buf(),
+                    reason: format!("image is {len} bytes but --size asks for {size}; omit --size to adopt it"),
+                })
+            }
+            (Some(len), _) => len,
+            (None, Some(size)) => size,
+            (None, None) => {
+                return Err(Error::BadMetadata {
+                    path: image.to_path_buf(),
+                    reason: "image does not exist; give a size to create it".into(),
+                })
+            }
+        };
+        if volume_size == 0 || volume_size % SECTOR_SIZE != 0 {
+            return Err(Error::BadMetadata {
+                path: image.to_path_buf(),
+                reason: format!("volume size {volume_size} is not a positive multiple of {SECTOR_SIZE}"),
+            });
+        }
+        if existing.is_none() {
+            let file = File::create(image).context(|| format!("creating {}", image.display()))?;
+            file.set_len(volume_size).context(|| format!("sizing {}", image.display()))?;
+            file.sync_all().context(|| format!("syncing {}", image.display()))?;
+        }
+        // Build the store under a temporary name so a crash never leaves half a store behind.
+        let building = dir.with_extension("creating");
+        if building.exists() {
+            fs::remove_dir_all(&building).context(|| format!("removing {}", building.display()))?;
+        }
+        fs::create_dir_all(&building).context(|| format!("creating {}", building.display()))?;
+        let meta = Meta {
+            format_version: FORMAT_VERSION,
+            uuid: uuid::Uuid::new_v4(),
+            volume_size,
+            block_size: 4096,
+            segment_capacity: options.segment_capacity,
+            applied_seq: 0,
+            retention: options.retention.clone(),
+        };
+        let initial = match existing {
+            Some(_) => Some(File::open(image).context(|| format!("opening {}", image.display()))?),
+            None => None,
+        };
+        SnapshotStore::create(&building.join(SNAPSHOT_DIR), volume_size, initial.as_ref(), progress)?;
+        Journal::create(&building.join(JOURNAL_DIR), *meta.uuid.as_bytes(), meta.segment_capacity, 1)?;
+        write_meta(&building, &meta)?;
+        fs::rename(&building, &dir).context(|| format!("renaming {} to {}", building.display(), dir.display()))?;
+        fsutil::sync_dir(fsutil::parent_dir(&dir))?;
+        Self::open(image, Some(&dir))
+    }
+
+    /// Opens the store of `image`, repairing a torn journal tail and bringing the volume up to
+    /// the journal's head.
+    pub fn open(image: &Path, store_dir: Option<&Path>) -> Result<(Self, OpenReport)> {
+        let dir = store_dir.map_or_else(|| default_store_dir(image), Path::to_path_buf);
+        if !dir.join(META_FILE).exists() {
+            return Err(Error::NoStore(dir));
+        }
+        let lock = take_lock(&dir)?;
+        let meta = read_meta(&dir)?;
+        let volume = OpenOptions::new().read(true).write(true).open(image).context(|| format!("opening {}", image.display()))?;
+        let image_len = volume.metadata().context(|| format!("inspecting {}", image.display()))?.len();
+        if image_len != meta.volume_size {
+            return Err(Error::BadMetadata {
+                path: image.to_path_buf(),
+                reason: format!("image is {image_len} bytes but the store was made for {}", meta.volume_size),
+            });
+        }
+        let snapshots = SnapshotStore::open(&dir.join(SNAPSHOT_DIR), meta.volume_size)?;
+        let mut markers = MarkerIndex::load_archive(&dir)?;
+        let mut report = OpenReport::default();
+        let (journal, tail_repair) = Journal::open(
+            &dir.join(JOURNAL_DIR),
+            *meta.uuid.as_bytes(),
+            meta.segment_capacity,
+            meta.applied_seq,
+            Payloads::OfKinds(&[RecordKind::Marker]),
+            |rec| {
+                let h = rec.header;
+                if h.kind == RecordKind::Marker {
+                    let payload = rec.payload.expect("marker payloads are read");
+                    let marker = marker::decode_payload(payload, h.seq, h.timestamp_ns).ok_or_else(|| Error::JournalCorrupt {
+                        segment: rec.segment.path.clone(),
+                        offset: rec.position,
+                        reason: "undecodable marker record".into(),
+                    })?;
+                    markers.insert(marker);
+                }
+                // Records past the checkpoint may be missing from the volume: apply them again
+                // (applying a record twice gives the same bytes).
+                if h.seq > meta.applied_seq && h.kind.modifies_volume() {
+                    recovery::apply_record(&volume, &h, rec.payload)?;
+                    report.records_replayed += 1;
+                }
+                Ok(())
+            },
+        )?;
+        if let Some(repair) = &tail_repair {
+            log::warn!("store {}: journal tail repaired at {} offset {}", dir.display(), repair.segment.display(), repair.offset);
+        }
+        report.tail_repair = tail_repair;
+        let head = journal.next_seq() - 1;
+        let store = Self {
+            image: image.to_path_buf(),
+            dir,
+            volume,
+            volume_size: meta.volume_size,
+            _lock: lock,
+            recoverability: Mutex::new(Recoverability::default()),
+            maintenance: Mutex::new(Maintenance { snapshots, meta }),
+            writer: Mutex::new(Writer { journal, markers, volume_behind_from: None }),
+            durable: Mutex::new(0),
+        };
+        {
+            let mut maintenance = lock_poisoned(store.maintenance.lock());
+            if report.records_replayed > 0 || maintenance.meta.applied_seq < head {
+                store.checkpoint(&mut maintenance)?;
+            }
+            store.refresh_recoverability(&maintenance);
+        }
+        Ok((store, report))
+    }
+
+    /// Makes everything durable and releases the store. Dropping a store without closing it is
+    /// like a crash: safe, and the next open replays what the volume may lack.
+    pub fn close(self) -> Result<()> {
+        let mut maintenance = lock_poisoned(self.maintenance.lock());
+        self.checkpoint(&mut maintenance)
+    }
+
+    pub fn volume_size(&self) -> u64 {
+        self.volume_size
+    }
+
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn uuid(&self) -> uuid::Uuid {
+        lock_poisoned(self.maintenance.lock()).meta.uuid
+    }
+
+    /// Newest sequence number (0 before the first record).
+    pub fn head(&self) -> Seq {
+        lock_poisoned(self.writer.lock()).journal.next_seq() - 1
+    }
+
+    /// Journals `ops` as one batch (one write to the journal), then applies them to the volume
+    /// in order. Returns the sequence number of the last op. When this returns an error, no op
+    /// of the batch may be acknowledged.
+    pub fn submit(&self, ops: &[VolumeOp<'_>]) -> Result<Seq> {
+        for op in ops {
+            let (offset, len) = op.range();
+            check_range(offset, len, self.volume_size)?;
+        }
+        let mut writer = lock_poisoned(self.writer.lock());
+        self.catch_up_volume(&mut writer)?;
+        let records: Vec<NewRecord<'_>> = ops.iter().map(VolumeOp::record).collect();
+        let first = writer.journal.append(&records)?;
+        for (i, op) in ops.iter().enumerate() {
+            let applied = match *op {
+                VolumeOp::Write { offset, data } => {
+                    let slices: Vec<std::io::IoSlice<'_>> = data.iter().map(|d| std::io::IoSlice::new(d)).collect();
+                    fsutil::write_all_vectored_at(&self.volume, &slices, offset)
+                }
+                VolumeOp::WriteZeroes { offset, len } | VolumeOp::Discard { offset, len } => {
+                    fsutil::zero_range(&self.volume, offset, len)
+                }
+            };
+            if let Err(cause) = applied {
+                let seq = first + i as u64;
+                writer.volume_behind_from = Some(seq);
+                return Err(Error::Io { context: format!("applying seq {seq} to {}", self.image.display()), cause });
+            }
+        }
+        Ok(first + ops.len() as u64 - 1)
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<Seq> {
+        self.submit(&[VolumeOp::Write { offset, data: &[data] }])
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<Seq> {
+        self.submit(&[VolumeOp::WriteZeroes { offset, len }])
+    }
+
+    pub fn discard(&self, offset: u64, len: u64) -> Result<Seq> {
+        self.submit(&[VolumeOp::Discard { offset, len }])
+    }
+
+    /// Re-applies records the volume missed after an earlier apply failure.
+    fn catch_up_volume(&self, writer: &mut Writer) -> Result<()> {
+        let Some(from) = writer.volume_behind_from else { return Ok(()) };
+        let view = writer.journal.view();
+        recovery::replay(&view, from, view.next_seq() - 1, &self.volume)?;
+        writer.volume_behind_from = None;
+        log::info!("volume {} caught up from seq {from}", self.image.display());
+        Ok(())
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.volume_size)?;
+        self.volume.read_exact_at(buf, offset).context(|| format!("reading {} at {offset}", self.image.display()))
+    }
+
+    /// Makes every record appended so far durable. Concurrent callers share one fdatasync.
+    pub fn sync(&self) -> Result<Seq> {
+        let (target, file) = {
+            let writer = lock_poisoned(self.writer.lock());
+            (writer.journal.next_seq() - 1, writer.journal.active_file())
+        };
+        let mut durable = lock_poisoned(self.durable.lock());
+        if *durable < target {
+            file.sync_data().context(|| "syncing the journal".to_string())?;
+            *durable = target;
+        }
+        Ok(*durable)
+    }
+
+    /// Makes the volume durable up to the journal's head and records that in the metadata, so
+    /// that open need not replay those records and retention may free them.
+    fn checkpoint(&self, maintenance: &mut Maintenance) -> Result<()> {
+        let applied = {
+            let mut writer = lock_poisoned(self.writer.lock());
+            self.catch_up_volume(&mut writer)?;
+            writer.journal.next_seq() - 1
+        };
+        if applied == maintenance.meta.applied_seq {
+            return Ok(());
+        }
+        // The journal first: the volume must never durably hold a record the journal could lose.
+        self.sync()?;
+        self.volume.sync_data().context(|| format!("syncing {}", self.image.display()))?;
+        maintenance.meta.applied_seq = applied;
+        write_meta(&self.dir, &maintenance.meta)
+    }
+
+    pub fn add_marker(&self, name: &str, note: Option<&str>, source: MarkerSource) -> Result<Marker> {
+        marker::validate_name(name.as_bytes())?;
+        if let Some(note) = note {
+            marker::validate_note(note)?;
+        }
+        let marker = {
+            let mut writer = lock_poisoned(self.writer.lock());
+            if writer.markers.contains(name) {
+                return Err(Error::DuplicateMarker(name.to_string()));
+            }
+            let id = writer.markers.next_id();
+            let payload = marker::encode_payload(id, source, name, note);
+            let record = NewRecord { kind: RecordKind::Marker, offset: 0, length: 0, payload: &[&payload] };
+            let seq = writer.journal.append(&[record])?;
+            let time_ns = writer.journal.active().last_timestamp_ns;
+            let marker = Marker { id, name: name.to_string(), seq, time_ns, source, note: note.map(str::to_string) };
+            writer.markers.insert(marker.clone());
+            marker
+        };
+        // A marker is a promise about the past: make it as durable as the writes before it.
+        self.sync()?;
+        Ok(marker)
+    }
+
+    pub fn marker(&self, name: &str) -> Result<MarkerStatus> {
+        let marker = lock_poisoned(self.writer.lock()).markers.get(name).cloned();
+        let marker = marker.ok_or_else(|| Error::UnknownMarker(name.to_string()))?;
+        let expired = lock_poisoned(self.recoverability.lock()).marker_expired(marker.seq);
+        Ok(MarkerStatus { marker, expired })
+    }
+
+    /// The newest marker, if any.
+    pub fn newest_marker(&self) -> Option<MarkerStatus> {
+        let marker = lock_poisoned(self.writer.lock()).markers.iter().next_back().cloned()?;
+        let expired = lock_poisoned(self.recoverability.lock()).marker_expired(marker.seq);
+        Some(MarkerStatus { marker, expired })
+    }
+
+    /// Every marker in sequence order, expired ones flagged.
+    pub fn markers(&self) -> Vec<MarkerStatus> {
+        let markers: Vec<Marker> = lock_poisoned(self.writer.lock()).markers.iter().cloned().collect();
+        let recoverability = lock_poisoned(self.recoverability.lock()).clone();
+        markers
+            .into_iter()
+            .map(|marker| MarkerStatus { expired: recoverability.marker_expired(marker.seq), marker })
+            .collect()
+    }
+
+    /// Takes a snapshot of the volume as it is now. Guest I/O goes on meanwhile: the snapshot
+    /// is compacted from the journal.
+    pub fn take_snapshot(&self) -> Result<SnapshotInfo> {
+        let mut maintenance = lock_poisoned(self.maintenance.lock());
+        let (seq, view) = {
+            let mut writer = lock_poisoned(self.writer.lock());
+            let record = NewRecord { kind: RecordKind::Snapshot, offset: 0, length: 0, payload: &[] };
+            let seq = writer.journal.append(&[record])?;
+            (seq, writer.journal.view())
+        };
+        let info = maintenance.snapshots.insert(&view, seq, SnapshotOrigin::Requested)?;
+        self.refresh_recoverability(&maintenance);
+        Ok(info)
+    }
+
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        lock_poisoned(self.maintenance.lock()).snapshots.list()
+    }
+
+    pub fn retention(&self) -> RetentionPolicy {
+        lock_poisoned(self.maintenance.lock()).meta.retention.clone()
+    }
+
+    pub fn set_retention(&self, policy: RetentionPolicy) -> Result<()> {
+        let mut maintenance = lock_poisoned(self.maintenance.lock());
+        maintenance.meta.retention = policy;
+        write_meta(&self.dir, &maintenance.meta)
+    }
+
+    fn refresh_recoverability(&self, maintenance: &Maintenance) {
+        let first_seq = lock_poisoned(self.writer.lock()).journal.first_seq();
+        let snapshots = &maintenance.snapshots;
+        let snapshot_points: Vec<Seq> = snapshots.list().iter().map(|s| s.seq).collect();
+        // The chain always holds a snapshot at or after the journal's start (retention takes one
+        // before freeing), so this finds one.
+        let oldest = snapshots.oldest_at_or_after(first_seq - 1).unwrap_or_else(|| snapshots.newest_seq());
+        *lock_poisoned(self.recoverability.lock()) = Recoverability { oldest, snapshot_points };
+    }
+
+    /// Frees journal segments the retention policy no longer wants, taking the snapshots that
+    /// keep the remaining points recoverable first.
+    pub fn enforce_retention(&self) -> Result<RetentionReport> {
+        let mut maintenance = lock_poisoned(self.maintenance.lock());
+        self.checkpoint(&mut maintenance)?;
+        let recoverability = lock_poisoned(self.recoverability.lock()).clone();
+        let (summaries, marker_seqs, view) = {
+            let writer = lock_poisoned(self.writer.lock());
+            let summaries: Vec<SegmentSummary> = writer
+                .journal
+                .segments()
+                .iter()
+                .map(|s| SegmentSummary {
+                    first_seq: s.first_seq,
+                    next_seq: s.next_seq,
+                    bytes: s.used_bytes(),
+                    last_timestamp_ns: s.last_timestamp_ns,
+                })
+                .collect();
+            let marker_seqs: Vec<Seq> = writer.markers.iter().map(|m| m.seq).collect();
+            (summaries, marker_seqs, writer.journal.view())
+        };
+        let policy = maintenance.meta.retention.clone();
+        let plan: RetentionPlan = retention::plan(
+            &policy,
+            &summaries,
+            &retention::RetentionInputs {
+                now_ns: fsutil::now_ns(),
+                checkpoint: maintenance.meta.applied_seq,
+                oldest: recoverability.oldest,
+                snapshot_points: &recoverability.snapshot_points,
+                marker_seqs: &marker_seqs,
+            },
+        );
+        let mut report = RetentionReport { oldest_recoverable: recoverability.oldest, ..Default::default() };
+        if plan.free_segments > 0 {
+            for &(seq, origin) in &plan.snapshots {
+                maintenance.snapshots.insert(&view, seq, origin)?;
+                report.snapshots_taken.push(seq);
+            }
+            report.freed_bytes = summaries[..plan.free_segments].iter().map(|s| s.bytes).sum();
+            {
+                let mut writer = lock_poisoned(self.writer.lock());
+                writer.markers.save_archive(&self.dir, plan.new_first_seq)?;
+                writer.journal.free_oldest(plan.free_segments)?;
+            }
+            report.freed_segments = plan.free_segments;
+        }
+        let new_first = plan.new_first_seq;
+        let pinned: Vec<Seq> = if policy.keep_marker_snapshots { marker_seqs } else { Vec::new() };
+        report.merged_into_base = maintenance
+            .snapshots
+            .merge_into_base(|base| base + 1 >= new_first || pinned.contains(&base))?;
+        self.refresh_recoverability(&maintenance);
+        report.oldest_recoverable = lock_poisoned(self.recoverability.lock()).oldest;
+        if report.freed_segments > 0 {
+            log::info!(
+                "retention freed {} segment(s), {} bytes; oldest recoverable point is now seq {}",
+                report.freed_segments,
+                report.freed_bytes,
+                report.oldest_recoverable
+            );
+        }
+        Ok(report)
+    }
+
+    /// The sequence number a target names, checked to be recoverable.
+    pub fn resolve(&self, target: &RecoveryTarget) -> Result<Seq> {
+        let view = lock_poisoned(self.writer.lock()).journal.view();
+        self.resolve_in(target, &view)
+    }
+
+    fn resolve_in(&self, target: &RecoveryTarget, view: &JournalView) -> Result<Seq> {
+        let head = view.next_seq() - 1;
+        let recoverability = lock_poisoned(self.recoverability.lock()).clone();
+        let seq = match target {
+            RecoveryTarget::Marker(name) => self.marker(name)?.marker.seq,
+            RecoveryTarget::Seq(seq) => *seq,
+            RecoveryTarget::Time(ns) => view
+                .last_at_or_before(*ns)?
+                .ok_or_else(|| Error::TimeBeforeJournal(target.to_string()))?,
+        };
+        let pinned = recoverability.snapshot_points.contains(&seq);
+        if seq > head || (seq < recoverability.oldest && !pinned) {
+            return Err(Error::Unrecoverable { requested: target.to_string(), oldest: recoverability.oldest, head });
+        }
+        Ok(seq)
+    }
+
+    /// Writes the volume as it was at `target` into a new image at `output`. The store and the
+    /// live volume are not changed, and writes may continue meanwhile.
+    pub fn recover(&self, target: &RecoveryTarget, output: &Path, progress: Progress<'_>) -> Result<RecoveryReport> {
+        let maintenance = lock_poisoned(self.maintenance.lock());
+        let view = lock_poisoned(self.writer.lock()).journal.view();
+        let seq = self.resolve_in(target, &view)?;
+        let snapshot_seq = maintenance.snapshots.newest_at_or_before(seq).expect("the base precedes every point");
+        recovery::recover_to(&maintenance.snapshots, &view, self.volume_size, snapshot_seq, seq, output, progress)
+    }
+
+    /// Checks every journal and snapshot checksum, and that the volume holds exactly what the
+    /// snapshots and journal say it should. Writes wait while the volume is compared.
+    pub fn verify(&self, progress: Progress<'_>) -> Result<VerifyReport> {
+        let maintenance = lock_poisoned(self.maintenance.lock());
+        maintenance.snapshots.verify()?;
+        let writer = lock_poisoned(self.writer.lock());
+        let view = writer.journal.view();
+        let head = view.next_seq() - 1;
+        let mut records_checked = 0;
+        view.for_each(view.first_seq(), head, Payloads::All, |_| {
+            records_checked += 1;
+            Ok(())
+        })?;
+        let expected_path = self.dir.join("verify.tmp");
+        let _ = fs::remove_file(&expected_path);
+        let newest = maintenance.snapshots.newest_seq();
+        let mut compare = || -> Result<u64> {
+            recovery::recover_to(&maintenance.snapshots, &view, self.volume_size, newest, head, &expected_path, progress)?;
+            let expected = File::open(&expected_path).context(|| format!("opening {}", expected_path.display()))?;
+            compare_files(&expected, &self.volume, self.volume_size)
+        };
+        let compared = compare();
+        let _ = fs::remove_file(&expected_path);
+        Ok(VerifyReport {
+            records_checked,
+            snapshots_checked: maintenance.snapshots.list().len(),
+            head,
+            volume_bytes_compared: compared?,
+        })
+    }
+
+    pub fn status(&self) -> Status {
+        let maintenance = lock_poisoned(self.maintenance.lock());
+        let (first_seq, head, journal_bytes, journal_segments, markers) = {
+            let writer = lock_poisoned(self.writer.lock());
+            let journal = &writer.journal;
+            (journal.first_seq(), journal.next_seq() - 1, journal.total_bytes(), journal.segments().len(), writer.markers.iter().map(|m| m.seq).collect::<Vec<_>>())
+        };
+        let recoverability = lock_poisoned(self.recoverability.lock()).clone();
+        Status {
+            image: self.image.clone(),
+            store: self.dir.clone(),
+            uuid: maintenance.meta.uuid,
+            volume_size: self.volume_size,
+            block_size: maintenance.meta.block_size,
+            first_seq,
+            head,
+            oldest_recoverable: recoverability.oldest,
+            checkpoint: maintenance.meta.applied_seq,
+            journal_bytes,
+            journal_segments,
+            snapshots: maintenance.snapshots.list(),
+            snapshot_bytes: maintenance.snapshots.stored_bytes(),
+            markers: markers.len(),
+            expired_markers: markers.iter().filter(|&&m| recoverability.marker_expired(m)).count(),
+            retention: maintenance.meta.retention.clone(),
+        }
+    }
+}
+
+/// Compares two files of `len` bytes; names the first differing offset.
+fn compare_files(expected: &File, actual: &File, len: u64) -> Result<u64> {
+    const CHUNK: usize = 1 << 20;
+    let mut a = vec![0u8; CHUNK];
+    let mut b = vec![0u8; CHUNK];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(CHUNK as u64) as usize;
+        expected.read_exact_at(&mut a[..n], pos).context(|| "reading the expected image".to_string())?;
+        actual.read_exact_at(&mut b[..n], pos).context(|| "reading the volume".to_string())?;
+        if a[..n] != b[..n] {
+            let at = pos + a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y).unwrap_or(0) as u64;
+            return Err(Error::VerifyFailed(format!(
+                "the volume differs from what the journal says at byte offset {at}"
+            )));
+        }
+        pos += n as u64;
+    }
+    Ok(len)
+}
+
+#[cfg(test)]
+mod tests;
