@@ -43,6 +43,16 @@ pub struct Meta {
     /// Every record up to here is durably applied to the volume (the checkpoint).
     pub applied_seq: Seq,
     pub retention: RetentionPolicy,
+    /// The boot the store is open in, cleared on a clean close. Found set from another boot,
+    /// it means the machine went down with the store open: unsynced volume writes may have
+    /// been lost or kept in any mix, so the volume is rebuilt from the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_in_boot: Option<String>,
+}
+
+/// This boot's identity, or None where the kernel does not tell.
+fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|id| id.trim().to_string())
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +149,8 @@ pub struct VerifyReport {
 pub struct OpenReport {
     pub tail_repair: Option<TailRepair>,
     pub records_replayed: u64,
+    /// Why the volume was rebuilt from the snapshots and journal, if it was.
+    pub volume_rebuilt: Option<String>,
 }
 
 struct Writer {
@@ -301,6 +313,7 @@ impl Store {
             segment_capacity: options.segment_capacity,
             applied_seq: 0,
             retention: options.retention.clone(),
+            open_in_boot: None,
         };
         let initial = match existing {
             Some(_) => Some(File::open(image).context(|| format!("opening {}", image.display()))?),
@@ -322,7 +335,7 @@ impl Store {
             return Err(Error::NoStore(dir));
         }
         let lock = take_lock(&dir)?;
-        let meta = read_meta(&dir)?;
+        let mut meta = read_meta(&dir)?;
         let volume = OpenOptions::new().read(true).write(true).open(image).context(|| format!("opening {}", image.display()))?;
         let image_len = volume.metadata().context(|| format!("inspecting {}", image.display()))?.len();
         if image_len != meta.volume_size {
@@ -360,11 +373,34 @@ impl Store {
                 Ok(())
             },
         )?;
-        if let Some(repair) = &tail_repair {
-            log::warn!("store {}: journal tail repaired at {} offset {}", dir.display(), repair.segment.display(), repair.offset);
-        }
-        report.tail_repair = tail_repair;
         let head = journal.next_seq() - 1;
+        let this_boot = boot_id();
+        // Volume writes are ordered with the journal's only at checkpoints. If journal records
+        // were lost, or the machine went down with the store open, the volume may hold writes
+        // the journal does not: rebuild it so it holds exactly the state at the head.
+        let rebuild_reason = if let Some(repair) = &tail_repair {
+            Some(format!("the journal tail was cut at {} offset {}", repair.segment.display(), repair.offset))
+        } else if head < meta.applied_seq {
+            Some(format!("the journal ends at seq {head} but seq {} was durable", meta.applied_seq))
+        } else if meta.open_in_boot.is_some() && meta.open_in_boot != this_boot {
+            Some("the machine went down while the store was open".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = &rebuild_reason {
+            log::warn!("store {}: {reason}; rebuilding the volume at seq {head}", dir.display());
+            fsutil::zero_range(&volume, 0, meta.volume_size).context(|| format!("clearing {}", image.display()))?;
+            let newest = snapshots.newest_seq();
+            snapshots.materialize(newest, &volume, &mut |_, _| {})?;
+            let (replayed, _) = recovery::replay(&journal.view(), newest + 1, head, &volume)?;
+            report.records_replayed = replayed;
+            volume.sync_data().context(|| format!("syncing {}", image.display()))?;
+            meta.applied_seq = head;
+        }
+        report.volume_rebuilt = rebuild_reason;
+        report.tail_repair = tail_repair;
+        meta.open_in_boot = this_boot.or_else(|| Some("unknown".to_string()));
+        write_meta(&dir, &meta)?;
         let store = Self {
             image: image.to_path_buf(),
             dir,
@@ -390,7 +426,9 @@ impl Store {
     /// like a crash: safe, and the next open replays what the volume may lack.
     pub fn close(self) -> Result<()> {
         let mut maintenance = lock_poisoned(self.maintenance.lock());
-        self.checkpoint(&mut maintenance)
+        self.checkpoint(&mut maintenance)?;
+        maintenance.meta.open_in_boot = None;
+        write_meta(&self.dir, &maintenance.meta)
     }
 
     pub fn volume_size(&self) -> u64 {

@@ -64,8 +64,8 @@ mod tests {
 
     #[test]
     fn times_round_trip() {
+        assert_eq!(parse_rfc3339_ns("1970-01-02T00:00:01.5Z"), Ok(86_401_500_000_000));
         let ns = parse_rfc3339_ns("2026-11-25T12:00:00.5Z").unwrap();
-        assert_eq!(ns, 1_795_262_400_500_000_000);
         assert_eq!(format_time_ns(ns), "2026-11-25T12:00:00.500Z");
         assert!(parse_rfc3339_ns("yesterday").is_err());
     }

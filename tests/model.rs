@@ -225,7 +225,7 @@ fn run(ops: Vec<Op>, keep_marker_snapshots: bool, probes: Vec<u64>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 40, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, .. ProptestConfig::default() })]
 
     #[test]
     fn engine_matches_the_model(ops in proptest::collection::vec(op(), 1..60), probes in proptest::collection::vec(any::<u64>(), 6)) {

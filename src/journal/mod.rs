@@ -127,9 +127,15 @@ fn walk_segment(
             reader.read_at(pos, HEADER_LEN)?.try_into().expect("read_at returns full header inside the file");
         let header = match RecordHeader::decode(&bytes) {
             Ok(header) => header,
+            // Zeroes: the never-written (or cleared) rest of the segment.
+            Err(record::HeaderFault::NoMagic) if bytes.iter().all(|&b| b == 0) => break None,
             Err(record::HeaderFault::NoMagic) => break Some("no record here".to_string()),
             Err(fault) => break Some(fault.to_string()),
         };
+        // A record of the segment's earlier life: the end of this one's.
+        if header.seq < expected {
+            break None;
+        }
         if header.seq != expected {
             break Some(format!("sequence {} where {expected} was expected", header.seq));
         }
@@ -190,11 +196,11 @@ impl Journal {
         Ok(journal)
     }
 
-    /// Opens and scans the journal. `durable_through` is the newest sequence number known to be
-    /// durable (the store's checkpoint): a fault at or before it is damage and fails the open;
-    /// past it, a fault with nothing valid behind it is a torn tail and is cut back. Every record
-    /// is passed to `visit`, with its payload when `payloads` asks for it; payloads of records
-    /// past `durable_through` and of the last segment are always checked.
+    /// Opens and scans the journal. A fault in the last segment with no valid record behind it
+    /// is a torn tail: it is cut back, logged and reported. Any other fault fails the open with
+    /// the segment and offset. Every record is passed to `visit`, with its payload when
+    /// `payloads` asks for it; payloads of records past `durable_through` (the store's
+    /// checkpoint) and of the last segment are always read and checked.
     pub fn open(
         dir: &Path,
         store_uuid: [u8; 16],
@@ -305,10 +311,14 @@ impl Journal {
             expected = Some(walked.next_seq);
             if let Some(reason) = walked.fault {
                 if is_last {
-                    let damaged_durable = walked.next_seq <= durable_through;
-                    let later = later_valid_record(&segment, walked.end + 1, walked.next_seq)?;
-                    if damaged_durable || later.is_some() {
+                    if later_valid_record(&segment, walked.end + 1, walked.next_seq)?.is_some() {
                         return Err(Error::JournalCorrupt { segment: segment.path, offset: walked.end, reason });
+                    }
+                    if walked.next_seq <= durable_through {
+                        log::error!(
+                            "journal: records {}..={durable_through} were durable but are damaged; they are lost",
+                            walked.next_seq
+                        );
                     }
                     let file_len = segment.file.metadata().context(|| "reading segment size".to_string())?.len();
                     log::warn!(
@@ -317,9 +327,11 @@ impl Journal {
                         walked.end,
                         walked.next_seq.saturating_sub(1)
                     );
-                    // Clear the torn bytes so a later crash cannot mistake them for records.
-                    fsutil::zero_range(&segment.file, walked.end, file_len - walked.end)
-                        .context(|| format!("clearing torn tail of {}", segment.path.display()))?;
+                    // Cut the torn bytes off so a later crash cannot mistake them for records.
+                    segment
+                        .file
+                        .set_len(walked.end)
+                        .context(|| format!("cutting the torn tail of {}", segment.path.display()))?;
                     segment.file.sync_data().context(|| format!("syncing {}", segment.path.display()))?;
                     repair = Some(TailRepair {
                         segment: segment.path.clone(),
@@ -333,17 +345,6 @@ impl Journal {
             }
             journal.last_timestamp_ns = journal.last_timestamp_ns.max(segment.last_timestamp_ns);
             journal.segments.push(segment);
-        }
-        if journal.next_seq() <= durable_through {
-            let last = journal.active();
-            return Err(Error::JournalCorrupt {
-                segment: last.path.clone(),
-                offset: last.end,
-                reason: format!(
-                    "journal ends at seq {} but seq {durable_through} was made durable",
-                    journal.next_seq() - 1
-                ),
-            });
         }
         Ok((journal, repair))
     }

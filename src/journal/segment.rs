@@ -122,9 +122,11 @@ impl<'a> ChunkReader<'a> {
     pub fn read_at(&mut self, pos: u64, len: usize) -> Result<&[u8]> {
         let cached = pos >= self.buf_start && pos + len as u64 <= self.buf_start + self.buf_len as u64;
         if !cached {
-            let want = len.max(CHUNK);
+            // Read ahead a chunk, but no further than the file goes.
+            let file_len = self.file.metadata().context(|| format!("reading size of {}", self.path.display()))?.len();
+            let want = len.max(CHUNK.min(file_len.saturating_sub(pos) as usize));
             if self.buf.len() < want {
-                self.buf.resize(want, 0);
+                self.buf = vec![0; want];
             }
             let mut filled = 0;
             while filled < want {

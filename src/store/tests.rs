@@ -1,0 +1,119 @@
+use std::sync::Arc;
+
+use super::*;
+
+fn new_store(dir: &Path, size: u64) -> Store {
+    let options = CreateOptions { size: Some(size), segment_capacity: 64 * 1024, ..Default::default() };
+    Store::create(&dir.join("disk.img"), None, &options, &mut |_, _| {}).unwrap().0
+}
+
+#[test]
+fn concurrent_writers_on_overlapping_ranges_keep_volume_and_journal_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 256 * 1024));
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                for i in 0..300u64 {
+                    // Every thread hits the same 16 KiB so that order matters.
+                    let offset = (i * 512 * (t as u64 + 1)) % (16 * 1024);
+                    store.write(offset, &[t * 50 + (i % 50) as u8; 1024]).unwrap();
+                    if i % 37 == 0 {
+                        store.sync().unwrap();
+                    }
+                    if i % 101 == 0 {
+                        store.discard(offset, 512).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let store = Arc::into_inner(store).unwrap();
+    // verify rebuilds state(head) from the journal alone and compares it with the volume.
+    let report = store.verify(&mut |_, _| {}).unwrap();
+    assert_eq!(report.head, 4 * 300 + 4 * 3);
+    store.close().unwrap();
+}
+
+#[test]
+fn a_second_opener_is_refused_with_the_owner_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 64 * 1024);
+    match Store::open(&dir.path().join("disk.img"), None) {
+        Err(Error::Locked { owner, .. }) => assert!(owner.contains(&format!("pid {}", std::process::id())), "{owner}"),
+        other => panic!("expected a lock error, got {:?}", other.map(|_| ())),
+    }
+    store.close().unwrap();
+    Store::open(&dir.path().join("disk.img"), None).unwrap().0.close().unwrap();
+}
+
+#[test]
+fn recovery_by_time_finds_the_last_record_at_or_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 64 * 1024);
+    store.write(0, &[1; 4096]).unwrap();
+    let marker = store.add_marker("between", None, MarkerSource::Host).unwrap();
+    store.write(0, &[2; 4096]).unwrap();
+    // The clock may not move between two records; the target is the last at or before it.
+    let output = dir.path().join("at-time.img");
+    let report = store.recover(&RecoveryTarget::Time(marker.time_ns), &output, &mut |_, _| {}).unwrap();
+    assert!(report.seq >= marker.seq);
+    let bytes = fs::read(&output).unwrap();
+    let after_second_write = report.seq == 3;
+    assert_eq!(bytes[0], if after_second_write { 2 } else { 1 });
+    match store.recover(&RecoveryTarget::Time(1), &dir.path().join("early.img"), &mut |_, _| {}) {
+        Err(Error::TimeBeforeJournal(_)) => {}
+        other => panic!("expected an early-time error, got {other:?}"),
+    }
+    store.close().unwrap();
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 64 * 1024);
+    store.write(0, &[7; 512]).unwrap();
+    assert!(matches!(store.write(64 * 1024 - 512, &[1; 1024]), Err(Error::OutOfRange { .. })));
+    assert!(matches!(store.discard(u64::MAX - 10, 512), Err(Error::OutOfRange { .. })));
+    assert!(matches!(store.add_marker("", None, MarkerSource::Host), Err(Error::InvalidMarkerName(_))));
+    assert!(matches!(store.add_marker(&"x".repeat(129), None, MarkerSource::Host), Err(Error::InvalidMarkerName(_))));
+    store.add_marker("once", None, MarkerSource::Guest).unwrap();
+    assert!(matches!(store.add_marker("once", None, MarkerSource::Host), Err(Error::DuplicateMarker(_))));
+    assert!(matches!(store.marker("never"), Err(Error::UnknownMarker(_))));
+    assert_eq!(store.head(), 2);
+    let existing = dir.path().join("exists.img");
+    fs::write(&existing, b"keep me").unwrap();
+    assert!(matches!(store.recover(&RecoveryTarget::Seq(1), &existing, &mut |_, _| {}), Err(Error::OutputExists(_))));
+    assert_eq!(fs::read(&existing).unwrap(), b"keep me");
+    assert_eq!(store.marker("once").unwrap().marker.source, MarkerSource::Guest);
+    store.close().unwrap();
+}
+
+#[test]
+fn an_adopted_image_is_the_state_before_the_first_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("existing.img");
+    let content: Vec<u8> = (0..128 * 1024).map(|i| (i % 251) as u8).collect();
+    fs::write(&image, &content).unwrap();
+    let (store, _) = Store::create(&image, None, &CreateOptions::default(), &mut |_, _| {}).unwrap();
+    store.write(4096, &[0; 4096]).unwrap();
+    let output = dir.path().join("before.img");
+    store.recover(&RecoveryTarget::Seq(0), &output, &mut |_, _| {}).unwrap();
+    assert!(fs::read(&output).unwrap() == content);
+    store.close().unwrap();
+}
+
+#[test]
+fn snapshot_cost_follows_the_changed_bytes_not_the_volume_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    for i in 0..16u64 {
+        store.write(i * (64 << 20), &[i as u8 + 1; 8192]).unwrap();
+    }
+    let info = store.take_snapshot().unwrap();
+    assert_eq!(info.data_bytes, 16 * 8192);
+    assert_eq!(info.extents, 16);
+    store.close().unwrap();
+}
