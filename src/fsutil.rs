@@ -230,7 +230,7 @@ mod tests {
         let pieces: Vec<Vec<u8>> = (0..2000u32).map(|i| vec![(i % 256) as u8; (i % 7 + 1) as usize]).collect();
         let slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
         write_all_vectored_at(&file, &slices, 10).unwrap();
-        let expected: Vec<u8> = std::iter::repeat(0).take(10).chain(pieces.concat()).collect();
+        let expected: Vec<u8> = std::iter::repeat_n(0, 10).chain(pieces.concat()).collect();
         assert_eq!(fs::read(&path).unwrap(), expected);
     }
 }

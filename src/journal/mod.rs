@@ -181,17 +181,21 @@ fn later_valid_record(segment: &Segment, from: u64, min_seq: Seq) -> Result<Opti
 }
 
 impl Journal {
-    /// Creates an empty journal whose first record will be `first_seq`.
-    pub fn create(dir: &Path, store_uuid: [u8; 16], segment_capacity: u64, first_seq: Seq) -> Result<Self> {
-        fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
-        let mut journal = Self {
+    fn without_segments(dir: &Path, store_uuid: [u8; 16], segment_capacity: u64, next_segment_index: u64) -> Self {
+        Self {
             dir: dir.to_path_buf(),
             store_uuid,
             segment_capacity,
             segments: Vec::new(),
             last_timestamp_ns: 0,
-            next_segment_index: 0,
-        };
+            next_segment_index,
+        }
+    }
+
+    /// Creates an empty journal whose first record will be `first_seq`.
+    pub fn create(dir: &Path, store_uuid: [u8; 16], segment_capacity: u64, first_seq: Seq) -> Result<Self> {
+        fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+        let mut journal = Self::without_segments(dir, store_uuid, segment_capacity, 0);
         journal.start_segment(first_seq)?;
         Ok(journal)
     }
@@ -228,14 +232,7 @@ impl Journal {
                 reason: "no journal segments".into(),
             });
         }
-        let mut journal = Self {
-            dir: dir.to_path_buf(),
-            store_uuid,
-            segment_capacity,
-            segments: Vec::new(),
-            last_timestamp_ns: 0,
-            next_segment_index: indexes[indexes.len() - 1] + 1,
-        };
+        let mut journal = Self::without_segments(dir, store_uuid, segment_capacity, indexes[indexes.len() - 1] + 1);
         let mut repair = None;
         let mut expected: Option<Seq> = None;
         let mut pending_fault: Option<(PathBuf, u64, String)> = None;
