@@ -71,7 +71,8 @@ fn bench_append(dir: &Path, block: usize, total: u64, rounds: usize) -> Row {
         let start = Instant::now();
         for chunk in places.chunks(BATCH) {
             let pieces: [&[u8]; 1] = [&data];
-            let ops: Vec<VolumeOp<'_>> = chunk.iter().map(|&offset| VolumeOp::Write { offset, data: &pieces }).collect();
+            let ops: Vec<VolumeOp<'_>> =
+                chunk.iter().map(|&offset| VolumeOp::Write { offset, data: &pieces }).collect();
             store.submit(&ops).unwrap();
             store.sync().unwrap();
         }
@@ -180,7 +181,12 @@ fn bench_recovery(dir: &Path, volume: u64, data: u64, journaled: u64, rounds: us
     let (ours, peer) = (median(ours), median(peer));
     let bytes = (data + journaled) as f64 / (1 << 20) as f64;
     Row {
-        name: format!("recovery, {} MiB base + {} MiB journal, {} GiB volume", data >> 20, journaled >> 20, volume >> 30),
+        name: format!(
+            "recovery, {} MiB base + {} MiB journal, {} GiB volume",
+            data >> 20,
+            journaled >> 20,
+            volume >> 30
+        ),
         ours: format!("{:.0} ms ({:.0} MiB/s)", ours * 1000.0, bytes / ours),
         peer: format!("{:.0} ms (cp --sparse=always + sync)", peer * 1000.0),
         ratio: peer / ours,

@@ -408,14 +408,20 @@ pub fn print_status(status: &Status) {
     println!("journal:             {} in {} segment(s)", format_bytes(status.journal_bytes), status.journal_segments);
     println!("snapshots:           {} ({} stored)", status.snapshots.len(), format_bytes(status.snapshot_bytes));
     for s in &status.snapshots {
-        println!("  seq {:>10}  {:<10}  {}", s.seq, format!("{:?}", s.origin).to_lowercase(), format_bytes(s.data_bytes));
+        println!(
+            "  seq {:>10}  {:<10}  {}",
+            s.seq,
+            format!("{:?}", s.origin).to_lowercase(),
+            format_bytes(s.data_bytes)
+        );
     }
     println!("markers:             {} ({} expired)", status.markers, status.expired_markers);
     let r = &status.retention;
     println!(
         "retention:           max size {}, max age {}, marker snapshots {}",
         r.max_bytes.map_or("none".to_string(), format_bytes),
-        r.max_age_secs.map_or("none".to_string(), |s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string()),
+        r.max_age_secs
+            .map_or("none".to_string(), |s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string()),
         if r.keep_marker_snapshots { "kept" } else { "not kept" }
     );
 }

@@ -111,9 +111,8 @@ pub fn copy_range(src: &File, src_offset: u64, dst: &File, dst_offset: u64, len:
     while left > 0 {
         let chunk = left.min(1 << 30) as usize;
         // SAFETY: both fds are open for the call's duration; offsets are passed by pointer.
-        let n = unsafe {
-            libc::copy_file_range(src.as_raw_fd(), &mut src_off, dst.as_raw_fd(), &mut dst_off, chunk, 0)
-        };
+        let n =
+            unsafe { libc::copy_file_range(src.as_raw_fd(), &mut src_off, dst.as_raw_fd(), &mut dst_off, chunk, 0) };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -166,9 +165,7 @@ pub fn parent_dir(path: &Path) -> &Path {
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .context(|| format!("syncing directory {}", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing directory {}", dir.display()))
 }
 
 /// Replaces `path` with `contents` so that a crash leaves either the old or the new file.

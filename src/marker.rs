@@ -113,7 +113,8 @@ impl MarkerIndex {
 
     /// Saves every marker numbered below `first_journal_seq`: their records are about to go.
     pub fn save_archive(&self, store_dir: &Path, first_journal_seq: Seq) -> Result<()> {
-        let archived: Vec<&Marker> = self.by_seq.range(..first_journal_seq).map(|(_, name)| &self.by_name[name]).collect();
+        let archived: Vec<&Marker> =
+            self.by_seq.range(..first_journal_seq).map(|(_, name)| &self.by_name[name]).collect();
         let text = serde_json::to_vec_pretty(&archived).expect("markers serialise");
         fsutil::write_atomically(&store_dir.join(ARCHIVE_FILE), &text)
     }
@@ -138,14 +139,6 @@ impl MarkerIndex {
 
     pub fn next_id(&self) -> u64 {
         self.by_name.values().map(|m| m.id).max().map_or(1, |id| id + 1)
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_name.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
     }
 }
 

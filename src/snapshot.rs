@@ -94,7 +94,12 @@ pub struct SnapshotStore {
 impl SnapshotStore {
     /// Creates the snapshot area with a base at seq 0 holding `initial` (a copy of the adopted
     /// image, holes kept) or an empty sparse base when there is none.
-    pub fn create(dir: &Path, volume_size: u64, initial: Option<&File>, progress: &mut dyn FnMut(u64, u64)) -> Result<Self> {
+    pub fn create(
+        dir: &Path,
+        volume_size: u64,
+        initial: Option<&File>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Self> {
         fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
         let base_path = dir.join(BASE_FILE);
         let base = File::create(&base_path).context(|| format!("creating {}", base_path.display()))?;
@@ -159,16 +164,8 @@ impl SnapshotStore {
         std::iter::once(self.manifest.base.clone()).chain(self.manifest.deltas.iter().cloned()).collect()
     }
 
-    pub fn base_seq(&self) -> Seq {
-        self.manifest.base.seq
-    }
-
     pub fn newest_seq(&self) -> Seq {
         self.manifest.deltas.last().map_or(self.manifest.base.seq, |d| d.seq)
-    }
-
-    pub fn has_point(&self, seq: Seq) -> bool {
-        self.list().iter().any(|s| s.seq == seq)
     }
 
     /// The newest snapshot at or before `seq`.
@@ -219,7 +216,11 @@ impl SnapshotStore {
         while !self.manifest.deltas.is_empty() && !base_is_needed(self.manifest.base.seq) {
             let delta = self.manifest.deltas[0].clone();
             let base_path = self.dir.join(BASE_FILE);
-            let base = OpenOptions::new().write(true).read(true).open(&base_path).context(|| format!("opening {}", base_path.display()))?;
+            let base = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .open(&base_path)
+                .context(|| format!("opening {}", base_path.display()))?;
             // Applying a delta twice gives the same bytes, so a crash before the manifest
             // names the new base only repeats this step on the next merge or recovery.
             self.apply_delta(delta.seq, &base)?;
@@ -412,8 +413,9 @@ impl SnapshotStore {
             let mut done = 0;
             while done < extent.len {
                 let n = (extent.len - done).min(COPY_CHUNK as u64) as usize;
-                file.read_exact_at(&mut chunk[..n], extent.data_position + done)
-                    .map_err(|_| Error::SnapshotCorrupt { path: path.clone(), reason: "extent data cut short".into() })?;
+                file.read_exact_at(&mut chunk[..n], extent.data_position + done).map_err(|_| {
+                    Error::SnapshotCorrupt { path: path.clone(), reason: "extent data cut short".into() }
+                })?;
                 crc = crc32c::crc32c_append(crc, &chunk[..n]);
                 on_data(extent.offset + done, &chunk[..n])?;
                 done += n as u64;

@@ -73,9 +73,18 @@ impl Default for CreateOptions {
 #[derive(Debug, Clone, Copy)]
 pub enum VolumeOp<'a> {
     /// Data in pieces (as it sits in guest memory), written contiguously at `offset`.
-    Write { offset: u64, data: &'a [&'a [u8]] },
-    WriteZeroes { offset: u64, len: u64 },
-    Discard { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        data: &'a [&'a [u8]],
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl VolumeOp<'_> {
@@ -262,7 +271,12 @@ fn check_range(offset: u64, len: u64, volume_size: u64) -> Result<()> {
 impl Store {
     /// Creates a store for `image`: a new sparse image of `options.size`, or an existing image
     /// adopted as it is (its content becomes the snapshot at seq 0).
-    pub fn create(image: &Path, store_dir: Option<&Path>, options: &CreateOptions, progress: Progress<'_>) -> Result<(Self, OpenReport)> {
+    pub fn create(
+        image: &Path,
+        store_dir: Option<&Path>,
+        options: &CreateOptions,
+        progress: Progress<'_>,
+    ) -> Result<(Self, OpenReport)> {
         let dir = store_dir.map_or_else(|| default_store_dir(image), Path::to_path_buf);
         if dir.exists() {
             return Err(Error::StoreExists(dir));
@@ -336,7 +350,8 @@ impl Store {
         }
         let lock = take_lock(&dir)?;
         let mut meta = read_meta(&dir)?;
-        let volume = OpenOptions::new().read(true).write(true).open(image).context(|| format!("opening {}", image.display()))?;
+        let volume =
+            OpenOptions::new().read(true).write(true).open(image).context(|| format!("opening {}", image.display()))?;
         let image_len = volume.metadata().context(|| format!("inspecting {}", image.display()))?.len();
         if image_len != meta.volume_size {
             return Err(Error::BadMetadata {
@@ -357,10 +372,12 @@ impl Store {
                 let h = rec.header;
                 if h.kind == RecordKind::Marker {
                     let payload = rec.payload.expect("marker payloads are read");
-                    let marker = marker::decode_payload(payload, h.seq, h.timestamp_ns).ok_or_else(|| Error::JournalCorrupt {
-                        segment: rec.segment.path.clone(),
-                        offset: rec.position,
-                        reason: "undecodable marker record".into(),
+                    let marker = marker::decode_payload(payload, h.seq, h.timestamp_ns).ok_or_else(|| {
+                        Error::JournalCorrupt {
+                            segment: rec.segment.path.clone(),
+                            offset: rec.position,
+                            reason: "undecodable marker record".into(),
+                        }
                     })?;
                     markers.insert(marker);
                 }
@@ -435,16 +452,8 @@ impl Store {
         self.volume_size
     }
 
-    pub fn image(&self) -> &Path {
-        &self.image
-    }
-
     pub fn store_dir(&self) -> &Path {
         &self.dir
-    }
-
-    pub fn uuid(&self) -> uuid::Uuid {
-        lock_poisoned(self.maintenance.lock()).meta.uuid
     }
 
     /// Newest sequence number (0 before the first record).
@@ -573,13 +582,6 @@ impl Store {
         Ok(MarkerStatus { marker, expired })
     }
 
-    /// The newest marker, if any.
-    pub fn newest_marker(&self) -> Option<MarkerStatus> {
-        let marker = lock_poisoned(self.writer.lock()).markers.iter().next_back().cloned()?;
-        let expired = lock_poisoned(self.recoverability.lock()).marker_expired(marker.seq);
-        Some(MarkerStatus { marker, expired })
-    }
-
     /// Every marker in sequence order, expired ones flagged.
     pub fn markers(&self) -> Vec<MarkerStatus> {
         let markers: Vec<Marker> = lock_poisoned(self.writer.lock()).markers.iter().cloned().collect();
@@ -679,9 +681,8 @@ impl Store {
         }
         let new_first = plan.new_first_seq;
         let pinned: Vec<Seq> = if policy.keep_marker_snapshots { marker_seqs } else { Vec::new() };
-        report.merged_into_base = maintenance
-            .snapshots
-            .merge_into_base(|base| base + 1 >= new_first || pinned.contains(&base))?;
+        report.merged_into_base =
+            maintenance.snapshots.merge_into_base(|base| base + 1 >= new_first || pinned.contains(&base))?;
         self.refresh_recoverability(&maintenance);
         report.oldest_recoverable = lock_poisoned(self.recoverability.lock()).oldest;
         if report.freed_segments > 0 {
@@ -707,9 +708,9 @@ impl Store {
         let seq = match target {
             RecoveryTarget::Marker(name) => self.marker(name)?.marker.seq,
             RecoveryTarget::Seq(seq) => *seq,
-            RecoveryTarget::Time(ns) => view
-                .last_at_or_before(*ns)?
-                .ok_or_else(|| Error::TimeBeforeJournal(target.to_string()))?,
+            RecoveryTarget::Time(ns) => {
+                view.last_at_or_before(*ns)?.ok_or_else(|| Error::TimeBeforeJournal(target.to_string()))?
+            }
         };
         let pinned = recoverability.snapshot_points.contains(&seq);
         if seq > head || (seq < recoverability.oldest && !pinned) {
@@ -745,7 +746,15 @@ impl Store {
         let _ = fs::remove_file(&expected_path);
         let newest = maintenance.snapshots.newest_seq();
         let mut compare = || -> Result<u64> {
-            recovery::recover_to(&maintenance.snapshots, &view, self.volume_size, newest, head, &expected_path, progress)?;
+            recovery::recover_to(
+                &maintenance.snapshots,
+                &view,
+                self.volume_size,
+                newest,
+                head,
+                &expected_path,
+                progress,
+            )?;
             let expected = File::open(&expected_path).context(|| format!("opening {}", expected_path.display()))?;
             compare_files(&expected, &self.volume, self.volume_size)
         };
@@ -764,7 +773,13 @@ impl Store {
         let (first_seq, head, journal_bytes, journal_segments, markers) = {
             let writer = lock_poisoned(self.writer.lock());
             let journal = &writer.journal;
-            (journal.first_seq(), journal.next_seq() - 1, journal.total_bytes(), journal.segments().len(), writer.markers.iter().map(|m| m.seq).collect::<Vec<_>>())
+            (
+                journal.first_seq(),
+                journal.next_seq() - 1,
+                journal.total_bytes(),
+                journal.segments().len(),
+                writer.markers.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            )
         };
         let recoverability = lock_poisoned(self.recoverability.lock()).clone();
         Status {

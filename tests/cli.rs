@@ -99,7 +99,11 @@ fn errors_are_clear_and_exit_non_zero() {
     assert!(!d.join("x.img").exists());
 
     let out = rewind(&["recover", "disk.img", "--seq", "7", "--output", "x.img"], d);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("recoverable range is 0..=0"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("recoverable range is 0..=0"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = rewind(&["recover", "disk.img", "--seq", "0", "--marker", "a", "--output", "x.img"], d);
     assert_eq!(out.status.code(), Some(2), "clap refuses two targets");

@@ -60,7 +60,10 @@ impl Fixture {
         let mut segments: Vec<PathBuf> = fs::read_dir(self.store_dir().join("journal"))
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "seg") && !p.file_name().unwrap().to_string_lossy().starts_with("spare"))
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "seg")
+                    && !p.file_name().unwrap().to_string_lossy().starts_with("spare")
+            })
             .collect();
         segments.sort();
         segments

@@ -20,14 +20,26 @@ const VOLUME: u64 = VOLUME_SECTORS * SECTOR;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { sector: u64, sectors: u64, seed: u8 },
+    Write {
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+    },
     /// Several writes journaled as one batch.
     Batch(Vec<(u64, u64, u8)>),
-    WriteZeroes { sector: u64, sectors: u64 },
-    Discard { sector: u64, sectors: u64 },
+    WriteZeroes {
+        sector: u64,
+        sectors: u64,
+    },
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
     Marker,
     Snapshot,
-    Retention { max_bytes: u64 },
+    Retention {
+        max_bytes: u64,
+    },
     Sync,
     Reopen,
     /// Drop the store without closing it: what kill -9 leaves (the page cache survives).
@@ -137,12 +149,23 @@ fn run(ops: Vec<Op>, keep_marker_snapshots: bool, probes: Vec<u64>) {
             Op::Batch(writes) => {
                 let datas: Vec<(u64, Vec<u8>)> = writes
                     .iter()
-                    .map(|&(sector, sectors, seed)| (sector * SECTOR, pattern(seed, (sectors * SECTOR) as usize, i as u64)))
+                    .map(|&(sector, sectors, seed)| {
+                        (sector * SECTOR, pattern(seed, (sectors * SECTOR) as usize, i as u64))
+                    })
                     .collect();
                 // Split each write's data in two pieces, as a scattered guest buffer would be.
-                let pieces: Vec<[&[u8]; 2]> = datas.iter().map(|(_, d)| { let (a, b) = d.split_at(d.len() / 2); [a, b] }).collect();
-                let ops: Vec<VolumeOp<'_>> =
-                    datas.iter().zip(&pieces).map(|((offset, _), p)| VolumeOp::Write { offset: *offset, data: p }).collect();
+                let pieces: Vec<[&[u8]; 2]> = datas
+                    .iter()
+                    .map(|(_, d)| {
+                        let (a, b) = d.split_at(d.len() / 2);
+                        [a, b]
+                    })
+                    .collect();
+                let ops: Vec<VolumeOp<'_>> = datas
+                    .iter()
+                    .zip(&pieces)
+                    .map(|((offset, _), p)| VolumeOp::Write { offset: *offset, data: p })
+                    .collect();
                 let last = s.submit(&ops).unwrap();
                 for (offset, data) in &datas {
                     model.record_change(*offset, data);
@@ -202,7 +225,12 @@ fn run(ops: Vec<Op>, keep_marker_snapshots: bool, probes: Vec<u64>) {
         let seq = model.markers[&listed.marker.name];
         assert_eq!(listed.marker.seq, seq);
         let pinned = status.snapshots.iter().any(|snap| snap.seq == seq);
-        assert_eq!(listed.expired, seq < status.oldest_recoverable && !pinned, "expired flag of {}", listed.marker.name);
+        assert_eq!(
+            listed.expired,
+            seq < status.oldest_recoverable && !pinned,
+            "expired flag of {}",
+            listed.marker.name
+        );
         if keep_marker_snapshots {
             assert!(!listed.expired, "marker {} expired although marker snapshots are kept", listed.marker.name);
         }
@@ -212,13 +240,21 @@ fn run(ops: Vec<Op>, keep_marker_snapshots: bool, probes: Vec<u64>) {
     for probe in probes {
         let seq = probe % (model.head() + 2);
         if seq > model.head() {
-            let err = s.recover(&RecoveryTarget::Seq(seq), &dir.path().join("past-head.img"), &mut |_, _| {}).unwrap_err();
+            let err =
+                s.recover(&RecoveryTarget::Seq(seq), &dir.path().join("past-head.img"), &mut |_, _| {}).unwrap_err();
             assert!(matches!(err, Error::Unrecoverable { .. }), "{err}");
             continue;
         }
         check_recovery(&s, &model, dir.path(), RecoveryTarget::Seq(seq), seq, &mut counter);
     }
-    check_recovery(&s, &model, dir.path(), RecoveryTarget::Seq(status.oldest_recoverable), status.oldest_recoverable, &mut counter);
+    check_recovery(
+        &s,
+        &model,
+        dir.path(),
+        RecoveryTarget::Seq(status.oldest_recoverable),
+        status.oldest_recoverable,
+        &mut counter,
+    );
     let report = s.verify(&mut |_, _| {}).unwrap();
     assert_eq!(report.head, model.head());
     s.close().unwrap();

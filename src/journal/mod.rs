@@ -110,11 +110,7 @@ fn walk_segment(
 ) -> Result<WalkEnd> {
     let file_len = match limit {
         Some((end, _)) => end,
-        None => segment
-            .file
-            .metadata()
-            .context(|| format!("reading size of {}", segment.path.display()))?
-            .len(),
+        None => segment.file.metadata().context(|| format!("reading size of {}", segment.path.display()))?.len(),
     };
     let mut reader = ChunkReader::new(&segment.file, &segment.path);
     let mut pos = SEGMENT_HEADER_LEN;
@@ -273,7 +269,11 @@ impl Journal {
             if let Some(expected) = expected {
                 if header.first_seq != expected {
                     let (segment, offset, reason) = pending_fault.take().unwrap_or_else(|| {
-                        (path.clone(), 0, format!("segment starts at {} where {expected} was expected", header.first_seq))
+                        (
+                            path.clone(),
+                            0,
+                            format!("segment starts at {} where {expected} was expected", header.first_seq),
+                        )
                     });
                     return Err(Error::JournalCorrupt { segment, offset, reason });
                 }

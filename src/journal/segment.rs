@@ -37,11 +37,8 @@ impl SegmentHeader {
     }
 
     pub fn decode(buf: &[u8; SEGMENT_HEADER_LEN as usize], path: &Path) -> Result<Self> {
-        let corrupt = |reason: &str| Error::JournalCorrupt {
-            segment: path.to_path_buf(),
-            offset: 0,
-            reason: reason.to_string(),
-        };
+        let corrupt =
+            |reason: &str| Error::JournalCorrupt { segment: path.to_path_buf(), offset: 0, reason: reason.to_string() };
         if buf[0..8] != SEGMENT_MAGIC {
             return Err(corrupt("segment header magic missing"));
         }

@@ -12,7 +12,12 @@ fn appended_records_read_back_in_order_across_segments() {
     for (i, payload) in payloads.iter().enumerate() {
         let pieces: [&[u8]; 1] = [payload];
         let seq = journal
-            .append(&[NewRecord { kind: RecordKind::Write, offset: i as u64 * 512, length: payload.len() as u64, payload: &pieces }])
+            .append(&[NewRecord {
+                kind: RecordKind::Write,
+                offset: i as u64 * 512,
+                length: payload.len() as u64,
+                payload: &pieces,
+            }])
             .unwrap();
         assert_eq!(seq, i as u64 + 1);
     }
@@ -25,7 +30,8 @@ fn appended_records_read_back_in_order_across_segments() {
             Ok(())
         })
         .unwrap();
-    let expected: Vec<_> = payloads.iter().enumerate().map(|(i, p)| (i as u64 + 1, i as u64 * 512, p.clone())).collect();
+    let expected: Vec<_> =
+        payloads.iter().enumerate().map(|(i, p)| (i as u64 + 1, i as u64 * 512, p.clone())).collect();
     assert_eq!(seen, expected);
 
     // Reopening finds the same records.
@@ -54,11 +60,15 @@ fn a_batch_is_one_append_and_freed_segments_are_reused() {
     let segments_before = journal.segments().len();
     journal.free_oldest(2).unwrap();
     assert_eq!(journal.segments().len(), segments_before - 2);
-    let spares = fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(SPARE_PREFIX)).count();
+    let spares = fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(SPARE_PREFIX))
+        .count();
     assert_eq!(spares, 2);
     // Fill until a new segment is needed: it comes from the spares, and the stale records in
     // it are not mistaken for new ones on reopen.
-    while fs::read_dir(dir.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(SPARE_PREFIX)) {
+    while fs::read_dir(dir.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(SPARE_PREFIX))
+    {
         let pieces: [&[u8]; 1] = [&payload];
         journal.append(&[NewRecord { kind: RecordKind::Write, offset: 0, length: 1000, payload: &pieces }]).unwrap();
     }
