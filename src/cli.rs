@@ -217,8 +217,13 @@ fn open(image: &Path, store: &StoreArg) -> Result<Store> {
     Ok(store)
 }
 
-fn print_json(value: &impl Serialize) {
-    println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
+/// Prints `value` as JSON with `--json`, else the way `human` shows it.
+fn emit(json: bool, value: &impl Serialize, human: impl FnOnce()) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
+    } else {
+        human();
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -247,22 +252,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status { image, store, json } => {
             let opened = open(&image, &store)?;
             let status = opened.status();
-            if json {
-                print_json(&status);
-            } else {
+            emit(json, &status, || {
                 print_status(&status);
-            }
+            });
             opened.close()?;
         }
         Command::Marker { command } => run_marker(command)?,
         Command::Snapshot { image, store, json } => {
             let opened = open(&image, &store)?;
             let info = opened.take_snapshot().context("taking a snapshot")?;
-            if json {
-                print_json(&info);
-            } else {
+            emit(json, &info, || {
                 println!("snapshot at seq {} ({} of changed data)", info.seq, format_bytes(info.data_bytes));
-            }
+            });
             opened.close()?;
         }
         Command::Recover { image, target, output, store, json } => {
@@ -276,9 +277,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 })
                 .with_context(|| format!("recovering to {target}"))?;
             bar.finish_and_clear();
-            if json {
-                print_json(&report);
-            } else {
+            emit(json, &report, || {
                 println!(
                     "recovered {} to seq {} (snapshot {} + {} journal records) into {}",
                     image.display(),
@@ -287,7 +286,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     report.records_replayed,
                     report.output.display()
                 );
-            }
+            });
             opened.close()?;
         }
         Command::Verify { image, store, json } => {
@@ -299,14 +298,12 @@ pub fn run(cli: Cli) -> Result<()> {
             });
             bar.finish_and_clear();
             let report = report.context("verification failed")?;
-            if json {
-                print_json(&report);
-            } else {
+            emit(json, &report, || {
                 println!(
                     "ok: {} journal records and {} snapshots checked; the volume matches seq {}",
                     report.records_checked, report.snapshots_checked, report.head
                 );
-            }
+            });
             opened.close()?;
         }
         Command::Retention { image, store, retention, no_journal_max, no_journal_max_age, json } => {
@@ -321,16 +318,14 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             opened.set_retention(policy)?;
             let report = opened.enforce_retention().context("applying retention")?;
-            if json {
-                print_json(&report);
-            } else {
+            emit(json, &report, || {
                 println!(
                     "freed {} segment(s) ({}); oldest recoverable point: seq {}",
                     report.freed_segments,
                     format_bytes(report.freed_bytes),
                     report.oldest_recoverable
                 );
-            }
+            });
             opened.close()?;
         }
     }
@@ -344,31 +339,25 @@ fn run_marker(command: MarkerCommand) -> Result<()> {
             let marker = opened
                 .add_marker(&name, note.as_deref(), MarkerSource::Host)
                 .with_context(|| format!("adding marker {name:?}"))?;
-            if json {
-                print_json(&marker);
-            } else {
+            emit(json, &marker, || {
                 println!("marker {:?} (id {}) at seq {}", marker.name, marker.id, marker.seq);
-            }
+            });
             opened.close()?;
         }
         MarkerCommand::List { image, store, json } => {
             let opened = open(&image, &store)?;
             let markers = opened.markers();
-            if json {
-                print_json(&markers);
-            } else {
+            emit(json, &markers, || {
                 print_markers(&markers);
-            }
+            });
             opened.close()?;
         }
         MarkerCommand::Get { image, name, store, json } => {
             let opened = open(&image, &store)?;
             let marker = opened.marker(&name)?;
-            if json {
-                print_json(&marker);
-            } else {
+            emit(json, &marker, || {
                 print_markers(std::slice::from_ref(&marker));
-            }
+            });
             opened.close()?;
         }
     }
