@@ -112,7 +112,7 @@ fn walk_segment(
         Some((end, _)) => end,
         None => segment.file.metadata().context(|| format!("reading size of {}", segment.path.display()))?.len(),
     };
-    let mut reader = ChunkReader::new(&segment.file, &segment.path);
+    let mut reader = ChunkReader::new(&segment.file, &segment.path, file_len);
     let mut pos = SEGMENT_HEADER_LEN;
     let mut expected = segment.first_seq;
     let fault = loop {
@@ -162,7 +162,7 @@ fn walk_segment(
 /// records before it were durable once, and a fault before it is damage, not a torn tail.
 fn later_valid_record(segment: &Segment, from: u64, min_seq: Seq) -> Result<Option<u64>> {
     let file_len = segment.file.metadata().context(|| format!("reading size of {}", segment.path.display()))?.len();
-    let mut reader = ChunkReader::new(&segment.file, &segment.path);
+    let mut reader = ChunkReader::new(&segment.file, &segment.path, file_len);
     let mut pos = from.div_ceil(record::ALIGN) * record::ALIGN;
     while pos + HEADER_LEN as u64 <= file_len {
         let bytes: [u8; HEADER_LEN] = reader.read_at(pos, HEADER_LEN)?.try_into().expect("full header inside file");

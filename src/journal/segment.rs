@@ -103,6 +103,8 @@ impl Segment {
 pub struct ChunkReader<'a> {
     file: &'a File,
     path: &'a Path,
+    /// Bytes worth reading: read-ahead stops here.
+    len: u64,
     buf: Vec<u8>,
     buf_start: u64,
     buf_len: usize,
@@ -111,17 +113,15 @@ pub struct ChunkReader<'a> {
 const CHUNK: usize = 1 << 20;
 
 impl<'a> ChunkReader<'a> {
-    pub fn new(file: &'a File, path: &'a Path) -> Self {
-        Self { file, path, buf: Vec::new(), buf_start: 0, buf_len: 0 }
+    pub fn new(file: &'a File, path: &'a Path, len: u64) -> Self {
+        Self { file, path, len, buf: Vec::new(), buf_start: 0, buf_len: 0 }
     }
 
     /// Returns `len` bytes at `pos`, or fewer if the file ends first.
     pub fn read_at(&mut self, pos: u64, len: usize) -> Result<&[u8]> {
         let cached = pos >= self.buf_start && pos + len as u64 <= self.buf_start + self.buf_len as u64;
         if !cached {
-            // Read ahead a chunk, but no further than the file goes.
-            let file_len = self.file.metadata().context(|| format!("reading size of {}", self.path.display()))?.len();
-            let want = len.max(CHUNK.min(file_len.saturating_sub(pos) as usize));
+            let want = len.max(CHUNK.min(self.len.saturating_sub(pos) as usize));
             if self.buf.len() < want {
                 self.buf = vec![0; want];
             }
@@ -169,7 +169,7 @@ mod tests {
         let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         let file = File::open(&path).unwrap();
-        let mut reader = ChunkReader::new(&file, &path);
+        let mut reader = ChunkReader::new(&file, &path, data.len() as u64);
         for (pos, len) in [(0, 10), (CHUNK - 5, 10), (5, 2 * CHUNK), (3 * CHUNK, 100)] {
             let got = reader.read_at(pos as u64, len).unwrap().to_vec();
             let end = (pos + len).min(data.len());
