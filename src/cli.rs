@@ -79,6 +79,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the image to a VM over a vhost-user-blk socket, journaling every write.
+    Serve {
+        image: PathBuf,
+        /// The vhost-user socket to listen on (QEMU: -chardev socket,path=…).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Size of a new image when the store does not exist yet.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        #[arg(long, default_value_t = 1)]
+        num_queues: usize,
+        #[arg(long, default_value_t = 256)]
+        queue_size: usize,
+        /// Serial number the guest reads (GET_ID), at most 20 bytes; default from the store UUID.
+        #[arg(long)]
+        serial: Option<String>,
+        #[arg(long)]
+        read_only: bool,
+        /// Take a snapshot this often (e.g. 10m).
+        #[arg(long, value_parser = parse_duration)]
+        snapshot_every: Option<std::time::Duration>,
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        retention: RetentionArgs,
+    },
     /// Change the retention settings (if any are given) and free what they no longer keep.
     Retention {
         image: PathBuf,
@@ -306,6 +332,29 @@ pub fn run(cli: Cli) -> Result<()> {
             });
             opened.close()?;
         }
+        Command::Serve {
+            image,
+            socket,
+            size,
+            num_queues,
+            queue_size,
+            serial,
+            read_only,
+            snapshot_every,
+            store,
+            retention,
+        } => crate::serve::serve(crate::serve::ServeConfig {
+            image,
+            store_dir: store.dir,
+            socket,
+            size,
+            num_queues,
+            queue_size,
+            serial,
+            read_only,
+            snapshot_every,
+            retention: Box::new(move |policy| retention.apply_to(policy)),
+        })?,
         Command::Retention { image, store, retention, no_journal_max, no_journal_max_age, json } => {
             let opened = open(&image, &store)?;
             let mut policy = opened.retention();

@@ -14,9 +14,12 @@ pub mod journal;
 pub mod marker;
 pub mod recovery;
 pub mod retention;
+pub mod serve;
 pub mod snapshot;
 pub mod store;
 pub mod units;
+pub mod vhost_user;
+pub mod virtio_blk;
 
 pub use error::{Error, Result};
 pub use store::{CreateOptions, Store, VolumeOp};

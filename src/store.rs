@@ -551,6 +551,12 @@ impl Store {
         write_meta(&self.dir, &maintenance.meta)
     }
 
+    /// Makes the volume durable up to the head, so a later open has little to replay.
+    pub fn checkpoint_now(&self) -> Result<()> {
+        let mut maintenance = lock_poisoned(self.maintenance.lock());
+        self.checkpoint(&mut maintenance)
+    }
+
     pub fn add_marker(&self, name: &str, note: Option<&str>, source: MarkerSource) -> Result<Marker> {
         marker::validate_name(name.as_bytes())?;
         if let Some(note) = note {
@@ -580,6 +586,13 @@ impl Store {
         let marker = marker.ok_or_else(|| Error::UnknownMarker(name.to_string()))?;
         let expired = lock_poisoned(self.recoverability.lock()).marker_expired(marker.seq);
         Ok(MarkerStatus { marker, expired })
+    }
+
+    /// The newest marker, if any (the guest's MARKER_GET without a name).
+    pub fn newest_marker(&self) -> Option<MarkerStatus> {
+        let marker = lock_poisoned(self.writer.lock()).markers.iter().next_back().cloned()?;
+        let expired = lock_poisoned(self.recoverability.lock()).marker_expired(marker.seq);
+        Some(MarkerStatus { marker, expired })
     }
 
     /// Every marker in sequence order, expired ones flagged.

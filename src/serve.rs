@@ -1,0 +1,185 @@
+//! `rewind serve`: the store behind a vhost-user-blk socket, one frontend at a time, with
+//! periodic snapshots, retention and checkpoints in the background, and a clean exit on
+//! SIGINT/SIGTERM (in-flight requests finish, the journal is synced).
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::retention::RetentionPolicy;
+use crate::store::{Store, CreateOptions};
+use crate::vhost_user::{BlkBackend, BlkOptions};
+use crate::virtio_blk::ID_BYTES;
+
+pub struct ServeConfig {
+    pub image: PathBuf,
+    pub store_dir: Option<PathBuf>,
+    pub socket: PathBuf,
+    /// Size of the image if the store has to be created.
+    pub size: Option<u64>,
+    pub num_queues: usize,
+    pub queue_size: usize,
+    pub serial: Option<String>,
+    pub read_only: bool,
+    pub snapshot_every: Option<Duration>,
+    /// Applied to the store's retention settings before serving.
+    pub retention: Box<dyn Fn(&mut RetentionPolicy) + Send>,
+}
+
+/// How often the background thread checkpoints and applies retention.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(5);
+
+fn serial_from(config: &ServeConfig, uuid: uuid::Uuid) -> Result<[u8; ID_BYTES]> {
+    let text = match &config.serial {
+        Some(serial) => serial.clone(),
+        None => format!("rewind-{}", &uuid.simple().to_string()[..ID_BYTES - 7]),
+    };
+    if text.len() > ID_BYTES {
+        return Err(anyhow!("--serial is {} bytes; at most {ID_BYTES} fit", text.len()));
+    }
+    let mut serial = [0u8; ID_BYTES];
+    serial[..text.len()].copy_from_slice(text.as_bytes());
+    Ok(serial)
+}
+
+fn open_or_create(config: &ServeConfig) -> Result<Store> {
+    let dir = config.store_dir.clone().unwrap_or_else(|| crate::store::default_store_dir(&config.image));
+    let (store, report) = if dir.join("meta.json").exists() {
+        Store::open(&config.image, Some(&dir))
+    } else {
+        let options = CreateOptions { size: config.size, ..Default::default() };
+        Store::create(&config.image, Some(&dir), &options, &mut |_, _| {})
+    }
+    .with_context(|| format!("opening the store of {}", config.image.display()))?;
+    if let Some(reason) = report.volume_rebuilt {
+        log::warn!("volume rebuilt on open: {reason}");
+    }
+    Ok(store)
+}
+
+/// Periodic snapshots, retention and checkpoints until `stop` says otherwise.
+fn maintenance(store: Arc<Store>, snapshot_every: Option<Duration>, stop: mpsc::Receiver<()>) {
+    let mut last_snapshot = Instant::now();
+    loop {
+        match stop.recv_timeout(MAINTENANCE_INTERVAL) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        if snapshot_every.is_some_and(|every| last_snapshot.elapsed() >= every) {
+            match store.take_snapshot() {
+                Ok(info) => log::info!("periodic snapshot at seq {}", info.seq),
+                Err(e) => log::error!("periodic snapshot failed: {e}"),
+            }
+            last_snapshot = Instant::now();
+        }
+        // Retention checkpoints first; with no limits it frees nothing.
+        if let Err(e) = store.enforce_retention() {
+            log::error!("retention failed: {e}");
+        }
+    }
+}
+
+pub fn serve(config: ServeConfig) -> Result<()> {
+    if config.num_queues == 0 || config.num_queues > 64 {
+        return Err(anyhow!("--num-queues must be 1 to 64"));
+    }
+    if !config.queue_size.is_power_of_two() || config.queue_size > 32768 {
+        return Err(anyhow!("--queue-size must be a power of two up to 32768"));
+    }
+    let store = open_or_create(&config)?;
+    let mut policy = store.retention();
+    (config.retention)(&mut policy);
+    store.set_retention(policy)?;
+    let serial = serial_from(&config, store.status().uuid)?;
+    let store = Arc::new(store);
+    let backend = Arc::new(BlkBackend::new(
+        Arc::clone(&store),
+        BlkOptions { num_queues: config.num_queues, queue_size: config.queue_size, serial, read_only: config.read_only },
+    ));
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .context("installing signal handlers")?;
+    let signal_handle = signals.handle();
+    let signal_thread = {
+        let stopping = Arc::clone(&stopping);
+        let connection = Arc::clone(&connection);
+        let socket = config.socket.clone();
+        thread::spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                log::info!("signal {signal}: finishing in-flight requests and exiting");
+                stopping.store(true, Ordering::SeqCst);
+                match connection.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    Some(handle) => handle.shutdown(),
+                    // Waiting for a frontend: a connection of our own wakes the accept.
+                    None => drop(UnixStream::connect(&socket)),
+                }
+            }
+        })
+    };
+    let (stop_maintenance, maintenance_stop) = mpsc::channel();
+    let maintenance_thread = {
+        let store = Arc::clone(&store);
+        let every = config.snapshot_every;
+        thread::spawn(move || maintenance(store, every, maintenance_stop))
+    };
+
+    let result = accept_loop(&config.socket, &backend, &stopping, &connection);
+
+    signal_handle.close();
+    let _ = signal_thread.join();
+    drop(stop_maintenance);
+    let _ = maintenance_thread.join();
+    drop(backend);
+    let store = Arc::try_unwrap(store).map_err(|_| anyhow!("the store is still in use at exit"))?;
+    store.close().context("syncing the store at exit")?;
+    let _ = std::fs::remove_file(&config.socket);
+    log::info!("rewind serve: stopped cleanly");
+    result
+}
+
+fn accept_loop(
+    socket: &Path,
+    backend: &Arc<BlkBackend>,
+    stopping: &AtomicBool,
+    connection: &Mutex<Option<ShutdownHandle>>,
+) -> Result<()> {
+    let mut listener = Listener::new(socket, true).with_context(|| format!("listening on {}", socket.display()))?;
+    log::info!("listening on {} ({} queue(s))", socket.display(), backend.options().num_queues);
+    while !stopping.load(Ordering::SeqCst) {
+        let mut daemon = VhostUserDaemon::new(
+            "rewind-vhost-user".to_string(),
+            Arc::clone(backend),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| anyhow!("creating the vhost-user daemon: {e}"))?;
+        daemon.start(&mut listener).map_err(|e| anyhow!("accepting a frontend: {e}"))?;
+        *connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+        if stopping.load(Ordering::SeqCst) {
+            daemon.request_shutdown();
+        } else {
+            log::info!("frontend connected");
+        }
+        let ended = daemon.wait();
+        *connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        backend.stop_workers();
+        drop(daemon);
+        match ended {
+            Ok(()) | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {
+                log::info!("frontend disconnected")
+            }
+            Err(e) => log::warn!("frontend connection ended: {e}"),
+        }
+    }
+    Ok(())
+}
