@@ -16,7 +16,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::retention::RetentionPolicy;
-use crate::store::{Store, CreateOptions};
+use crate::store::{CreateOptions, Store};
 use crate::vhost_user::{BlkBackend, BlkOptions};
 use crate::virtio_blk::ID_BYTES;
 
@@ -103,7 +103,12 @@ pub fn serve(config: ServeConfig) -> Result<()> {
     let store = Arc::new(store);
     let backend = Arc::new(BlkBackend::new(
         Arc::clone(&store),
-        BlkOptions { num_queues: config.num_queues, queue_size: config.queue_size, serial, read_only: config.read_only },
+        BlkOptions {
+            num_queues: config.num_queues,
+            queue_size: config.queue_size,
+            serial,
+            read_only: config.read_only,
+        },
     ));
 
     let stopping = Arc::new(AtomicBool::new(false));

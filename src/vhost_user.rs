@@ -150,8 +150,14 @@ impl BlkBackend {
                 let mut chains = Vec::new();
                 while let Some(chain) = queue.pop_descriptor_chain(mem.clone()) {
                     let head = chain.head_index();
-                    let descs =
-                        chain.map(|d| Desc { addr: d.addr(), len: d.len(), write_only: d.is_write_only() }).collect();
+                    let descs = chain
+                        .map(|d| Desc {
+                            addr: d.addr(),
+                            len: d.len(),
+                            write_only: d.is_write_only(),
+                            has_next: d.has_next(),
+                        })
+                        .collect();
                     chains.push((head, descs));
                 }
                 chains
@@ -231,7 +237,8 @@ impl BlkBackend {
         if batch.is_empty() {
             return;
         }
-        let outcome = self.write_batch(mem, batch.iter().map(|&i| &parsed[i].as_ref().expect("batched requests parsed").request));
+        let outcome =
+            self.write_batch(mem, batch.iter().map(|&i| &parsed[i].as_ref().expect("batched requests parsed").request));
         let ok = match outcome {
             Ok(bytes) => {
                 self.counters.bytes_written.fetch_add(bytes, Ordering::Relaxed);
@@ -266,7 +273,9 @@ impl BlkBackend {
                     bytes += virtio_blk::total_len(buffers);
                 }
                 Request::Discard { ranges } => ranges.iter().for_each(|&(o, l)| shapes.push((o, Some(l), true))),
-                Request::WriteZeroes { ranges, .. } => ranges.iter().for_each(|&(o, l)| shapes.push((o, Some(l), false))),
+                Request::WriteZeroes { ranges, .. } => {
+                    ranges.iter().for_each(|&(o, l)| shapes.push((o, Some(l), false)))
+                }
                 _ => unreachable!("only volume writes are batched"),
             }
         }
@@ -333,7 +342,10 @@ impl BlkBackend {
                 };
                 let bytes = virtio_blk::encode_marker_reply(&marker.marker);
                 if virtio_blk::total_len(reply) < bytes.len() as u64 {
-                    return Err(io::Error::other(format!("MARKER_GET reply buffer smaller than {} bytes", bytes.len())));
+                    return Err(io::Error::other(format!(
+                        "MARKER_GET reply buffer smaller than {} bytes",
+                        bytes.len()
+                    )));
                 }
                 Completion::ok(copy_to_buffers(mem, &bytes, reply)?)
             }
@@ -454,7 +466,13 @@ impl VhostUserBackend for BlkBackend {
         Some((consumer, notifier))
     }
 
-    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], _thread: usize) -> io::Result<()> {
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }

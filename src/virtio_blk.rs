@@ -44,6 +44,9 @@ pub struct Desc {
     pub addr: GuestAddress,
     pub len: u32,
     pub write_only: bool,
+    /// Set on the last descriptor of a chain that was cut short: it loops, or runs past the
+    /// queue size.
+    pub has_next: bool,
 }
 
 /// Buffers in guest memory, in order.
@@ -51,16 +54,36 @@ pub type Buffers = Vec<(GuestAddress, u32)>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Read { offset: u64, buffers: Buffers },
-    Write { offset: u64, buffers: Buffers },
+    Read {
+        offset: u64,
+        buffers: Buffers,
+    },
+    Write {
+        offset: u64,
+        buffers: Buffers,
+    },
     Flush,
-    GetId { buffers: Buffers },
+    GetId {
+        buffers: Buffers,
+    },
     /// Ranges (byte offset, byte length) to discard or zero.
-    Discard { ranges: Vec<(u64, u64)> },
-    WriteZeroes { ranges: Vec<(u64, u64)>, unmap: bool },
-    MarkerAdd { name: Vec<u8> },
-    MarkerGet { name: Option<Vec<u8>>, reply: Buffers },
-    Unsupported { request_type: u32 },
+    Discard {
+        ranges: Vec<(u64, u64)>,
+    },
+    WriteZeroes {
+        ranges: Vec<(u64, u64)>,
+        unmap: bool,
+    },
+    MarkerAdd {
+        name: Vec<u8>,
+    },
+    MarkerGet {
+        name: Option<Vec<u8>>,
+        reply: Buffers,
+    },
+    Unsupported {
+        request_type: u32,
+    },
 }
 
 /// A parsed chain: the request and where its status byte goes.
@@ -87,6 +110,9 @@ pub fn total_len(buffers: &[(GuestAddress, u32)]) -> u64 {
 pub fn parse(descs: &[Desc], mem: &GuestMemoryMmap, limits: &Limits) -> Result<Parsed, RequestError> {
     let fail = |status: Option<GuestAddress>, reason: String| RequestError { status, reason };
     let (last, rest) = descs.split_last().ok_or_else(|| fail(None, "empty chain".into()))?;
+    if last.has_next {
+        return Err(fail(None, "the descriptor chain loops or is longer than the queue".into()));
+    }
     if !last.write_only || last.len < 1 || !mem.check_range(last.addr, 1) {
         return Err(fail(None, "no writable status byte at the end of the chain".into()));
     }
@@ -96,7 +122,8 @@ pub fn parse(descs: &[Desc], mem: &GuestMemoryMmap, limits: &Limits) -> Result<P
         return Err(fail(status, "request header is not a readable 16-byte buffer".into()));
     }
     let mut header = [0u8; HEADER_LEN as usize];
-    mem.read_slice(&mut header, header_desc.addr).map_err(|e| fail(status, format!("request header unreadable: {e}")))?;
+    mem.read_slice(&mut header, header_desc.addr)
+        .map_err(|e| fail(status, format!("request header unreadable: {e}")))?;
     let request_type = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     if data.len() > limits.seg_max as usize {
@@ -121,7 +148,9 @@ pub fn parse(descs: &[Desc], mem: &GuestMemoryMmap, limits: &Limits) -> Result<P
         if len > limits.max_transfer {
             return Err(fail(status, format!("data length {len} is over the {} byte limit", limits.max_transfer)));
         }
-        let offset = sector.checked_mul(SECTOR_SIZE).filter(|o| o.checked_add(len).is_some_and(|end| end <= limits.capacity_bytes));
+        let offset = sector
+            .checked_mul(SECTOR_SIZE)
+            .filter(|o| o.checked_add(len).is_some_and(|end| end <= limits.capacity_bytes));
         offset.ok_or_else(|| fail(status, format!("sector {sector} + {len} bytes is past the end of the disk")))
     };
     let request = match request_type {

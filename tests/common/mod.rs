@@ -61,6 +61,16 @@ impl Daemon {
     }
 }
 
+impl Drop for Daemon {
+    /// A failing test must not leave its daemon running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// A libblkio virtio-blk-vhost-user client with one shared buffer region.
 pub struct Client {
     pub blkio: Blkio,

@@ -1,0 +1,219 @@
+//! A test VMM: the vhost crate's frontend side, memfd guest memory and split rings laid out by
+//! hand (descriptor table, avail ring at +0x1000, used ring at +0x2000 of each queue's area), so
+//! tests can build any descriptor chain, malformed ones included.
+
+use std::fs::File;
+use std::os::unix::io::FromRawFd;
+use std::path::Path;
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub const MEM_SIZE: u64 = 32 << 20;
+pub const QUEUE_SIZE: u16 = 256;
+/// Where data buffers live (below are the rings).
+pub const DATA: u64 = 4 << 20;
+const QUEUE_AREA: u64 = 0x10000;
+
+pub const F_NEXT: u16 = 1;
+pub const F_WRITE: u16 = 2;
+pub const F_INDIRECT: u16 = 4;
+
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+pub struct Queue {
+    base: GuestAddress,
+    kick: EventFd,
+    call: EventFd,
+    next_avail: u16,
+    last_used: u16,
+    /// Next free descriptor slot (descriptors are handed out round robin).
+    next_desc: u16,
+}
+
+impl Queue {
+    fn desc_table(&self) -> GuestAddress {
+        self.base
+    }
+    fn avail(&self) -> GuestAddress {
+        GuestAddress(self.base.0 + 0x1000)
+    }
+    fn used(&self) -> GuestAddress {
+        GuestAddress(self.base.0 + 0x2000)
+    }
+}
+
+pub struct Vmm {
+    pub frontend: Frontend,
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub features: u64,
+}
+
+/// One descriptor to place: guest address, length, flags (NEXT is added by `submit`).
+#[derive(Clone, Copy, Debug)]
+pub struct D {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+}
+
+pub fn d(addr: u64, len: u32, flags: u16) -> D {
+    D { addr, len, flags }
+}
+
+fn memfd(size: u64) -> File {
+    // SAFETY: memfd_create with a static name; the fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(c"rewind-test-vmm".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: fd was just created and is ours.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).unwrap();
+    file
+}
+
+impl Vmm {
+    /// Connects and sets the device up with `num_queues` queues; `event_idx` chooses whether
+    /// VIRTIO_RING_F_EVENT_IDX is negotiated.
+    pub fn connect(socket: &Path, num_queues: usize, event_idx: bool) -> Self {
+        let mut frontend = Frontend::connect(socket, num_queues as u64).unwrap();
+        frontend.set_owner().unwrap();
+        let offered = frontend.get_features().unwrap();
+        let mut features = offered;
+        if !event_idx {
+            features &= !VIRTIO_RING_F_EVENT_IDX;
+        }
+        frontend.set_features(features).unwrap();
+        assert!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
+        let protocol = frontend.get_protocol_features().unwrap();
+        frontend.set_protocol_features(protocol).unwrap();
+
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            MEM_SIZE as usize,
+            Some(FileOffset::new(memfd(MEM_SIZE), 0)),
+        )])
+        .unwrap();
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+        frontend.set_mem_table(&[info]).unwrap();
+        let hva = |gpa: GuestAddress| region.as_ptr() as u64 + gpa.0;
+
+        let mut queues = Vec::new();
+        for q in 0..num_queues {
+            let queue = Queue {
+                base: GuestAddress(QUEUE_AREA * (q as u64 + 1)),
+                kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+                call: EventFd::new(EFD_NONBLOCK).unwrap(),
+                next_avail: 0,
+                last_used: 0,
+                next_desc: 0,
+            };
+            frontend.set_vring_num(q, QUEUE_SIZE).unwrap();
+            frontend
+                .set_vring_addr(
+                    q,
+                    &VringConfigData {
+                        queue_max_size: QUEUE_SIZE,
+                        queue_size: QUEUE_SIZE,
+                        flags: 0,
+                        desc_table_addr: hva(queue.desc_table()),
+                        used_ring_addr: hva(queue.used()),
+                        avail_ring_addr: hva(queue.avail()),
+                        log_addr: None,
+                    },
+                )
+                .unwrap();
+            frontend.set_vring_base(q, 0).unwrap();
+            frontend.set_vring_call(q, &queue.call).unwrap();
+            frontend.set_vring_kick(q, &queue.kick).unwrap();
+            if protocol.contains(VhostUserProtocolFeatures::MQ) || q == 0 {
+                frontend.set_vring_enable(q, true).unwrap();
+            }
+            queues.push(queue);
+        }
+        Self { frontend, mem, queues, features }
+    }
+
+    pub fn event_idx(&self) -> bool {
+        self.features & VIRTIO_RING_F_EVENT_IDX != 0
+    }
+
+    /// Writes descriptors as one chain (NEXT links added between them) starting at a fresh slot.
+    /// Returns the head index.
+    pub fn place_chain(&mut self, q: usize, descs: &[D]) -> u16 {
+        let queue = &mut self.queues[q];
+        let head = queue.next_desc;
+        for (i, desc) in descs.iter().enumerate() {
+            let index = (head as usize + i) % QUEUE_SIZE as usize;
+            let next = ((head as usize + i + 1) % QUEUE_SIZE as usize) as u16;
+            let flags = desc.flags | if i + 1 < descs.len() { F_NEXT } else { 0 };
+            self.write_desc(q, index as u16, desc.addr, desc.len, flags, next);
+        }
+        let queue = &mut self.queues[q];
+        queue.next_desc = ((head as usize + descs.len()) % QUEUE_SIZE as usize) as u16;
+        head
+    }
+
+    pub fn write_desc(&self, q: usize, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(self.queues[q].desc_table().0 + 16 * index as u64);
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem.write_slice(&raw, at).unwrap();
+    }
+
+    /// Makes `head` available; `kick` says whether to notify the device now.
+    pub fn make_available(&mut self, q: usize, head: u16, kick: bool) {
+        let queue = &mut self.queues[q];
+        let slot = GuestAddress(queue.avail().0 + 4 + 2 * (queue.next_avail % QUEUE_SIZE) as u64);
+        self.mem.write_obj(head, slot).unwrap();
+        queue.next_avail = queue.next_avail.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem.write_obj(queue.next_avail, GuestAddress(queue.avail().0 + 2)).unwrap();
+        // used_event: signal us as soon as anything past what we have seen is used.
+        let used_event = GuestAddress(queue.avail().0 + 4 + 2 * QUEUE_SIZE as u64);
+        self.mem.write_obj(queue.last_used, used_event).unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if kick {
+            queue.kick.write(1).unwrap();
+        }
+    }
+
+    pub fn kick(&self, q: usize) {
+        self.queues[q].kick.write(1).unwrap();
+    }
+
+    /// Waits for `count` used entries on queue `q`, each batch announced by an interrupt (a
+    /// completion the device does not signal is a failure). Returns (head, used length).
+    pub fn wait_used(&mut self, q: usize, count: usize) -> Vec<(u16, u32)> {
+        let mut got = Vec::new();
+        while got.len() < count {
+            let fd = std::os::unix::io::AsRawFd::as_raw_fd(&self.queues[q].call);
+            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 20_000) };
+            assert_eq!(ready, 1, "no interrupt within 20 s ({} of {count} completions seen)", got.len());
+            let _ = self.queues[q].call.read();
+            let queue = &self.queues[q];
+            let used_idx: u16 = self.mem.read_obj(GuestAddress(queue.used().0 + 2)).unwrap();
+            while self.queues[q].last_used != used_idx {
+                let queue = &mut self.queues[q];
+                let slot = GuestAddress(queue.used().0 + 4 + 8 * (queue.last_used % QUEUE_SIZE) as u64);
+                let id: u32 = self.mem.read_obj(slot).unwrap();
+                let len: u32 = self.mem.read_obj(GuestAddress(slot.0 + 4)).unwrap();
+                got.push((id as u16, len));
+                queue.last_used = queue.last_used.wrapping_add(1);
+            }
+            let queue = &self.queues[q];
+            let used_event = GuestAddress(queue.avail().0 + 4 + 2 * QUEUE_SIZE as u64);
+            self.mem.write_obj(queue.last_used, used_event).unwrap();
+        }
+        got
+    }
+}
