@@ -69,8 +69,9 @@ fn open_or_create(config: &ServeConfig) -> Result<Store> {
 /// Periodic snapshots, retention and checkpoints until `stop` says otherwise.
 fn maintenance(store: Arc<Store>, snapshot_every: Option<Duration>, stop: mpsc::Receiver<()>) {
     let mut last_snapshot = Instant::now();
+    let interval = snapshot_every.map_or(MAINTENANCE_INTERVAL, |every| every.min(MAINTENANCE_INTERVAL));
     loop {
-        match stop.recv_timeout(MAINTENANCE_INTERVAL) {
+        match stop.recv_timeout(interval) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,
         }

@@ -316,3 +316,38 @@ fn config_space_cache_mode_and_reconnect() {
     assert!(daemon.terminate().success());
     assert_eq!(status_json(&image)["head"], 1);
 }
+
+#[test]
+fn read_only_disks_refuse_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, image) = start(dir.path(), &["--read-only"]);
+    let mut vmm = Vmm::connect(&daemon.socket, 1, true);
+    assert!(vmm.features & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO) != 0, "RO feature offered");
+    fill(&vmm, BUF, 1, 4096);
+    assert_eq!(simple(&mut vmm, T_OUT, 0, Some(d(BUF, 4096, 0))), (S_IOERR, 1));
+    assert!(read_back(&mut vmm, 0, 4096).iter().all(|&b| b == 0));
+    drop(vmm);
+    assert!(daemon.terminate().success());
+    assert_eq!(status_json(&image)["head"], 0);
+}
+
+#[test]
+fn periodic_snapshots_are_taken_while_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, image) = start(dir.path(), &["--snapshot-every", "1s"]);
+    let mut vmm = Vmm::connect(&daemon.socket, 1, true);
+    fill(&vmm, BUF, 1, 4096);
+    assert_eq!(simple(&mut vmm, T_OUT, 0, Some(d(BUF, 4096, 0))), (S_OK, 1));
+    // Wait for the timer's snapshot to appear in the store (bounded).
+    let snapshots = rewind::store::default_store_dir(&image).join("snapshots");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_dir(&snapshots).unwrap().any(|e| e.unwrap().path().extension().is_some_and(|x| x == "delta")) {
+        assert!(std::time::Instant::now() < deadline, "no periodic snapshot within 20 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(vmm);
+    assert!(daemon.terminate().success());
+    let status = status_json(&image);
+    let snapshot = status["snapshots"].as_array().unwrap().iter().find(|s| s["origin"] == "requested").cloned().unwrap();
+    assert_eq!(snapshot["data_bytes"], 4096);
+}
