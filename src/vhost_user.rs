@@ -126,7 +126,8 @@ impl BlkBackend {
         ConfigSpace {
             capacity_sectors: self.store.volume_size() / crate::store::SECTOR_SIZE,
             seg_max: SEG_MAX,
-            blk_size: 4096,
+            blk_size: crate::store::SECTOR_SIZE as u32,
+            physical_block_size: 4096,
             writeback: self.writeback.load(Ordering::Relaxed),
             num_queues: self.options.num_queues as u16,
             max_discard_sectors: MAX_DISCARD_SECTORS,

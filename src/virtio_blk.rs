@@ -270,7 +270,10 @@ pub fn encode_marker_reply(marker: &crate::marker::Marker) -> Vec<u8> {
 pub struct ConfigSpace {
     pub capacity_sectors: u64,
     pub seg_max: u32,
+    /// Logical block size the guest addresses the disk in.
     pub blk_size: u32,
+    /// Physical block size reported through the topology: the unit worth writing whole.
+    pub physical_block_size: u32,
     pub writeback: bool,
     pub num_queues: u16,
     pub max_discard_sectors: u32,
@@ -287,15 +290,16 @@ impl ConfigSpace {
         b[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
         b[12..16].copy_from_slice(&self.seg_max.to_le_bytes());
         b[20..24].copy_from_slice(&self.blk_size.to_le_bytes());
-        // topology: physical_block_exp (4096 = 8 × 512), alignment 0, min_io_size 8 sectors,
-        // opt_io_size 0.
-        b[24] = (self.blk_size / SECTOR_SIZE as u32).trailing_zeros() as u8;
-        b[26..28].copy_from_slice(&((self.blk_size / SECTOR_SIZE as u32) as u16).to_le_bytes());
+        // Topology, in logical blocks: physical_block_exp, alignment_offset 0, min_io_size one
+        // physical block, opt_io_size 0 (none).
+        let per_physical = self.physical_block_size / self.blk_size;
+        b[24] = per_physical.trailing_zeros() as u8;
+        b[26..28].copy_from_slice(&(per_physical as u16).to_le_bytes());
         b[CONFIG_WRITEBACK_OFFSET] = u8::from(self.writeback);
         b[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
         b[36..40].copy_from_slice(&self.max_discard_sectors.to_le_bytes());
         b[40..44].copy_from_slice(&self.max_discard_segments.to_le_bytes());
-        b[44..48].copy_from_slice(&(self.blk_size / SECTOR_SIZE as u32).to_le_bytes());
+        b[44..48].copy_from_slice(&(self.physical_block_size / SECTOR_SIZE as u32).to_le_bytes());
         b[48..52].copy_from_slice(&self.max_discard_sectors.to_le_bytes());
         b[52..56].copy_from_slice(&self.max_discard_segments.to_le_bytes());
         b[56] = 1; // write_zeroes_may_unmap

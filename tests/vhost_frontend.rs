@@ -348,6 +348,7 @@ fn periodic_snapshots_are_taken_while_serving() {
     drop(vmm);
     assert!(daemon.terminate().success());
     let status = status_json(&image);
-    let snapshot = status["snapshots"].as_array().unwrap().iter().find(|s| s["origin"] == "requested").cloned().unwrap();
+    let snapshot =
+        status["snapshots"].as_array().unwrap().iter().find(|s| s["origin"] == "requested").cloned().unwrap();
     assert_eq!(snapshot["data_bytes"], 4096);
 }

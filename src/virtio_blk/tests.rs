@@ -173,7 +173,8 @@ fn config_space_layout() {
     let config = ConfigSpace {
         capacity_sectors: 2048,
         seg_max: 126,
-        blk_size: 4096,
+        blk_size: 512,
+        physical_block_size: 4096,
         writeback: true,
         num_queues: 2,
         max_discard_sectors: 1 << 20,
@@ -182,8 +183,9 @@ fn config_space_layout() {
     let b = config.to_bytes();
     assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap()), 2048);
     assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 126);
-    assert_eq!(u32::from_le_bytes(b[20..24].try_into().unwrap()), 4096);
-    assert_eq!(b[24], 3);
+    assert_eq!(u32::from_le_bytes(b[20..24].try_into().unwrap()), 512);
+    assert_eq!(b[24], 3, "4096-byte physical blocks are 2^3 logical blocks");
+    assert_eq!(u16::from_le_bytes(b[26..28].try_into().unwrap()), 8);
     assert_eq!(b[32], 1);
     assert_eq!(u16::from_le_bytes(b[34..36].try_into().unwrap()), 2);
     assert_eq!(u32::from_le_bytes(b[36..40].try_into().unwrap()), 1 << 20);
