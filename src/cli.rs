@@ -1,5 +1,5 @@
-//! The command-line interface: argument parsing and the offline commands that act on a store
-//! directly.
+//! The command-line interface: argument parsing, the offline commands that act on a store
+//! directly, and their `--control` forms that ask a running `rewind serve`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,10 @@ use serde::Serialize;
 use crate::marker::MarkerSource;
 use crate::recovery::RecoveryTarget;
 use crate::retention::RetentionPolicy;
+use serde_json::{json, Value};
+
+use crate::qmp_client::QmpClient;
+use crate::snapshot::SnapshotInfo;
 use crate::store::{CreateOptions, MarkerStatus, Status, Store, DEFAULT_SEGMENT_CAPACITY};
 use crate::units::{format_bytes, format_time_ns, parse_duration, parse_rfc3339_ns, parse_size};
 
@@ -39,9 +43,8 @@ pub enum Command {
     },
     /// Show sequence range, journal, snapshots, markers and retention settings.
     Status {
-        image: PathBuf,
         #[command(flatten)]
-        store: StoreArg,
+        place: Place,
         #[arg(long)]
         json: bool,
     },
@@ -52,22 +55,20 @@ pub enum Command {
     },
     /// Take a snapshot of the volume now.
     Snapshot {
-        image: PathBuf,
         #[command(flatten)]
-        store: StoreArg,
+        place: Place,
         #[arg(long)]
         json: bool,
     },
     /// Rebuild the volume as it was at a marker, sequence number or time into a new image.
     Recover {
-        image: PathBuf,
+        #[command(flatten)]
+        place: Place,
         #[command(flatten)]
         target: TargetArgs,
         /// The new image to write (must not exist).
         #[arg(long)]
         output: PathBuf,
-        #[command(flatten)]
-        store: StoreArg,
         #[arg(long)]
         json: bool,
     },
@@ -100,6 +101,12 @@ pub enum Command {
         /// Take a snapshot this often (e.g. 10m).
         #[arg(long, value_parser = parse_duration)]
         snapshot_every: Option<std::time::Duration>,
+        /// The host control socket (QMP framing, every command).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// The guest-agent socket (markers and status only), for a virtio-serial port.
+        #[arg(long)]
+        agent_socket: Option<PathBuf>,
         #[command(flatten)]
         store: StoreArg,
         #[command(flatten)]
@@ -125,12 +132,14 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum MarkerCommand {
-    /// Record a named point in time.
+    /// Record a named point in time: `marker add IMAGE NAME`, or `marker add NAME --control PATH`.
     Add {
-        image: PathBuf,
-        name: String,
+        #[arg(value_name = "[IMAGE] NAME", num_args = 1..=2, required = true)]
+        args: Vec<String>,
         #[arg(long)]
         note: Option<String>,
+        #[arg(long)]
+        control: Option<PathBuf>,
         #[command(flatten)]
         store: StoreArg,
         #[arg(long)]
@@ -138,21 +147,47 @@ pub enum MarkerCommand {
     },
     /// List markers (expired ones are flagged).
     List {
-        image: PathBuf,
         #[command(flatten)]
-        store: StoreArg,
+        place: Place,
         #[arg(long)]
         json: bool,
     },
-    /// Show one marker.
+    /// Show one marker: `marker get IMAGE NAME`, or `marker get NAME --control PATH`.
     Get {
-        image: PathBuf,
-        name: String,
+        #[arg(value_name = "[IMAGE] NAME", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        #[arg(long)]
+        control: Option<PathBuf>,
         #[command(flatten)]
         store: StoreArg,
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where a command acts: on the image directly, or through the control socket of the
+/// `rewind serve` that serves it.
+#[derive(Args, Debug)]
+pub struct Place {
+    /// The image (offline: it must not be served).
+    #[arg(required_unless_present = "control", conflicts_with = "control")]
+    pub image: Option<PathBuf>,
+    /// The control socket of the daemon serving the image.
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArg,
+}
+
+/// Splits `[IMAGE] NAME`: one argument with --control, two without.
+fn image_and_name(args: &[String], control: &Option<PathBuf>) -> Result<(Option<PathBuf>, String)> {
+    match (args, control) {
+        ([name], Some(_)) => Ok((None, name.clone())),
+        ([image, name], None) => Ok((Some(PathBuf::from(image)), name.clone())),
+        ([_], None) => bail!("give IMAGE NAME, or NAME with --control PATH"),
+        (_, Some(_)) => bail!("with --control, give only the marker NAME"),
+        _ => bail!("give IMAGE NAME, or NAME with --control PATH"),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -230,8 +265,26 @@ pub fn progress_bar(message: &str) -> indicatif::ProgressBar {
 }
 
 fn open(image: &Path, store: &StoreArg) -> Result<Store> {
-    let (store, report) = Store::open(image, store.dir.as_deref())
-        .with_context(|| format!("opening the store of {}", image.display()))?;
+    let opened = Store::open(image, store.dir.as_deref());
+    if let Err(crate::Error::Locked { .. }) = &opened {
+        let dir = store.dir.clone().unwrap_or_else(|| crate::store::default_store_dir(image));
+        if let Some(served) = crate::serve::ServedBy::read(&dir) {
+            match served.control {
+                Some(control) => bail!(
+                    "{} is being served by rewind serve (pid {}); use --control {}",
+                    image.display(),
+                    served.pid,
+                    control.display()
+                ),
+                None => bail!(
+                    "{} is being served by rewind serve (pid {}) without a control socket; restart it with --control",
+                    image.display(),
+                    served.pid
+                ),
+            }
+        }
+    }
+    let (store, report) = opened.with_context(|| format!("opening the store of {}", image.display()))?;
     if let Some(repair) = report.tail_repair {
         eprintln!(
             "note: the journal had a torn tail ({}) in {} at offset {}; it was cut back",
@@ -275,45 +328,84 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             created.close()?;
         }
-        Command::Status { image, store, json } => {
-            let opened = open(&image, &store)?;
-            let status = opened.status();
-            emit(json, &status, || {
-                print_status(&status);
-            });
-            opened.close()?;
-        }
+        Command::Status { place, json } => match place_of(&place) {
+            Online(control) => {
+                let mut client = QmpClient::connect(control)?;
+                let status = client.execute("query-status", json!({}))?;
+                let journal = client.execute("query-journal", json!({}))?;
+                let both = json!({"status": status, "journal": journal});
+                emit(json, &both, || print_online_status(&status, &journal));
+            }
+            Offline(image, store) => {
+                let opened = open(image, store)?;
+                let status = opened.status();
+                emit(json, &status, || print_status(&status));
+                opened.close()?;
+            }
+        },
         Command::Marker { command } => run_marker(command)?,
-        Command::Snapshot { image, store, json } => {
-            let opened = open(&image, &store)?;
-            let info = opened.take_snapshot().context("taking a snapshot")?;
+        Command::Snapshot { place, json } => {
+            let info: SnapshotInfo = match place_of(&place) {
+                Online(control) => {
+                    let reply = QmpClient::connect(control)?.execute("snapshot-take", json!({}))?;
+                    SnapshotInfo {
+                        seq: reply["seq"].as_u64().unwrap_or_default(),
+                        origin: serde_json::from_value(reply["origin"].clone())?,
+                        created_ns: reply["created"].as_u64().unwrap_or_default(),
+                        data_bytes: reply["data-bytes"].as_u64().unwrap_or_default(),
+                        extents: reply["extents"].as_u64().unwrap_or_default(),
+                    }
+                }
+                Offline(image, store) => {
+                    let opened = open(image, store)?;
+                    let info = opened.take_snapshot().context("taking a snapshot")?;
+                    opened.close()?;
+                    info
+                }
+            };
             emit(json, &info, || {
                 println!("snapshot at seq {} ({} of changed data)", info.seq, format_bytes(info.data_bytes));
             });
-            opened.close()?;
         }
-        Command::Recover { image, target, output, store, json } => {
-            let opened = open(&image, &store)?;
+        Command::Recover { place, target, output, json } => {
             let target = target.target();
             let bar = progress_bar("recovering");
-            let report = opened
-                .recover(&target, &output, &mut |done, total| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                })
-                .with_context(|| format!("recovering to {target}"))?;
-            bar.finish_and_clear();
-            emit(json, &report, || {
-                println!(
-                    "recovered {} to seq {} (snapshot {} + {} journal records) into {}",
-                    image.display(),
-                    report.seq,
-                    report.snapshot_seq,
-                    report.records_replayed,
-                    report.output.display()
-                );
-            });
-            opened.close()?;
+            let mut progress = |done: u64, total: u64| {
+                bar.set_length(total);
+                bar.set_position(done);
+            };
+            match place_of(&place) {
+                Online(control) => {
+                    let reply = recover_online(control, &target, &output, &mut progress)?;
+                    bar.finish_and_clear();
+                    emit(json, &reply, || {
+                        println!(
+                            "recovered to seq {} into {} (job {})",
+                            reply["seq"],
+                            output.display(),
+                            reply["id"].as_str().unwrap_or("?")
+                        );
+                    });
+                }
+                Offline(image, store) => {
+                    let opened = open(image, store)?;
+                    let report = opened
+                        .recover(&target, &output, &mut progress)
+                        .with_context(|| format!("recovering to {target}"))?;
+                    bar.finish_and_clear();
+                    emit(json, &report, || {
+                        println!(
+                            "recovered {} to seq {} (snapshot {} + {} journal records) into {}",
+                            image.display(),
+                            report.seq,
+                            report.snapshot_seq,
+                            report.records_replayed,
+                            report.output.display()
+                        );
+                    });
+                    opened.close()?;
+                }
+            }
         }
         Command::Verify { image, store, json } => {
             let opened = open(&image, &store)?;
@@ -341,12 +433,16 @@ pub fn run(cli: Cli) -> Result<()> {
             serial,
             read_only,
             snapshot_every,
+            control,
+            agent_socket,
             store,
             retention,
         } => crate::serve::serve(crate::serve::ServeConfig {
             image,
             store_dir: store.dir,
             socket,
+            control,
+            agent_socket,
             size,
             num_queues,
             queue_size,
@@ -383,34 +479,132 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn run_marker(command: MarkerCommand) -> Result<()> {
     match command {
-        MarkerCommand::Add { image, name, note, store, json } => {
-            let opened = open(&image, &store)?;
-            let marker = opened
-                .add_marker(&name, note.as_deref(), MarkerSource::Host)
-                .with_context(|| format!("adding marker {name:?}"))?;
+        MarkerCommand::Add { args, note, control, store, json } => {
+            let (image, name) = image_and_name(&args, &control)?;
+            let marker: Value = match (&control, image) {
+                (Some(control), _) => {
+                    let mut arguments = json!({"name": name});
+                    if let Some(note) = &note {
+                        arguments["note"] = json!(note);
+                    }
+                    let mut client = QmpClient::connect(control)?;
+                    client.execute("marker-add", arguments).with_context(|| format!("adding marker {name:?}"))?;
+                    client.execute("marker-get", json!({"name": name}))?
+                }
+                (None, Some(image)) => {
+                    let opened = open(&image, &store)?;
+                    let marker = opened
+                        .add_marker(&name, note.as_deref(), MarkerSource::Host)
+                        .with_context(|| format!("adding marker {name:?}"))?;
+                    opened.close()?;
+                    serde_json::to_value(marker)?
+                }
+                (None, None) => unreachable!("image_and_name gives an image without --control"),
+            };
             emit(json, &marker, || {
-                println!("marker {:?} (id {}) at seq {}", marker.name, marker.id, marker.seq);
+                println!("marker {} (id {}) at seq {}", marker["name"], marker["id"], marker["seq"]);
             });
-            opened.close()?;
         }
-        MarkerCommand::List { image, store, json } => {
-            let opened = open(&image, &store)?;
-            let markers = opened.markers();
-            emit(json, &markers, || {
-                print_markers(&markers);
-            });
-            opened.close()?;
+        MarkerCommand::List { place, json } => {
+            let markers: Vec<MarkerStatus> = match place_of(&place) {
+                Online(control) => {
+                    serde_json::from_value(QmpClient::connect(control)?.execute("marker-list", json!({}))?)?
+                }
+                Offline(image, store) => {
+                    let opened = open(image, store)?;
+                    let markers = opened.markers();
+                    opened.close()?;
+                    markers
+                }
+            };
+            emit(json, &markers, || print_markers(&markers));
         }
-        MarkerCommand::Get { image, name, store, json } => {
-            let opened = open(&image, &store)?;
-            let marker = opened.marker(&name)?;
-            emit(json, &marker, || {
-                print_markers(std::slice::from_ref(&marker));
-            });
-            opened.close()?;
+        MarkerCommand::Get { args, control, store, json } => {
+            let (image, name) = image_and_name(&args, &control)?;
+            let marker: MarkerStatus = match (&control, image) {
+                (Some(control), _) => {
+                    serde_json::from_value(QmpClient::connect(control)?.execute("marker-get", json!({"name": name}))?)?
+                }
+                (None, Some(image)) => {
+                    let opened = open(&image, &store)?;
+                    let marker = opened.marker(&name)?;
+                    opened.close()?;
+                    marker
+                }
+                (None, None) => unreachable!("image_and_name gives an image without --control"),
+            };
+            emit(json, &marker, || print_markers(std::slice::from_ref(&marker)));
         }
     }
     Ok(())
+}
+
+/// Where a `Place` points.
+enum Where<'a> {
+    Online(&'a Path),
+    Offline(&'a Path, &'a StoreArg),
+}
+use Where::{Offline, Online};
+
+fn place_of(place: &Place) -> Where<'_> {
+    match (&place.control, &place.image) {
+        (Some(control), _) => Online(control),
+        (None, Some(image)) => Offline(image, &place.store),
+        (None, None) => unreachable!("clap requires IMAGE or --control"),
+    }
+}
+
+/// Starts a recovery job on the daemon and follows its events to the end.
+fn recover_online(
+    control: &Path,
+    target: &RecoveryTarget,
+    output: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Value> {
+    let output = std::path::absolute(output).context("resolving --output")?;
+    let mut arguments = json!({"output": output});
+    match target {
+        RecoveryTarget::Marker(name) => arguments["marker"] = json!(name),
+        RecoveryTarget::Seq(seq) => arguments["seq"] = json!(seq),
+        RecoveryTarget::Time(ns) => arguments["time"] = json!(format_time_ns(*ns)),
+    }
+    let mut client = QmpClient::connect(control)?;
+    let started = client.execute("recover", arguments).with_context(|| format!("recovering to {target}"))?;
+    let job = started["job-id"].clone();
+    loop {
+        let event = client.next_event()?;
+        let data = &event["data"];
+        if data["id"] != job {
+            continue;
+        }
+        match event["event"].as_str() {
+            Some("JOB_PROGRESS") => progress(data["done"].as_u64().unwrap_or(0), data["total"].as_u64().unwrap_or(0)),
+            Some("JOB_COMPLETED") if data["status"] == "concluded" => return Ok(data.clone()),
+            Some("JOB_COMPLETED") => {
+                bail!("recovery to {target} failed: {}", data["error"].as_str().unwrap_or("unknown error"))
+            }
+            _ => {}
+        }
+    }
+}
+
+fn print_online_status(status: &Value, journal: &Value) {
+    println!("image:               {} ({} bytes)", status["image"].as_str().unwrap_or("?"), status["size"]);
+    println!(
+        "vhost socket:        {} (frontend connected: {})",
+        status["vhost-socket"].as_str().unwrap_or("?"),
+        status["frontend-connected"]
+    );
+    println!("queues:              {}", status["queues"]);
+    println!("sequence range:      {}..={}", journal["first-seq"], journal["head"]);
+    println!("oldest recoverable:  seq {}", journal["oldest-recoverable"]);
+    println!("journal:             {} bytes in {} segment(s)", journal["bytes"], journal["segments"]);
+    println!("snapshots:           {}", journal["snapshots"]);
+    let c = &status["counters"];
+    println!(
+        "requests:            {} ({} bytes read, {} bytes written, {} flushes, {} errors)",
+        c["requests"], c["bytes-read"], c["bytes-written"], c["flushes"], c["errors"]
+    );
 }
 
 pub fn print_markers(markers: &[MarkerStatus]) {

@@ -7,11 +7,13 @@
 //! write path that ties them together.
 
 pub mod cli;
+pub mod control;
 pub mod error;
 pub mod extent_map;
 pub mod fsutil;
 pub mod journal;
 pub mod marker;
+pub mod qmp_client;
 pub mod recovery;
 pub mod retention;
 pub mod serve;

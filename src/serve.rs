@@ -15,6 +15,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::control::{Channel, ControlServer};
 use crate::retention::RetentionPolicy;
 use crate::store::{CreateOptions, Store};
 use crate::vhost_user::{BlkBackend, BlkOptions};
@@ -24,6 +25,10 @@ pub struct ServeConfig {
     pub image: PathBuf,
     pub store_dir: Option<PathBuf>,
     pub socket: PathBuf,
+    /// The host control socket (every command).
+    pub control: Option<PathBuf>,
+    /// The guest-agent socket (markers and status only).
+    pub agent_socket: Option<PathBuf>,
     /// Size of the image if the store has to be created.
     pub size: Option<u64>,
     pub num_queues: usize,
@@ -33,6 +38,32 @@ pub struct ServeConfig {
     pub snapshot_every: Option<Duration>,
     /// Applied to the store's retention settings before serving.
     pub retention: Box<dyn Fn(&mut RetentionPolicy) + Send>,
+}
+
+/// Who serves a store, recorded in it so that offline commands can point at the control socket.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ServedBy {
+    pub pid: u32,
+    pub socket: PathBuf,
+    pub control: Option<PathBuf>,
+}
+
+const SERVED_BY_FILE: &str = "served-by.json";
+
+impl ServedBy {
+    fn write(&self, store_dir: &Path) -> Result<()> {
+        let text = serde_json::to_vec_pretty(self).expect("serialisable");
+        std::fs::write(store_dir.join(SERVED_BY_FILE), text).context("recording the serving process")
+    }
+
+    fn remove(store_dir: &Path) {
+        let _ = std::fs::remove_file(store_dir.join(SERVED_BY_FILE));
+    }
+
+    /// What the store records of its server, if anything.
+    pub fn read(store_dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(store_dir.join(SERVED_BY_FILE)).ok()?).ok()
+    }
 }
 
 /// How often the background thread checkpoints and applies retention.
@@ -89,7 +120,14 @@ fn maintenance(store: Arc<Store>, snapshot_every: Option<Duration>, stop: mpsc::
     }
 }
 
-pub fn serve(config: ServeConfig) -> Result<()> {
+pub fn serve(mut config: ServeConfig) -> Result<()> {
+    // Paths are reported to clients and recorded in the store: make them absolute.
+    for path in [Some(&mut config.image), Some(&mut config.socket), config.control.as_mut(), config.agent_socket.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        *path = std::path::absolute(&*path).with_context(|| format!("resolving {}", path.display()))?;
+    }
     if config.num_queues == 0 || config.num_queues > 64 {
         return Err(anyhow!("--num-queues must be 1 to 64"));
     }
@@ -111,6 +149,16 @@ pub fn serve(config: ServeConfig) -> Result<()> {
             read_only: config.read_only,
         },
     ));
+
+    let mut control = ControlServer::new(Arc::clone(&store), Arc::clone(&backend), config.socket.clone());
+    for (path, channel) in [(&config.control, Channel::Host), (&config.agent_socket, Channel::Agent)] {
+        if let Some(path) = path {
+            control.listen(path, channel).with_context(|| format!("listening on {}", path.display()))?;
+        }
+    }
+    let served_by =
+        ServedBy { pid: std::process::id(), socket: config.socket.clone(), control: config.control.clone() };
+    served_by.write(store.store_dir())?;
 
     let stopping = Arc::new(AtomicBool::new(false));
     let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
@@ -146,7 +194,9 @@ pub fn serve(config: ServeConfig) -> Result<()> {
     let _ = signal_thread.join();
     drop(stop_maintenance);
     let _ = maintenance_thread.join();
+    control.shutdown();
     drop(backend);
+    ServedBy::remove(store.store_dir());
     let store = Arc::try_unwrap(store).map_err(|_| anyhow!("the store is still in use at exit"))?;
     store.close().context("syncing the store at exit")?;
     let _ = std::fs::remove_file(&config.socket);
@@ -160,7 +210,9 @@ fn accept_loop(
     stopping: &AtomicBool,
     connection: &Mutex<Option<ShutdownHandle>>,
 ) -> Result<()> {
-    let mut listener = Listener::new(socket, true).with_context(|| format!("listening on {}", socket.display()))?;
+    let mut listener = Listener::from(
+        crate::control::bind_private(socket).with_context(|| format!("listening on {}", socket.display()))?,
+    );
     log::info!("listening on {} ({} queue(s))", socket.display(), backend.options().num_queues);
     while !stopping.load(Ordering::SeqCst) {
         let mut daemon = VhostUserDaemon::new(
@@ -171,6 +223,7 @@ fn accept_loop(
         .map_err(|e| anyhow!("creating the vhost-user daemon: {e}"))?;
         daemon.start(&mut listener).map_err(|e| anyhow!("accepting a frontend: {e}"))?;
         *connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+        backend.connected.store(true, Ordering::Relaxed);
         if stopping.load(Ordering::SeqCst) {
             daemon.request_shutdown();
         } else {
@@ -178,6 +231,7 @@ fn accept_loop(
         }
         let ended = daemon.wait();
         *connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        backend.connected.store(false, Ordering::Relaxed);
         backend.stop_workers();
         drop(daemon);
         match ended {

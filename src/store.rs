@@ -452,6 +452,10 @@ impl Store {
         self.volume_size
     }
 
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+
     pub fn store_dir(&self) -> &Path {
         &self.dir
     }

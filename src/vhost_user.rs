@@ -58,6 +58,8 @@ pub struct BlkBackend {
     /// Exit notifiers handed to the current connection's worker threads.
     exit_notifiers: Mutex<Vec<EventNotifier>>,
     pub counters: Counters,
+    /// Whether a frontend is connected now.
+    pub connected: AtomicBool,
 }
 
 /// How one request ended: its status and the bytes it wrote into device-writable buffers.
@@ -108,6 +110,7 @@ impl BlkBackend {
             writeback: AtomicBool::new(true),
             exit_notifiers: Mutex::new(Vec::new()),
             counters: Counters::default(),
+            connected: AtomicBool::new(false),
         }
     }
 
