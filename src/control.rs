@@ -506,6 +506,9 @@ impl MessageReader {
                         Some(Ok(value)) => {
                             let used = values.byte_offset();
                             self.buf.drain(..used);
+                            if used > MAX_MESSAGE {
+                                return Err(ReadError::Malformed(format!("message over {MAX_MESSAGE} bytes, discarded")));
+                            }
                             return Ok(Some(value));
                         }
                         Some(Err(e)) if e.is_eof() => {

@@ -122,9 +122,10 @@ fn maintenance(store: Arc<Store>, snapshot_every: Option<Duration>, stop: mpsc::
 
 pub fn serve(mut config: ServeConfig) -> Result<()> {
     // Paths are reported to clients and recorded in the store: make them absolute.
-    for path in [Some(&mut config.image), Some(&mut config.socket), config.control.as_mut(), config.agent_socket.as_mut()]
-        .into_iter()
-        .flatten()
+    for path in
+        [Some(&mut config.image), Some(&mut config.socket), config.control.as_mut(), config.agent_socket.as_mut()]
+            .into_iter()
+            .flatten()
     {
         *path = std::path::absolute(&*path).with_context(|| format!("resolving {}", path.display()))?;
     }

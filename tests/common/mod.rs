@@ -18,6 +18,18 @@ pub struct Daemon {
     pub socket: PathBuf,
 }
 
+/// Waits until `path` exists (a socket the daemon creates), failing if the child exits.
+pub fn wait_for_path(child: &mut Child, path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("rewind serve exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "{} did not appear", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 impl Daemon {
     pub fn start(image: &Path, socket: &Path, extra: &[&str]) -> Self {
         let _ = std::fs::remove_file(socket);
@@ -37,14 +49,7 @@ impl Daemon {
     }
 
     fn wait_for_socket(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.socket.exists() {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("rewind serve exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "rewind serve did not create its socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_path(&mut self.child, &self.socket);
     }
 
     /// SIGTERM, then the exit status.
