@@ -41,7 +41,7 @@ guest_initramfs() {
     root=$(mktemp -d)
     mkdir -p "$root"/{bin,sbin,dev,proc,sys,mnt,data,lib/modules}
     cp /bin/busybox "$root/bin/busybox"
-    for applet in sh mount umount mkdir cp cat echo sha256sum sync poweroff insmod ls test rm dd sleep head \
+    for applet in sh mount umount mkdir cp cat echo sha256sum sync poweroff insmod ls test rm dd sleep head basename \
         grep printf seq tr cut wc mknod sed find xargs; do
         ln -s busybox "$root/bin/$applet"
     done
@@ -100,7 +100,7 @@ guest_boot() {
     initrd=$(mktemp)
     { cat "$base"; (cd "$extra" && find . | cpio -o -H newc --quiet); } > "$initrd"
     # shellcheck disable=SC2046
-    timeout 600 qemu-system-x86_64 $(guest_accel) -m 512 -smp 2 \
+    timeout 300 qemu-system-x86_64 $(guest_accel) -m 512 -smp 2 \
         -object memory-backend-memfd,id=mem,size=512M,share=on -machine pc,memory-backend=mem \
         -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 quiet panic=-1" \
         -nodefaults -display none -serial stdio -no-reboot "$@" > "$log" 2>&1 < /dev/null || true
