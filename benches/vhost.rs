@@ -1,0 +1,325 @@
+//! Backend-bound I/O: a libblkio load generator drives `rewind serve` and qemu-storage-daemon
+//! (its fastest sound configuration: page cache, io_uring) over the same kind of raw image,
+//! alternating the two several times in one invocation and reporting medians. Also marker-add
+//! latency on the control socket while rewind is under write load.
+//!
+//!   cargo bench --bench vhost        # writes target/bench/vhost.{md,json}
+//!   REWIND_BENCH_QUICK=1 ...         # shorter runs
+
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Completion, ReqFlags};
+
+const IMAGE_SIZE: u64 = 1 << 30;
+
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    block: usize,
+    depth: usize,
+    queues: usize,
+    write: bool,
+    random: bool,
+    flush_each: bool,
+}
+
+const WORKLOADS: [Workload; 5] = [
+    Workload { name: "4 KiB random write QD32, 1 queue", block: 4096, depth: 32, queues: 1, write: true, random: true, flush_each: false },
+    Workload { name: "4 KiB random write QD32, 2 queues", block: 4096, depth: 32, queues: 2, write: true, random: true, flush_each: false },
+    Workload { name: "4 KiB random read QD32", block: 4096, depth: 32, queues: 1, write: false, random: true, flush_each: false },
+    Workload { name: "1 MiB sequential write QD8", block: 1 << 20, depth: 8, queues: 1, write: true, random: false, flush_each: false },
+    Workload { name: "4 KiB random write QD1 + flush each", block: 4096, depth: 1, queues: 1, write: true, random: true, flush_each: true },
+];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Rewind,
+    Qsd,
+}
+
+#[derive(Default, Clone)]
+struct Sample {
+    iops: f64,
+    mib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us_per_io: f64,
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Both backends get an image written the same way: in 4 KiB pieces (how a file is written
+/// changes later 4 KiB write costs on this kernel).
+fn prepare_image(path: &Path) {
+    let _ = fs::remove_file(path);
+    let file = OpenOptions::new().write(true).create(true).truncate(true).open(path).unwrap();
+    let block: Vec<u8> = (0..4096).map(|i| (i % 251) as u8 + 1).collect();
+    for i in 0..IMAGE_SIZE / 4096 {
+        file.write_all_at(&block, i * 4096).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+fn wait_for(path: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "backend exited early");
+        assert!(Instant::now() < deadline, "backend socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn start(backend: Backend, work: &Path, image: &Path, queues: usize) -> (Child, PathBuf) {
+    let socket = work.join("bench.sock");
+    let _ = fs::remove_file(&socket);
+    let mut child = match backend {
+        Backend::Rewind => {
+            let _ = fs::remove_dir_all(rewind::store::default_store_dir(image));
+            Command::new(env!("CARGO_BIN_EXE_rewind"))
+                .arg("serve")
+                .arg(image)
+                .arg("--socket")
+                .arg(&socket)
+                .args(["--num-queues", &queues.to_string(), "--queue-size", "1024", "--control"])
+                .arg(work.join("bench.ctl"))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        }
+        Backend::Qsd => Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=f0,filename={},cache.direct=off,aio=io_uring", image.display()))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+                socket.display()
+            ))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    wait_for(&socket, &mut child);
+    (child, socket)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Runs `w` for `secs` against the socket; returns (ios, latencies in µs).
+fn drive(socket: &Path, w: Workload, secs: f64) -> (u64, Vec<f64>) {
+    let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
+    blkio.set_str("path", socket.to_str().unwrap()).unwrap();
+    blkio.connect().unwrap();
+    blkio.set_i32("num-queues", w.queues as i32).unwrap();
+    let region_len = w.block * w.depth * w.queues;
+    let region = blkio.alloc_mem_region(region_len.max(1 << 20)).unwrap();
+    let mut queues = blkio.start().unwrap().queues;
+    blkio.map_mem_region(&region).unwrap();
+    // SAFETY: the region is mapped for its length and only used as I/O buffers.
+    unsafe { std::ptr::write_bytes(region.addr as *mut u8, 0x5a, region_len) };
+    let mut rng = Rng(0x9e37_79b9);
+    let blocks = IMAGE_SIZE / w.block as u64;
+    let mut sequential = 0u64;
+    let mut next_offset = |rng: &mut Rng| {
+        if w.random {
+            (rng.next() % blocks) * w.block as u64
+        } else {
+            sequential = (sequential + 1) % blocks;
+            sequential * w.block as u64
+        }
+    };
+    let mut started = vec![Instant::now(); w.depth * w.queues];
+    let mut flushing = vec![false; w.depth * w.queues];
+    let submit = |q: &mut blkio::Blkioq, slot: usize, offset: u64| {
+        let buf = region.addr + slot * w.block;
+        if w.write {
+            q.write(offset, buf as *const u8, w.block, slot, ReqFlags::empty());
+        } else {
+            q.read(offset, buf as *mut u8, w.block, slot, ReqFlags::empty());
+        }
+    };
+    for (qi, q) in queues.iter_mut().enumerate() {
+        for d in 0..w.depth {
+            let slot = qi * w.depth + d;
+            started[slot] = Instant::now();
+            submit(q, slot, next_offset(&mut rng));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut latencies = Vec::new();
+    let mut ios = 0u64;
+    let mut completions: Vec<std::mem::MaybeUninit<Completion>> = (0..w.depth).map(|_| std::mem::MaybeUninit::uninit()).collect();
+    while Instant::now() < deadline {
+        for (qi, q) in queues.iter_mut().enumerate() {
+            let min = if w.queues == 1 { 1 } else { 0 };
+            let n = q.do_io(&mut completions, min, None, None).unwrap();
+            for c in &completions[..n] {
+                // SAFETY: do_io initialised the first n entries.
+                let c = unsafe { c.assume_init_ref() };
+                assert_eq!(c.ret, 0, "I/O error from the backend");
+                let slot = c.user_data;
+                if w.flush_each && !flushing[slot] {
+                    flushing[slot] = true;
+                    q.flush(slot, ReqFlags::empty());
+                    continue;
+                }
+                flushing[slot] = false;
+                latencies.push(started[slot].elapsed().as_secs_f64() * 1e6);
+                ios += 1;
+                started[slot] = Instant::now();
+                debug_assert_eq!(slot / w.depth, qi);
+                submit(q, slot, next_offset(&mut rng));
+            }
+        }
+    }
+    // Drain what is in flight before disconnecting.
+    for q in queues.iter_mut() {
+        let mut left = w.depth;
+        while left > 0 {
+            left -= q.do_io(&mut completions, 1, None, None).unwrap();
+        }
+    }
+    (ios, latencies)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p) as usize]
+}
+
+fn run_once(backend: Backend, work: &Path, image: &Path, w: Workload, secs: f64) -> Sample {
+    let (mut child, socket) = start(backend, work, image, w.queues);
+    let cpu_before = cpu_seconds(child.id());
+    let begin = Instant::now();
+    let (ios, mut latencies) = drive(&socket, w, secs);
+    let elapsed = begin.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(child.id()) - cpu_before;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Sample {
+        iops: ios as f64 / elapsed,
+        mib_s: ios as f64 * w.block as f64 / elapsed / (1 << 20) as f64,
+        p50_us: percentile(&latencies, 0.5),
+        p99_us: percentile(&latencies, 0.99),
+        cpu_us_per_io: cpu / ios as f64 * 1e6,
+    }
+}
+
+fn median_sample(samples: &[Sample]) -> Sample {
+    let median = |f: fn(&Sample) -> f64| {
+        let mut v: Vec<f64> = samples.iter().map(f).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    Sample {
+        iops: median(|s| s.iops),
+        mib_s: median(|s| s.mib_s),
+        p50_us: median(|s| s.p50_us),
+        p99_us: median(|s| s.p99_us),
+        cpu_us_per_io: median(|s| s.cpu_us_per_io),
+    }
+}
+
+/// marker-add latency on the control socket while a frontend writes at QD32.
+fn marker_latency(work: &Path, image: &Path, secs: f64) -> (f64, f64) {
+    let (mut child, socket) = start(Backend::Rewind, work, image, 1);
+    let control = work.join("bench.ctl");
+    wait_for(&control, &mut child);
+    let w = WORKLOADS[0];
+    let load = std::thread::spawn(move || drive(&socket, w, secs));
+    let stream = UnixStream::connect(&control).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    writeln!(writer, r#"{{"execute":"qmp_capabilities"}}"#).unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    let mut latencies = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs_f64(secs * 0.8);
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let start = Instant::now();
+        writeln!(writer, r#"{{"execute":"marker-add","arguments":{{"name":"m{i}"}}}}"#).unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.contains("\"return\""), "{line}");
+        latencies.push(start.elapsed().as_secs_f64() * 1e6);
+        i += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    load.join().unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return;
+    }
+    let quick = std::env::var_os("REWIND_BENCH_QUICK").is_some();
+    let (rounds, secs) = if quick { (3, 2.0) } else { (5, 5.0) };
+    let work = PathBuf::from(std::env::var("REWIND_BENCH_DIR").unwrap_or_else(|_| "target/bench/vhost-work".into()));
+    fs::create_dir_all(&work).unwrap();
+    let image = work.join("bench.img");
+    let mut md = String::from(
+        "| workload | rewind IOPS | qsd IOPS | ratio | rewind MiB/s | qsd MiB/s | rewind p50/p99 µs | qsd p50/p99 µs | rewind CPU µs/IO | qsd CPU µs/IO |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut json = Vec::new();
+    for w in WORKLOADS {
+        let mut ours = Vec::new();
+        let mut peer = Vec::new();
+        for _ in 0..rounds {
+            for backend in [Backend::Rewind, Backend::Qsd] {
+                prepare_image(&image);
+                let sample = run_once(backend, &work, &image, w, secs);
+                if backend == Backend::Rewind { ours.push(sample) } else { peer.push(sample) }
+            }
+        }
+        let (o, p) = (median_sample(&ours), median_sample(&peer));
+        let ratio = o.iops / p.iops;
+        let row = format!(
+            "| {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {:.0}/{:.0} | {:.0}/{:.0} | {:.1} | {:.1} |\n",
+            w.name, o.iops, p.iops, ratio, o.mib_s, p.mib_s, o.p50_us, o.p99_us, p.p50_us, p.p99_us, o.cpu_us_per_io, p.cpu_us_per_io
+        );
+        print!("{row}");
+        md.push_str(&row);
+        json.push(serde_json::json!({"workload": w.name, "ratio": ratio,
+            "rewind": {"iops": o.iops, "mib_s": o.mib_s, "p50_us": o.p50_us, "p99_us": o.p99_us, "cpu_us_per_io": o.cpu_us_per_io},
+            "qemu-storage-daemon": {"iops": p.iops, "mib_s": p.mib_s, "p50_us": p.p50_us, "p99_us": p.p99_us, "cpu_us_per_io": p.cpu_us_per_io}}));
+    }
+    prepare_image(&image);
+    let (p50, p99) = marker_latency(&work, &image, secs * 2.0);
+    let line = format!("\nmarker-add on the control socket under 4 KiB QD32 write load: p50 {p50:.0} µs, p99 {p99:.0} µs\n");
+    print!("{line}");
+    md.push_str(&line);
+    json.push(serde_json::json!({"marker-add under load": {"p50_us": p50, "p99_us": p99}}));
+    let out = Path::new("target/bench");
+    fs::create_dir_all(out).unwrap();
+    fs::write(out.join("vhost.md"), &md).unwrap();
+    fs::write(out.join("vhost.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    let _ = fs::remove_dir_all(&work);
+}
