@@ -30,11 +30,51 @@ struct Workload {
 }
 
 const WORKLOADS: [Workload; 5] = [
-    Workload { name: "4 KiB random write QD32, 1 queue", block: 4096, depth: 32, queues: 1, write: true, random: true, flush_each: false },
-    Workload { name: "4 KiB random write QD32, 2 queues", block: 4096, depth: 32, queues: 2, write: true, random: true, flush_each: false },
-    Workload { name: "4 KiB random read QD32", block: 4096, depth: 32, queues: 1, write: false, random: true, flush_each: false },
-    Workload { name: "1 MiB sequential write QD8", block: 1 << 20, depth: 8, queues: 1, write: true, random: false, flush_each: false },
-    Workload { name: "4 KiB random write QD1 + flush each", block: 4096, depth: 1, queues: 1, write: true, random: true, flush_each: true },
+    Workload {
+        name: "4 KiB random write QD32, 1 queue",
+        block: 4096,
+        depth: 32,
+        queues: 1,
+        write: true,
+        random: true,
+        flush_each: false,
+    },
+    Workload {
+        name: "4 KiB random write QD32, 2 queues",
+        block: 4096,
+        depth: 32,
+        queues: 2,
+        write: true,
+        random: true,
+        flush_each: false,
+    },
+    Workload {
+        name: "4 KiB random read QD32",
+        block: 4096,
+        depth: 32,
+        queues: 1,
+        write: false,
+        random: true,
+        flush_each: false,
+    },
+    Workload {
+        name: "1 MiB sequential write QD8",
+        block: 1 << 20,
+        depth: 8,
+        queues: 1,
+        write: true,
+        random: false,
+        flush_each: false,
+    },
+    Workload {
+        name: "4 KiB random write QD1 + flush each",
+        block: 4096,
+        depth: 1,
+        queues: 1,
+        write: true,
+        random: true,
+        flush_each: true,
+    },
 ];
 
 #[derive(Clone, Copy, PartialEq)]
@@ -167,7 +207,8 @@ fn drive(socket: &Path, w: Workload, secs: f64) -> (u64, Vec<f64>) {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut latencies = Vec::new();
     let mut ios = 0u64;
-    let mut completions: Vec<std::mem::MaybeUninit<Completion>> = (0..w.depth).map(|_| std::mem::MaybeUninit::uninit()).collect();
+    let mut completions: Vec<std::mem::MaybeUninit<Completion>> =
+        (0..w.depth).map(|_| std::mem::MaybeUninit::uninit()).collect();
     while Instant::now() < deadline {
         for (qi, q) in queues.iter_mut().enumerate() {
             let min = if w.queues == 1 { 1 } else { 0 };
@@ -296,14 +337,29 @@ fn main() {
             for backend in [Backend::Rewind, Backend::Qsd] {
                 prepare_image(&image);
                 let sample = run_once(backend, &work, &image, w, secs);
-                if backend == Backend::Rewind { ours.push(sample) } else { peer.push(sample) }
+                if backend == Backend::Rewind {
+                    ours.push(sample)
+                } else {
+                    peer.push(sample)
+                }
             }
         }
         let (o, p) = (median_sample(&ours), median_sample(&peer));
         let ratio = o.iops / p.iops;
         let row = format!(
             "| {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {:.0}/{:.0} | {:.0}/{:.0} | {:.1} | {:.1} |\n",
-            w.name, o.iops, p.iops, ratio, o.mib_s, p.mib_s, o.p50_us, o.p99_us, p.p50_us, p.p99_us, o.cpu_us_per_io, p.cpu_us_per_io
+            w.name,
+            o.iops,
+            p.iops,
+            ratio,
+            o.mib_s,
+            p.mib_s,
+            o.p50_us,
+            o.p99_us,
+            p.p50_us,
+            p.p99_us,
+            o.cpu_us_per_io,
+            p.cpu_us_per_io
         );
         print!("{row}");
         md.push_str(&row);
@@ -313,7 +369,8 @@ fn main() {
     }
     prepare_image(&image);
     let (p50, p99) = marker_latency(&work, &image, secs * 2.0);
-    let line = format!("\nmarker-add on the control socket under 4 KiB QD32 write load: p50 {p50:.0} µs, p99 {p99:.0} µs\n");
+    let line =
+        format!("\nmarker-add on the control socket under 4 KiB QD32 write load: p50 {p50:.0} µs, p99 {p99:.0} µs\n");
     print!("{line}");
     md.push_str(&line);
     json.push(serde_json::json!({"marker-add under load": {"p50_us": p50, "p99_us": p99}}));

@@ -507,7 +507,9 @@ impl MessageReader {
                             let used = values.byte_offset();
                             self.buf.drain(..used);
                             if used > MAX_MESSAGE {
-                                return Err(ReadError::Malformed(format!("message over {MAX_MESSAGE} bytes, discarded")));
+                                return Err(ReadError::Malformed(format!(
+                                    "message over {MAX_MESSAGE} bytes, discarded"
+                                )));
                             }
                             return Ok(Some(value));
                         }

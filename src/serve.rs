@@ -97,9 +97,13 @@ fn open_or_create(config: &ServeConfig) -> Result<Store> {
     Ok(store)
 }
 
+/// How often the volume is made durable (bounding what an open after a crash replays).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Periodic snapshots, retention and checkpoints until `stop` says otherwise.
 fn maintenance(store: Arc<Store>, snapshot_every: Option<Duration>, stop: mpsc::Receiver<()>) {
     let mut last_snapshot = Instant::now();
+    let mut last_checkpoint = Instant::now();
     let interval = snapshot_every.map_or(MAINTENANCE_INTERVAL, |every| every.min(MAINTENANCE_INTERVAL));
     loop {
         match stop.recv_timeout(interval) {
@@ -113,9 +117,14 @@ fn maintenance(store: Arc<Store>, snapshot_every: Option<Duration>, stop: mpsc::
             }
             last_snapshot = Instant::now();
         }
-        // Retention checkpoints first; with no limits it frees nothing.
         if let Err(e) = store.enforce_retention() {
             log::error!("retention failed: {e}");
+        }
+        if last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+            if let Err(e) = store.checkpoint_now() {
+                log::error!("checkpoint failed: {e}");
+            }
+            last_checkpoint = Instant::now();
         }
     }
 }

@@ -525,16 +525,23 @@ impl Store {
 
     /// Makes every record appended so far durable. Concurrent callers share one fdatasync.
     pub fn sync(&self) -> Result<Seq> {
-        let (target, file) = {
+        let (target, files) = {
             let writer = lock_poisoned(self.writer.lock());
-            (writer.journal.next_seq() - 1, writer.journal.active_file())
+            (writer.journal.next_seq() - 1, writer.journal.sync_targets())
         };
-        let mut durable = lock_poisoned(self.durable.lock());
-        if *durable < target {
-            file.sync_data().context(|| "syncing the journal".to_string())?;
-            *durable = target;
-        }
-        Ok(*durable)
+        let durable_now = {
+            let mut durable = lock_poisoned(self.durable.lock());
+            if *durable < target {
+                for file in &files {
+                    file.sync_data().context(|| "syncing the journal".to_string())?;
+                }
+                *durable = target;
+            }
+            *durable
+        };
+        // The active segment stays a sync target; the sealed ones are done.
+        lock_poisoned(self.writer.lock()).journal.mark_synced(&files[..files.len() - 1]);
+        Ok(durable_now)
     }
 
     /// Makes the volume durable up to the journal's head and records that in the metadata, so
@@ -580,8 +587,7 @@ impl Store {
             writer.markers.insert(marker.clone());
             marker
         };
-        // A marker is a promise about the past: make it as durable as the writes before it.
-        self.sync()?;
+        // A marker is as durable as the writes around it: the next FLUSH (or sync) covers it.
         Ok(marker)
     }
 
@@ -652,7 +658,6 @@ impl Store {
     /// keep the remaining points recoverable first.
     pub fn enforce_retention(&self) -> Result<RetentionReport> {
         let mut maintenance = lock_poisoned(self.maintenance.lock());
-        self.checkpoint(&mut maintenance)?;
         let recoverability = lock_poisoned(self.recoverability.lock()).clone();
         let (summaries, marker_seqs, view) = {
             let writer = lock_poisoned(self.writer.lock());
@@ -676,7 +681,8 @@ impl Store {
             &summaries,
             &retention::RetentionInputs {
                 now_ns: fsutil::now_ns(),
-                checkpoint: maintenance.meta.applied_seq,
+                // Only checkpointed records may be freed; the checkpoint below covers them all.
+                checkpoint: view.next_seq() - 1,
                 oldest: recoverability.oldest,
                 snapshot_points: &recoverability.snapshot_points,
                 marker_seqs: &marker_seqs,
@@ -684,6 +690,8 @@ impl Store {
         );
         let mut report = RetentionReport { oldest_recoverable: recoverability.oldest, ..Default::default() };
         if plan.free_segments > 0 {
+            // Checkpoint only when something is to be freed: it syncs the whole volume.
+            self.checkpoint(&mut maintenance)?;
             for &(seq, origin) in &plan.snapshots {
                 maintenance.snapshots.insert(&view, seq, origin)?;
                 report.snapshots_taken.push(seq);

@@ -71,6 +71,8 @@ pub struct Journal {
     segments: Vec<Segment>,
     last_timestamp_ns: u64,
     next_segment_index: u64,
+    /// Sealed segments whose records may not be durable yet: the next sync covers them.
+    unsynced: Vec<Arc<File>>,
 }
 
 /// Why a walk over a segment stopped before its file ended or at a record it could not use.
@@ -185,6 +187,7 @@ impl Journal {
             segments: Vec::new(),
             last_timestamp_ns: 0,
             next_segment_index,
+            unsynced: Vec::new(),
         }
     }
 
@@ -341,6 +344,8 @@ impl Journal {
                 }
             }
             journal.last_timestamp_ns = journal.last_timestamp_ns.max(segment.last_timestamp_ns);
+            // A process that crashed may have left its appends unsynced in the page cache.
+            journal.unsynced.push(Arc::clone(&segment.file));
             journal.segments.push(segment);
         }
         Ok((journal, repair))
@@ -446,11 +451,23 @@ impl Journal {
     }
 
     /// Seals the active segment (durably) and starts the next one, reusing a spare if any.
+    /// Seals the active segment and starts the next one. The sealed segment is synced by the
+    /// next `sync`, not here: appends never wait for the disk.
     fn roll_over(&mut self) -> Result<()> {
-        let active = self.active();
-        active.file.sync_data().context(|| format!("syncing {}", active.path.display()))?;
-        let next = active.next_seq;
+        let sealed = Arc::clone(&self.active().file);
+        let next = self.active().next_seq;
+        self.unsynced.push(sealed);
         self.start_segment(next)
+    }
+
+    /// Every file a sync must flush for all appended records to be durable.
+    pub fn sync_targets(&self) -> Vec<Arc<File>> {
+        self.unsynced.iter().cloned().chain(std::iter::once(self.active_file())).collect()
+    }
+
+    /// Forgets sealed segments that `synced` made durable.
+    pub fn mark_synced(&mut self, synced: &[Arc<File>]) {
+        self.unsynced.retain(|f| !synced.iter().any(|s| Arc::ptr_eq(s, f)));
     }
 
     fn start_segment(&mut self, first_seq: Seq) -> Result<()> {
@@ -503,6 +520,8 @@ impl Journal {
     pub fn free_oldest(&mut self, count: usize) -> Result<()> {
         let count = count.min(self.segments.len() - 1);
         let mut spares = self.spare_paths()?.len();
+        let freed: Vec<Arc<File>> = self.segments[..count].iter().map(|s| Arc::clone(&s.file)).collect();
+        self.mark_synced(&freed);
         for segment in self.segments.drain(..count) {
             if spares < MAX_SPARE_SEGMENTS {
                 let spare = self.dir.join(format!("{SPARE_PREFIX}{:016x}.seg", segment.index));

@@ -102,3 +102,26 @@ fn time_lookup_uses_record_timestamps() {
     let found = view.last_at_or_before(times[2]).unwrap().unwrap();
     assert!(found >= 3 && times[found as usize - 1] <= times[2]);
 }
+
+#[test]
+fn sealed_segments_stay_sync_targets_until_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = Journal::create(dir.path(), [6; 16], 4096, 1).unwrap();
+    let payload = vec![1u8; 3000];
+    for _ in 0..3 {
+        let pieces: [&[u8]; 1] = [&payload];
+        journal.append(&[NewRecord { kind: RecordKind::Write, offset: 0, length: 3000, payload: &pieces }]).unwrap();
+    }
+    // Three records of ~3 KiB in 4 KiB segments: two sealed segments plus the active one.
+    let targets = journal.sync_targets();
+    assert_eq!(targets.len(), 3);
+    assert!(Arc::ptr_eq(targets.last().unwrap(), &journal.active_file()));
+    journal.mark_synced(&targets[..2]);
+    assert_eq!(journal.sync_targets().len(), 1, "only the active segment is left to sync");
+    // Freed segments are no longer sync targets either.
+    let pieces: [&[u8]; 1] = [&payload];
+    journal.append(&[NewRecord { kind: RecordKind::Write, offset: 0, length: 3000, payload: &pieces }]).unwrap();
+    assert_eq!(journal.sync_targets().len(), 2);
+    journal.free_oldest(journal.segments().len() - 1).unwrap();
+    assert_eq!(journal.sync_targets().len(), 1);
+}
