@@ -193,6 +193,30 @@ fn bench_recovery(dir: &Path, volume: u64, data: u64, journaled: u64, rounds: us
     }
 }
 
+/// Journal bytes per 4 KiB write: record header and alignment over the payload.
+fn bench_journal_overhead(dir: &Path) -> Row {
+    let image = dir.join("overhead.img");
+    let _ = fs::remove_dir_all(rewind::store::default_store_dir(&image));
+    let _ = fs::remove_file(&image);
+    let options = CreateOptions { size: Some(64 << 20), ..Default::default() };
+    let (store, _) = Store::create(&image, None, &options, &mut |_, _| {}).unwrap();
+    let before = store.status().journal_bytes;
+    let count = 1000u64;
+    for i in 0..count {
+        store.write((i % 16000) * 4096, &[7u8; 4096]).unwrap();
+    }
+    let per_write = (store.status().journal_bytes - before) as f64 / count as f64;
+    store.close().unwrap();
+    fs::remove_dir_all(rewind::store::default_store_dir(&image)).unwrap();
+    fs::remove_file(&image).unwrap();
+    Row {
+        name: "journal bytes per 4 KiB write".into(),
+        ours: format!("{per_write:.0} B ({:.2}% metadata)", (per_write - 4096.0) / 4096.0 * 100.0),
+        peer: "4096 B (the data alone)".into(),
+        ratio: 4096.0 / per_write,
+    }
+}
+
 fn main() {
     // `cargo test --benches` runs this with --test: nothing to measure there.
     if std::env::args().any(|a| a == "--test" || a == "--list") {
@@ -203,7 +227,11 @@ fn main() {
     let work = PathBuf::from(std::env::var("REWIND_BENCH_DIR").unwrap_or_else(|_| "target/bench/work".into()));
     fs::create_dir_all(&work).unwrap();
     let total = if quick { 32 << 20 } else { 128 << 20 };
-    let mut rows = vec![bench_append(&work, 4096, total, rounds), bench_append(&work, 65536, total * 2, rounds)];
+    let mut rows = vec![
+        bench_journal_overhead(&work),
+        bench_append(&work, 4096, total, rounds),
+        bench_append(&work, 65536, total * 2, rounds),
+    ];
     let sizes: &[u64] = if quick { &[1, 4] } else { &[1, 4, 16] };
     rows.extend(bench_snapshot(&work, sizes, 40 << 20, rounds));
     rows.push(bench_recovery(&work, 1 << 30, if quick { 64 << 20 } else { 256 << 20 }, 64 << 20, rounds));
