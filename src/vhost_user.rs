@@ -166,28 +166,26 @@ impl BlkBackend {
                 }
                 chains
             };
-            if !chains.is_empty() {
-                let parsed: Vec<Result<Parsed, virtio_blk::RequestError>> =
-                    chains.iter().map(|(_, descs)| virtio_blk::parse(descs, &mem, &self.limits)).collect();
-                let completions = self.execute(&mem, &parsed);
-                for ((head, _), (result, completion)) in chains.iter().zip(parsed.iter().zip(completions)) {
-                    let used = match result {
-                        Ok(p) => self.finish(&mem, p.status, &completion),
-                        Err(e) => {
-                            log::warn!("refused a request: {e}");
-                            self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                            match e.status {
-                                Some(status) => self.finish(&mem, status, &Completion::ioerr()),
-                                None => 0,
-                            }
-                        }
-                    };
-                    vring.add_used(*head, used).map_err(queue_error)?;
-                }
+            let parsed: Vec<Result<Parsed, virtio_blk::RequestError>> =
+                chains.iter().map(|(_, descs)| virtio_blk::parse(descs, &mem, &self.limits)).collect();
+            // Each request is completed as soon as its own I/O is done, so the driver can
+            // refill the queue while the rest of the pass runs.
+            let mut complete = |i: usize, completion: Completion| -> io::Result<()> {
+                let used = match &parsed[i] {
+                    Ok(p) => self.finish(&mem, p.status, &completion),
+                    Err(e) => {
+                        log::warn!("refused a request: {e}");
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        e.status.map_or(0, |status| self.finish(&mem, status, &completion))
+                    }
+                };
+                vring.add_used(chains[i].0, used).map_err(queue_error)?;
                 if !event_idx || vring.needs_notification().map_err(queue_error)? {
                     vring.signal_used_queue()?;
                 }
-            }
+                Ok(())
+            };
+            self.execute(&mem, &parsed, &mut complete)?;
             if !event_idx || !vring.enable_notification().map_err(queue_error)? {
                 return Ok(());
             }
@@ -209,13 +207,17 @@ impl BlkBackend {
     }
 
     /// Executes the parsed requests of one pass, in order, batching consecutive volume writes
-    /// into one journal append.
-    fn execute(&self, mem: &GuestMemoryMmap, parsed: &[Result<Parsed, virtio_blk::RequestError>]) -> Vec<Completion> {
-        let mut completions: Vec<Option<Completion>> = (0..parsed.len()).map(|_| None).collect();
+    /// into one journal append, and hands each result to `complete` as soon as it is known.
+    fn execute(
+        &self,
+        mem: &GuestMemoryMmap,
+        parsed: &[Result<Parsed, virtio_blk::RequestError>],
+        complete: &mut dyn FnMut(usize, Completion) -> io::Result<()>,
+    ) -> io::Result<()> {
         let mut batch: Vec<usize> = Vec::new();
         for (i, result) in parsed.iter().enumerate() {
             let Ok(p) = result else {
-                completions[i] = Some(Completion::ioerr());
+                complete(i, Completion::ioerr())?;
                 continue;
             };
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -224,11 +226,10 @@ impl BlkBackend {
                 continue;
             }
             // Everything else is ordered after the writes before it.
-            self.submit_batch(mem, parsed, &mut batch, &mut completions);
-            completions[i] = Some(self.execute_one(mem, &p.request));
+            self.submit_batch(mem, parsed, &mut batch, complete)?;
+            complete(i, self.execute_one(mem, &p.request))?;
         }
-        self.submit_batch(mem, parsed, &mut batch, &mut completions);
-        completions.into_iter().map(|c| c.expect("every request completed")).collect()
+        self.submit_batch(mem, parsed, &mut batch, complete)
     }
 
     fn submit_batch(
@@ -236,10 +237,10 @@ impl BlkBackend {
         mem: &GuestMemoryMmap,
         parsed: &[Result<Parsed, virtio_blk::RequestError>],
         batch: &mut Vec<usize>,
-        completions: &mut [Option<Completion>],
-    ) {
+        complete: &mut dyn FnMut(usize, Completion) -> io::Result<()>,
+    ) -> io::Result<()> {
         if batch.is_empty() {
-            return;
+            return Ok(());
         }
         let outcome =
             self.write_batch(mem, batch.iter().map(|&i| &parsed[i].as_ref().expect("batched requests parsed").request));
@@ -254,8 +255,9 @@ impl BlkBackend {
             }
         };
         for i in batch.drain(..) {
-            completions[i] = Some(if ok { Completion::ok(0) } else { Completion::ioerr() });
+            complete(i, if ok { Completion::ok(0) } else { Completion::ioerr() })?;
         }
+        Ok(())
     }
 
     fn write_batch<'r>(&self, mem: &GuestMemoryMmap, requests: impl Iterator<Item = &'r Request>) -> io::Result<u64> {
