@@ -71,7 +71,8 @@ pub struct Journal {
     segments: Vec<Segment>,
     last_timestamp_ns: u64,
     next_segment_index: u64,
-    /// Sealed segments whose records may not be durable yet: the next sync covers them.
+    /// Sealed segments whose records may not be durable yet, and the journal directory after a
+    /// segment was added to it: the next sync covers them.
     unsynced: Vec<Arc<File>>,
 }
 
@@ -487,8 +488,10 @@ impl Journal {
         // A reused segment still holds its old records past the header; they are numbered below
         // `first_seq`, so the scanner never takes them for this life's records.
         file.write_all_at(&header.encode(), 0).context(|| format!("writing {}", path.display()))?;
-        file.sync_data().context(|| format!("syncing {}", path.display()))?;
-        fsutil::sync_dir(&self.dir)?;
+        // The new file's header and directory entry become durable with the next sync, like the
+        // records: a roll-over never waits for the disk while appends wait for it.
+        let dir = File::open(&self.dir).context(|| format!("opening {}", self.dir.display()))?;
+        self.unsynced.push(Arc::new(dir));
         self.next_segment_index += 1;
         self.segments.push(Segment {
             index,
