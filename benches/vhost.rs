@@ -92,15 +92,9 @@ struct Sample {
     cpu_us_per_io: f64,
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+#[path = "../tests/common/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// Both backends get an image written the same way: in 4 KiB pieces (how a file is written
 /// changes later 4 KiB write costs on this kernel).

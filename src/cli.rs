@@ -134,14 +134,10 @@ pub enum Command {
 pub enum MarkerCommand {
     /// Record a named point in time: `marker add IMAGE NAME`, or `marker add NAME --control PATH`.
     Add {
-        #[arg(value_name = "[IMAGE] NAME", num_args = 1..=2, required = true)]
-        args: Vec<String>,
+        #[command(flatten)]
+        marker: NamedMarker,
         #[arg(long)]
         note: Option<String>,
-        #[arg(long)]
-        control: Option<PathBuf>,
-        #[command(flatten)]
-        store: StoreArg,
         #[arg(long)]
         json: bool,
     },
@@ -154,15 +150,35 @@ pub enum MarkerCommand {
     },
     /// Show one marker: `marker get IMAGE NAME`, or `marker get NAME --control PATH`.
     Get {
-        #[arg(value_name = "[IMAGE] NAME", num_args = 1..=2, required = true)]
-        args: Vec<String>,
-        #[arg(long)]
-        control: Option<PathBuf>,
         #[command(flatten)]
-        store: StoreArg,
+        marker: NamedMarker,
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `[IMAGE] NAME`: the image and marker name offline, or only the name with --control.
+#[derive(Args, Debug)]
+pub struct NamedMarker {
+    #[arg(value_name = "[IMAGE] NAME", num_args = 1..=2, required = true)]
+    args: Vec<String>,
+    /// The control socket of the daemon serving the image.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArg,
+}
+
+impl NamedMarker {
+    /// Where to act, and the marker name.
+    fn split(&self) -> Result<(Where<'_>, &str)> {
+        match (self.args.as_slice(), &self.control) {
+            ([name], Some(control)) => Ok((Online(control), name)),
+            ([image, name], None) => Ok((Offline(Path::new(image), &self.store), name)),
+            (_, Some(_)) => bail!("with --control, give only the marker NAME"),
+            _ => bail!("give IMAGE NAME, or NAME with --control PATH"),
+        }
+    }
 }
 
 /// Where a command acts: on the image directly, or through the control socket of the
@@ -177,17 +193,6 @@ pub struct Place {
     pub control: Option<PathBuf>,
     #[command(flatten)]
     pub store: StoreArg,
-}
-
-/// Splits `[IMAGE] NAME`: one argument with --control, two without.
-fn image_and_name(args: &[String], control: &Option<PathBuf>) -> Result<(Option<PathBuf>, String)> {
-    match (args, control) {
-        ([name], Some(_)) => Ok((None, name.clone())),
-        ([image, name], None) => Ok((Some(PathBuf::from(image)), name.clone())),
-        ([_], None) => bail!("give IMAGE NAME, or NAME with --control PATH"),
-        (_, Some(_)) => bail!("with --control, give only the marker NAME"),
-        _ => bail!("give IMAGE NAME, or NAME with --control PATH"),
-    }
 }
 
 #[derive(Args, Debug)]
@@ -479,10 +484,10 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn run_marker(command: MarkerCommand) -> Result<()> {
     match command {
-        MarkerCommand::Add { args, note, control, store, json } => {
-            let (image, name) = image_and_name(&args, &control)?;
-            let marker: Value = match (&control, image) {
-                (Some(control), _) => {
+        MarkerCommand::Add { marker, note, json } => {
+            let (place, name) = marker.split()?;
+            let added: Value = match place {
+                Online(control) => {
                     let mut arguments = json!({"name": name});
                     if let Some(note) = &note {
                         arguments["note"] = json!(note);
@@ -491,18 +496,17 @@ fn run_marker(command: MarkerCommand) -> Result<()> {
                     client.execute("marker-add", arguments).with_context(|| format!("adding marker {name:?}"))?;
                     client.execute("marker-get", json!({"name": name}))?
                 }
-                (None, Some(image)) => {
-                    let opened = open(&image, &store)?;
+                Offline(image, store) => {
+                    let opened = open(image, store)?;
                     let marker = opened
-                        .add_marker(&name, note.as_deref(), MarkerSource::Host)
+                        .add_marker(name, note.as_deref(), MarkerSource::Host)
                         .with_context(|| format!("adding marker {name:?}"))?;
                     opened.close()?;
                     serde_json::to_value(marker)?
                 }
-                (None, None) => unreachable!("image_and_name gives an image without --control"),
             };
-            emit(json, &marker, || {
-                println!("marker {} (id {}) at seq {}", marker["name"], marker["id"], marker["seq"]);
+            emit(json, &added, || {
+                println!("marker {} (id {}) at seq {}", added["name"], added["id"], added["seq"]);
             });
         }
         MarkerCommand::List { place, json } => {
@@ -519,21 +523,20 @@ fn run_marker(command: MarkerCommand) -> Result<()> {
             };
             emit(json, &markers, || print_markers(&markers));
         }
-        MarkerCommand::Get { args, control, store, json } => {
-            let (image, name) = image_and_name(&args, &control)?;
-            let marker: MarkerStatus = match (&control, image) {
-                (Some(control), _) => {
+        MarkerCommand::Get { marker, json } => {
+            let (place, name) = marker.split()?;
+            let found: MarkerStatus = match place {
+                Online(control) => {
                     serde_json::from_value(QmpClient::connect(control)?.execute("marker-get", json!({"name": name}))?)?
                 }
-                (None, Some(image)) => {
-                    let opened = open(&image, &store)?;
-                    let marker = opened.marker(&name)?;
+                Offline(image, store) => {
+                    let opened = open(image, store)?;
+                    let marker = opened.marker(name)?;
                     opened.close()?;
                     marker
                 }
-                (None, None) => unreachable!("image_and_name gives an image without --control"),
             };
-            emit(json, &marker, || print_markers(std::slice::from_ref(&marker)));
+            emit(json, &found, || print_markers(std::slice::from_ref(&found)));
         }
     }
     Ok(())

@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
+mod rng;
+#[allow(unused_imports)] // not every test binary uses it
+pub use rng::Rng;
+
 pub fn rewind_bin() -> &'static str {
     env!("CARGO_BIN_EXE_rewind")
 }
@@ -148,22 +152,6 @@ impl Client {
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> i32 {
         self.queues[0].write_zeroes(offset, len, 0, ReqFlags::empty());
         self.complete(0, 1)[0].1
-    }
-}
-
-/// A reproducible xorshift stream.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
     }
 }
 
