@@ -45,6 +45,7 @@ pub enum Command {
     Status {
         #[command(flatten)]
         place: Place,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -57,6 +58,7 @@ pub enum Command {
     Snapshot {
         #[command(flatten)]
         place: Place,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -69,6 +71,7 @@ pub enum Command {
         /// The new image to write (must not exist).
         #[arg(long)]
         output: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -77,6 +80,7 @@ pub enum Command {
         image: PathBuf,
         #[command(flatten)]
         store: StoreArg,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -125,6 +129,7 @@ pub enum Command {
         /// Remove the age limit.
         #[arg(long, conflicts_with = "journal_max_age")]
         no_journal_max_age: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -136,8 +141,10 @@ pub enum MarkerCommand {
     Add {
         #[command(flatten)]
         marker: NamedMarker,
+        /// A free-text note kept with the marker (at most 4096 bytes).
         #[arg(long)]
         note: Option<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -145,6 +152,7 @@ pub enum MarkerCommand {
     List {
         #[command(flatten)]
         place: Place,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -152,6 +160,7 @@ pub enum MarkerCommand {
     Get {
         #[command(flatten)]
         marker: NamedMarker,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -185,7 +194,7 @@ impl NamedMarker {
 /// `rewind serve` that serves it.
 #[derive(Args, Debug)]
 pub struct Place {
-    /// The image (offline: it must not be served).
+    /// The image (offline: it must not be served); or give --control instead.
     #[arg(required_unless_present = "control", conflicts_with = "control")]
     pub image: Option<PathBuf>,
     /// The control socket of the daemon serving the image.
