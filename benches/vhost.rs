@@ -5,6 +5,7 @@
 //!
 //!   cargo bench --bench vhost        # writes target/bench/vhost.{md,json}
 //!   REWIND_BENCH_QUICK=1 ...         # shorter runs
+//!   REWIND_BENCH_ONLY=1MiB ...       # only workloads whose name contains this (for profiling)
 
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -324,7 +325,8 @@ fn main() {
         "| workload | rewind IOPS | qsd IOPS | ratio | rewind MiB/s | qsd MiB/s | rewind p50/p99 µs | qsd p50/p99 µs | rewind CPU µs/IO | qsd CPU µs/IO |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut json = Vec::new();
-    for w in WORKLOADS {
+    let only = std::env::var("REWIND_BENCH_ONLY").ok();
+    for w in WORKLOADS.into_iter().filter(|w| only.as_deref().is_none_or(|o| w.name.replace(' ', "").contains(o))) {
         let mut ours = Vec::new();
         let mut peer = Vec::new();
         for _ in 0..rounds {

@@ -29,6 +29,8 @@ use crate::virtio_blk::{self, ConfigSpace, Desc, Limits, Parsed, Request, STATUS
 pub const SEG_MAX: u32 = 126;
 const MAX_TRANSFER: u64 = 32 << 20;
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// A queue pass's writes go to the journal in batches of about this many bytes.
+const BATCH_BYTES: u64 = 256 << 10;
 
 #[derive(Debug, Clone)]
 pub struct BlkOptions {
@@ -215,6 +217,7 @@ impl BlkBackend {
         complete: &mut dyn FnMut(usize, Completion) -> io::Result<()>,
     ) -> io::Result<()> {
         let mut batch: Vec<usize> = Vec::new();
+        let mut batch_bytes = 0;
         for (i, result) in parsed.iter().enumerate() {
             let Ok(p) = result else {
                 complete(i, Completion::ioerr())?;
@@ -223,10 +226,20 @@ impl BlkBackend {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             if matches!(p.request, Request::Write { .. } | Request::Discard { .. } | Request::WriteZeroes { .. }) {
                 batch.push(i);
+                if let Request::Write { buffers, .. } = &p.request {
+                    batch_bytes += virtio_blk::total_len(buffers);
+                }
+                // Small writes share one journal append; large ones gain nothing from waiting
+                // for each other, and their completions would be held back.
+                if batch_bytes >= BATCH_BYTES {
+                    self.submit_batch(mem, parsed, &mut batch, complete)?;
+                    batch_bytes = 0;
+                }
                 continue;
             }
             // Everything else is ordered after the writes before it.
             self.submit_batch(mem, parsed, &mut batch, complete)?;
+            batch_bytes = 0;
             complete(i, self.execute_one(mem, &p.request))?;
         }
         self.submit_batch(mem, parsed, &mut batch, complete)
