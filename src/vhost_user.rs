@@ -143,9 +143,11 @@ impl BlkBackend {
     fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
         let memory = self.memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(memory) = memory else { return Ok(()) };
-        let mem = memory.memory();
         let queue_error = |e: virtio_queue::Error| io::Error::other(e.to_string());
         loop {
+            // A fresh view each pass: the frontend may add memory regions (ADD_MEM_REG) while
+            // this loop runs, and requests may use them as soon as it has its reply.
+            let mem = memory.memory();
             let event_idx = self.event_idx.load(Ordering::Relaxed);
             if event_idx {
                 vring.disable_notification().map_err(queue_error)?;

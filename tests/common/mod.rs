@@ -43,7 +43,8 @@ impl Daemon {
             .arg("--socket")
             .arg(socket)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            // TEST_DAEMON_LOG=debug shows the daemon's vhost-user messages when a test fails.
+            .env("RUST_LOG", std::env::var("TEST_DAEMON_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
