@@ -189,31 +189,45 @@ impl Vmm {
         self.queues[q].kick.write(1).unwrap();
     }
 
-    /// Waits for `count` used entries on queue `q`, each batch announced by an interrupt (a
-    /// completion the device does not signal is a failure). Returns (head, used length).
+    /// Waits for `count` used entries on queue `q`. Like a real driver, it collects what is in
+    /// the used ring, publishes `used_event`, checks the ring once more (entries added before
+    /// the device could see the new `used_event` are not signalled), and only then waits for
+    /// an interrupt; an interrupt that never comes is a failure. Returns (head, used length).
     pub fn wait_used(&mut self, q: usize, count: usize) -> Vec<(u16, u32)> {
         let mut got = Vec::new();
-        while got.len() < count {
+        loop {
+            let before = got.len();
+            self.collect_used(q, &mut got);
+            let queue = &self.queues[q];
+            let used_event = GuestAddress(queue.avail().0 + 4 + 2 * QUEUE_SIZE as u64);
+            self.mem.write_obj(queue.last_used, used_event).unwrap();
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            self.collect_used(q, &mut got);
+            if got.len() >= count {
+                return got;
+            }
+            if got.len() > before {
+                continue;
+            }
             let fd = std::os::unix::io::AsRawFd::as_raw_fd(&self.queues[q].call);
             let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd.
             let ready = unsafe { libc::poll(&mut pfd, 1, 20_000) };
             assert_eq!(ready, 1, "no interrupt within 20 s ({} of {count} completions seen)", got.len());
             let _ = self.queues[q].call.read();
-            let queue = &self.queues[q];
-            let used_idx: u16 = self.mem.read_obj(GuestAddress(queue.used().0 + 2)).unwrap();
-            while self.queues[q].last_used != used_idx {
-                let queue = &mut self.queues[q];
-                let slot = GuestAddress(queue.used().0 + 4 + 8 * (queue.last_used % QUEUE_SIZE) as u64);
-                let id: u32 = self.mem.read_obj(slot).unwrap();
-                let len: u32 = self.mem.read_obj(GuestAddress(slot.0 + 4)).unwrap();
-                got.push((id as u16, len));
-                queue.last_used = queue.last_used.wrapping_add(1);
-            }
-            let queue = &self.queues[q];
-            let used_event = GuestAddress(queue.avail().0 + 4 + 2 * QUEUE_SIZE as u64);
-            self.mem.write_obj(queue.last_used, used_event).unwrap();
         }
-        got
+    }
+
+    /// Moves the used ring's new entries into `got`.
+    fn collect_used(&mut self, q: usize, got: &mut Vec<(u16, u32)>) {
+        let used_idx: u16 = self.mem.read_obj(GuestAddress(self.queues[q].used().0 + 2)).unwrap();
+        while self.queues[q].last_used != used_idx {
+            let queue = &mut self.queues[q];
+            let slot = GuestAddress(queue.used().0 + 4 + 8 * (queue.last_used % QUEUE_SIZE) as u64);
+            let id: u32 = self.mem.read_obj(slot).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(slot.0 + 4)).unwrap();
+            got.push((id as u16, len));
+            queue.last_used = queue.last_used.wrapping_add(1);
+        }
     }
 }
