@@ -2,16 +2,17 @@
 //! ties them together. Safe to share between I/O threads (`&self` everywhere).
 //!
 //! Locks, always taken in this order: `maintenance` (snapshots, retention, recovery, verify:
-//! the slow operations, one at a time) → `writer` (numbering, journal append and volume apply:
-//! one critical section, so the volume is always written in sequence order) → `durable`
+//! the slow operations, one at a time) → `writer` (numbering and journal append) → `durable`
 //! (group commit of `sync`). The write path takes only `writer` and, to sync, `durable`.
+//! Volume applies run outside every lock, ordered by [`applying`]: a batch waits only for
+//! earlier batches that overlap it, so the volume still ends up written in sequence order.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +24,10 @@ use crate::recovery::{self, Progress, RecoveryReport, RecoveryTarget};
 use crate::retention::{self, RetentionPlan, RetentionPolicy, SegmentSummary};
 use crate::snapshot::{SnapshotInfo, SnapshotOrigin, SnapshotStore};
 use crate::FORMAT_VERSION;
+
+mod applying;
+
+use applying::{ApplyTicket, Applying};
 
 pub const DEFAULT_SEGMENT_CAPACITY: u64 = 64 << 20;
 pub const SECTOR_SIZE: u64 = 512;
@@ -165,9 +170,12 @@ pub struct OpenReport {
 struct Writer {
     journal: Journal,
     markers: MarkerIndex,
-    /// Set when a record reached the journal but could not be applied to the volume: the
-    /// volume lacks every record from here on until they are re-applied.
-    volume_behind_from: Option<Seq>,
+}
+
+/// A batch in the journal whose writes still have to reach the volume ([`Store::apply`]).
+pub struct Journaled {
+    ticket: ApplyTicket,
+    count: usize,
 }
 
 struct Maintenance {
@@ -197,6 +205,7 @@ pub struct Store {
     _lock: File,
     maintenance: Mutex<Maintenance>,
     writer: Mutex<Writer>,
+    applying: Arc<Applying>,
     durable: Mutex<Seq>,
     recoverability: Mutex<Recoverability>,
 }
@@ -426,7 +435,8 @@ impl Store {
             _lock: lock,
             recoverability: Mutex::new(Recoverability::default()),
             maintenance: Mutex::new(Maintenance { snapshots, meta }),
-            writer: Mutex::new(Writer { journal, markers, volume_behind_from: None }),
+            writer: Mutex::new(Writer { journal, markers }),
+            applying: Arc::default(),
             durable: Mutex::new(0),
         };
         {
@@ -469,16 +479,40 @@ impl Store {
     /// in order. Returns the sequence number of the last op. When this returns an error, no op
     /// of the batch may be acknowledged.
     pub fn submit(&self, ops: &[VolumeOp<'_>]) -> Result<Seq> {
+        let journaled = self.journal(ops)?;
+        self.apply(journaled, ops, |_| {})
+    }
+
+    /// The first half of [`submit`](Self::submit): numbers `ops` and appends them to the
+    /// journal as one batch. The caller must then [`apply`](Self::apply) the same ops; until
+    /// it does, reads of their ranges and checkpoints wait.
+    pub fn journal(&self, ops: &[VolumeOp<'_>]) -> Result<Journaled> {
         for op in ops {
             let (offset, len) = op.range();
             check_range(offset, len, self.volume_size)?;
         }
         let mut writer = lock_poisoned(self.writer.lock());
-        self.catch_up_volume(&mut writer)?;
+        self.catch_up_volume(&writer)?;
         let records: Vec<NewRecord<'_>> = ops.iter().map(VolumeOp::record).collect();
         let first = writer.journal.append(&records)?;
+        let ranges = ops.iter().map(|op| op.range()).map(|(offset, len)| (offset, offset + len)).collect();
+        // Registered before the writer lock is released, so batches queue in sequence order.
+        let ticket = self.applying.register(first, ranges);
+        Ok(Journaled { ticket, count: ops.len() })
+    }
+
+    /// The second half of [`submit`](Self::submit): writes a journaled batch to the volume once
+    /// no earlier overlapping batch is still being written, calling `applied` with each op's
+    /// index as soon as it is written (it may be acknowledged then). Returns the sequence
+    /// number of the last op. On error the ops not reported applied must fail; the records
+    /// stay journaled and the volume is caught up later.
+    pub fn apply(&self, journaled: Journaled, ops: &[VolumeOp<'_>], mut applied: impl FnMut(usize)) -> Result<Seq> {
+        let Journaled { ticket, count } = journaled;
+        debug_assert_eq!(count, ops.len(), "apply gets the ops that were journaled");
+        self.applying.wait_turn(&ticket);
+        let first = ticket.first_seq();
         for (i, op) in ops.iter().enumerate() {
-            let applied = match *op {
+            let written = match *op {
                 VolumeOp::Write { offset, data } => {
                     let slices: Vec<std::io::IoSlice<'_>> = data.iter().map(|d| std::io::IoSlice::new(d)).collect();
                     fsutil::write_all_vectored_at(&self.volume, &slices, offset)
@@ -487,13 +521,15 @@ impl Store {
                     fsutil::zero_range(&self.volume, offset, len)
                 }
             };
-            if let Err(cause) = applied {
+            if let Err(cause) = written {
+                ticket.finish(false);
                 let seq = first + i as u64;
-                writer.volume_behind_from = Some(seq);
                 return Err(Error::Io { context: format!("applying seq {seq} to {}", self.image.display()), cause });
             }
+            applied(i);
         }
-        Ok(first + ops.len() as u64 - 1)
+        ticket.finish(true);
+        Ok(first + count as u64 - 1)
     }
 
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<Seq> {
@@ -508,18 +544,27 @@ impl Store {
         self.submit(&[VolumeOp::Discard { offset, len }])
     }
 
-    /// Re-applies records the volume missed after an earlier apply failure.
-    fn catch_up_volume(&self, writer: &mut Writer) -> Result<()> {
-        let Some(from) = writer.volume_behind_from else { return Ok(()) };
+    /// Re-applies records the volume missed after an earlier apply failure. Called under the
+    /// writer lock, so no batch can be registered meanwhile.
+    fn catch_up_volume(&self, writer: &Writer) -> Result<()> {
+        if self.applying.behind_from().is_none() {
+            return Ok(());
+        }
+        // Batches still in flight may fail too, or may overwrite what the replay writes.
+        self.applying.wait_through(Seq::MAX);
+        let Some(from) = self.applying.behind_from() else { return Ok(()) };
         let view = writer.journal.view();
         recovery::replay(&view, from, view.next_seq() - 1, &self.volume)?;
-        writer.volume_behind_from = None;
+        self.applying.caught_up(from);
         log::info!("volume {} caught up from seq {from}", self.image.display());
         Ok(())
     }
 
+    /// Reads the volume. A write still being applied to any of these bytes is waited for, so
+    /// a read never sees a batch half applied.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.volume_size)?;
+        self.applying.wait_for_range(offset, offset + buf.len() as u64);
         self.volume.read_exact_at(buf, offset).context(|| format!("reading {} at {offset}", self.image.display()))
     }
 
@@ -547,18 +592,16 @@ impl Store {
     /// Makes the volume durable up to the journal's head and records that in the metadata, so
     /// that open need not replay those records and retention may free them.
     fn checkpoint(&self, maintenance: &mut Maintenance) -> Result<()> {
-        let applied = {
-            let mut writer = lock_poisoned(self.writer.lock());
-            self.catch_up_volume(&mut writer)?;
-            writer.journal.next_seq() - 1
-        };
-        if applied == maintenance.meta.applied_seq {
+        let head = lock_poisoned(self.writer.lock()).journal.next_seq() - 1;
+        if head == maintenance.meta.applied_seq {
             return Ok(());
         }
+        self.applying.wait_through(head);
+        self.catch_up_volume(&lock_poisoned(self.writer.lock()))?;
         // The journal first: the volume must never durably hold a record the journal could lose.
         self.sync()?;
         self.volume.sync_data().context(|| format!("syncing {}", self.image.display()))?;
-        maintenance.meta.applied_seq = applied;
+        maintenance.meta.applied_seq = head;
         write_meta(&self.dir, &maintenance.meta)
     }
 
@@ -760,6 +803,8 @@ impl Store {
         let maintenance = lock_poisoned(self.maintenance.lock());
         maintenance.snapshots.verify()?;
         let writer = lock_poisoned(self.writer.lock());
+        self.applying.wait_through(Seq::MAX);
+        self.catch_up_volume(&writer)?;
         let view = writer.journal.view();
         let head = view.next_seq() - 1;
         let mut records_checked = 0;

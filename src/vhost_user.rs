@@ -1,11 +1,14 @@
 //! The vhost-user-blk glue: features, config space and the virtqueue loop. Each kick's requests
 //! are parsed (virtio_blk), then executed against the store: consecutive writes go to the
-//! journal as one batch (one journal write), reads go straight to the volume, FLUSH syncs the
-//! journal, and every request completes with a status.
+//! journal as one batch (one journal write) and are handed to the queue's applier thread, which
+//! writes them to the volume and completes them while the queue's worker goes on with the next
+//! batch. Reads go straight to the volume, FLUSH syncs the journal, and every request
+//! completes with a status.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde::Serialize;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -17,12 +20,14 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::marker::MarkerSource;
-use crate::store::{Store, VolumeOp};
+use crate::store::{Journaled, Store, VolumeOp};
 use crate::virtio_blk::{self, ConfigSpace, Desc, Limits, Parsed, Request, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
 /// Data descriptors per request: Linux's default for a 256-entry queue, less header and status.
@@ -59,9 +64,238 @@ pub struct BlkBackend {
     writeback: AtomicBool,
     /// Exit notifiers handed to the current connection's worker threads.
     exit_notifiers: Mutex<Vec<EventNotifier>>,
-    pub counters: Counters,
+    /// One per queue.
+    appliers: Vec<Applier>,
+    pub counters: Arc<Counters>,
     /// Whether a frontend is connected now.
     pub connected: AtomicBool,
+}
+
+/// A guest buffer as the host sees it.
+#[derive(Clone, Copy)]
+struct GuestSlice {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: a GuestSlice only travels inside an ApplyJob together with the memory guard that
+// keeps its mapping alive; the bytes behind it are guest memory, shared by design.
+unsafe impl Send for GuestSlice {}
+
+impl GuestSlice {
+    /// # Safety
+    /// The mapping the slice points into must still be alive (its memory guard held).
+    unsafe fn bytes<'a>(self) -> &'a [u8] {
+        // SAFETY: as the caller promises; the guest may change the bytes meanwhile, as with
+        // any device doing DMA, which only affects what gets written.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// A volume write of a batch, with its data still in guest memory.
+enum BatchOp {
+    Write { offset: u64, data: Vec<GuestSlice> },
+    WriteZeroes { offset: u64, len: u64 },
+    Discard { offset: u64, len: u64 },
+}
+
+/// Calls `f` with the store's view of `ops`.
+///
+/// # Safety
+/// The guest memory the ops' slices point into must stay mapped for the call.
+unsafe fn with_volume_ops<R>(ops: &[BatchOp], f: impl FnOnce(&[VolumeOp<'_>]) -> R) -> R {
+    let pieces: Vec<Vec<&[u8]>> = ops
+        .iter()
+        .map(|op| match op {
+            // SAFETY: the caller keeps the mapping alive.
+            BatchOp::Write { data, .. } => data.iter().map(|s| unsafe { s.bytes() }).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let volume_ops: Vec<VolumeOp<'_>> = ops
+        .iter()
+        .zip(&pieces)
+        .map(|(op, data)| match *op {
+            BatchOp::Write { offset, .. } => VolumeOp::Write { offset, data },
+            BatchOp::WriteZeroes { offset, len } => VolumeOp::WriteZeroes { offset, len },
+            BatchOp::Discard { offset, len } => VolumeOp::Discard { offset, len },
+        })
+        .collect();
+    f(&volume_ops)
+}
+
+/// Where a request's completion goes.
+#[derive(Clone)]
+struct Completer {
+    mem: GuestMemoryLoadGuard<GuestMemoryMmap>,
+    vring: VringRwLock,
+    event_idx: bool,
+    counters: Arc<Counters>,
+}
+
+impl Completer {
+    /// Writes the status byte (when the chain has one), puts the chain on the used ring and
+    /// signals the driver if it wants to be.
+    fn complete(&self, head: u16, status_at: Option<GuestAddress>, completion: &Completion) -> io::Result<()> {
+        if completion.status != STATUS_OK as u8 {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let used = status_at.map_or(0, |at| match self.mem.write_obj(completion.status, at) {
+            Ok(()) => completion.written + 1,
+            Err(e) => {
+                log::warn!("cannot write a request status: {e}");
+                0
+            }
+        });
+        let queue_error = |e: virtio_queue::Error| io::Error::other(e.to_string());
+        self.vring.add_used(head, used).map_err(queue_error)?;
+        if !self.event_idx || self.vring.needs_notification().map_err(queue_error)? {
+            self.vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+/// A request of a batch: where to complete it and which ops it consists of.
+struct BatchRequest {
+    head: u16,
+    status_at: GuestAddress,
+    /// Index of its last op in the batch.
+    last_op: usize,
+    bytes: u64,
+}
+
+/// A journaled batch on its way to the volume: the applier writes it and completes each
+/// request as soon as its ops are written.
+struct ApplyJob {
+    journaled: Journaled,
+    ops: Vec<BatchOp>,
+    requests: Vec<BatchRequest>,
+    /// Set when the batch must fail although it is journaled (a write-through sync failed).
+    failed: bool,
+    /// Holds the guest memory the ops point into.
+    completer: Completer,
+}
+
+impl ApplyJob {
+    fn run(self, store: &Store) {
+        let Self { journaled, ops, requests, failed, completer } = self;
+        let mut requests = requests.into_iter().peekable();
+        let complete = |request: BatchRequest, ok: bool| {
+            let completion = if ok { Completion::ok(0) } else { Completion::ioerr() };
+            if ok {
+                completer.counters.bytes_written.fetch_add(request.bytes, Ordering::Relaxed);
+            }
+            if let Err(e) = completer.complete(request.head, Some(request.status_at), &completion) {
+                log::warn!("cannot complete a request: {e}");
+            }
+        };
+        let on_applied = |op: usize| {
+            while let Some(request) = requests.next_if(|r| !failed && r.last_op == op) {
+                complete(request, true);
+            }
+        };
+        // SAFETY: `completer.mem` keeps the mapping alive until the job is dropped.
+        let applied = unsafe { with_volume_ops(&ops, |volume_ops| store.apply(journaled, volume_ops, on_applied)) };
+        if let Err(e) = applied {
+            log::error!("journaled write not applied to the volume: {e}");
+        }
+        // Whatever was not completed as applied fails.
+        for request in requests {
+            complete(request, false);
+        }
+    }
+}
+
+/// Jobs handed to an applier and not yet completed.
+#[derive(Default)]
+struct PendingJobs {
+    count: Mutex<(usize, bool)>,
+    /// Signalled when the count drops to zero while someone waits (the bool above).
+    drained: Condvar,
+}
+
+impl PendingJobs {
+    fn add(&self) {
+        self.count.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+    }
+
+    fn done(&self) {
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        count.0 -= 1;
+        if count.0 == 0 && count.1 {
+            self.drained.notify_all();
+        }
+    }
+
+    fn wait_drained(&self) {
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while count.0 > 0 {
+            count.1 = true;
+            count = self.drained.wait(count).unwrap_or_else(|p| p.into_inner());
+        }
+        count.1 = false;
+    }
+}
+
+/// A queue's applier thread and what waits for it.
+struct Applier {
+    /// None only while dropping.
+    jobs: Mutex<Option<mpsc::Sender<ApplyJob>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pending: Arc<PendingJobs>,
+    /// Held by the queue's worker for a whole pass, so stopping the queue can wait for it.
+    pass: Mutex<()>,
+}
+
+impl Applier {
+    fn spawn(queue: usize, store: Arc<Store>) -> Self {
+        let (jobs, inbox) = mpsc::channel::<ApplyJob>();
+        let pending: Arc<PendingJobs> = Arc::default();
+        let done = Arc::clone(&pending);
+        let spawned = std::thread::Builder::new().name(format!("rewind-apply-{queue}")).spawn(move || {
+            for job in inbox {
+                job.run(&store);
+                done.done();
+            }
+        });
+        let thread = spawned
+            // Jobs then run on the queue's worker (see `hand_over`).
+            .map_err(|e| log::warn!("cannot start the applier thread of queue {queue}: {e}"))
+            .ok();
+        Self { jobs: Mutex::new(Some(jobs)), thread, pending, pass: Mutex::new(()) }
+    }
+
+    /// Hands a job to the applier thread, or runs it here if that thread is gone.
+    fn hand_over(&self, job: ApplyJob, store: &Store) {
+        self.pending.add();
+        let sent = match &*self.jobs.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(jobs) => jobs.send(job),
+            None => Err(mpsc::SendError(job)),
+        };
+        if let Err(mpsc::SendError(job)) = sent {
+            job.run(store);
+            self.pending.done();
+        }
+    }
+
+    /// Waits for the worker's current pass and every job handed over to complete.
+    /// (Dropping an applier also finishes its jobs, and its thread lets go of the store.)
+    fn quiesce(&self) {
+        let _pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
+        self.pending.wait_drained();
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("an applier thread panicked");
+            }
+        }
+    }
 }
 
 /// How one request ended: its status and the bytes it wrote into device-writable buffers.
@@ -81,7 +315,7 @@ impl Completion {
 }
 
 /// Host views of guest buffers. The pointers stay valid while the memory guard they came from
-/// is alive, which is the whole of one queue pass.
+/// is alive.
 fn host_slices(mem: &GuestMemoryMmap, buffers: &[(GuestAddress, u32)]) -> io::Result<Vec<(*mut u8, usize)>> {
     let mut out = Vec::with_capacity(buffers.len());
     for &(addr, len) in buffers {
@@ -93,6 +327,8 @@ fn host_slices(mem: &GuestMemoryMmap, buffers: &[(GuestAddress, u32)]) -> io::Re
     Ok(out)
 }
 
+type ParsedChain = Result<Parsed, virtio_blk::RequestError>;
+
 impl BlkBackend {
     pub fn new(store: Arc<Store>, options: BlkOptions) -> Self {
         let limits = Limits {
@@ -103,6 +339,7 @@ impl BlkBackend {
             max_discard_segments: 1,
             read_only: options.read_only,
         };
+        let appliers = (0..options.num_queues).map(|q| Applier::spawn(q, Arc::clone(&store))).collect();
         Self {
             store,
             options,
@@ -111,7 +348,8 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             writeback: AtomicBool::new(true),
             exit_notifiers: Mutex::new(Vec::new()),
-            counters: Counters::default(),
+            appliers,
+            counters: Arc::default(),
             connected: AtomicBool::new(false),
         }
     }
@@ -140,9 +378,11 @@ impl BlkBackend {
         }
     }
 
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
         let memory = self.memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(memory) = memory else { return Ok(()) };
+        let applier = &self.appliers[queue];
+        let _pass = applier.pass.lock().unwrap_or_else(|p| p.into_inner());
         let queue_error = |e: virtio_queue::Error| io::Error::other(e.to_string());
         loop {
             // A fresh view each pass: the frontend may add memory regions (ADD_MEM_REG) while
@@ -170,151 +410,114 @@ impl BlkBackend {
                 }
                 chains
             };
-            let parsed: Vec<Result<Parsed, virtio_blk::RequestError>> =
-                chains.iter().map(|(_, descs)| virtio_blk::parse(descs, &mem, &self.limits)).collect();
-            // Each request is completed as soon as its own I/O is done, so the driver can
-            // refill the queue while the rest of the pass runs.
-            let mut complete = |i: usize, completion: Completion| -> io::Result<()> {
-                let used = match &parsed[i] {
-                    Ok(p) => self.finish(&mem, p.status, &completion),
-                    Err(e) => {
-                        log::warn!("refused a request: {e}");
-                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                        e.status.map_or(0, |status| self.finish(&mem, status, &completion))
-                    }
-                };
-                vring.add_used(chains[i].0, used).map_err(queue_error)?;
-                if !event_idx || vring.needs_notification().map_err(queue_error)? {
-                    vring.signal_used_queue()?;
-                }
-                Ok(())
-            };
-            self.execute(&mem, &parsed, &mut complete)?;
+            let parsed: Vec<(u16, ParsedChain)> =
+                chains.into_iter().map(|(head, descs)| (head, virtio_blk::parse(&descs, &mem, &self.limits))).collect();
+            let completer =
+                Completer { mem, vring: vring.clone(), event_idx, counters: Arc::clone(&self.counters) };
+            self.execute(applier, &completer, &parsed)?;
             if !event_idx || !vring.enable_notification().map_err(queue_error)? {
                 return Ok(());
             }
         }
     }
 
-    /// Writes the status byte; returns the used length to report.
-    fn finish(&self, mem: &GuestMemoryMmap, status: GuestAddress, completion: &Completion) -> u32 {
-        if completion.status != STATUS_OK as u8 {
-            self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        match mem.write_obj(completion.status, status) {
-            Ok(()) => completion.written + 1,
-            Err(e) => {
-                log::warn!("cannot write a request status: {e}");
-                0
-            }
-        }
-    }
-
-    /// Executes the parsed requests of one pass, in order, batching consecutive volume writes
-    /// into one journal append, and hands each result to `complete` as soon as it is known.
-    fn execute(
-        &self,
-        mem: &GuestMemoryMmap,
-        parsed: &[Result<Parsed, virtio_blk::RequestError>],
-        complete: &mut dyn FnMut(usize, Completion) -> io::Result<()>,
-    ) -> io::Result<()> {
-        let mut batch: Vec<usize> = Vec::new();
+    /// Executes the parsed requests of one pass in order. Consecutive volume writes go to the
+    /// journal as one batch and on to the applier; everything else completes here, as soon as
+    /// its own I/O is done, so the driver can refill the queue while the rest of the pass runs.
+    fn execute(&self, applier: &Applier, completer: &Completer, parsed: &[(u16, ParsedChain)]) -> io::Result<()> {
+        let mut batch: Vec<(u16, &Parsed)> = Vec::new();
         let mut batch_bytes = 0;
-        for (i, result) in parsed.iter().enumerate() {
-            let Ok(p) = result else {
-                complete(i, Completion::ioerr())?;
-                continue;
+        for (head, result) in parsed {
+            let p = match result {
+                Ok(p) => p,
+                Err(e) => {
+                    log::warn!("refused a request: {e}");
+                    completer.complete(*head, e.status, &Completion::ioerr())?;
+                    continue;
+                }
             };
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             if matches!(p.request, Request::Write { .. } | Request::Discard { .. } | Request::WriteZeroes { .. }) {
-                batch.push(i);
+                batch.push((*head, p));
                 if let Request::Write { buffers, .. } = &p.request {
                     batch_bytes += virtio_blk::total_len(buffers);
                 }
                 // Small writes share one journal append; large ones gain nothing from waiting
                 // for each other, and their completions would be held back.
                 if batch_bytes >= BATCH_BYTES {
-                    self.submit_batch(mem, parsed, &mut batch, complete)?;
+                    self.submit_batch(applier, completer, &mut batch)?;
                     batch_bytes = 0;
                 }
                 continue;
             }
-            // Everything else is ordered after the writes before it.
-            self.submit_batch(mem, parsed, &mut batch, complete)?;
+            // Reads wait in the store for the batches they overlap; FLUSH covers every batch
+            // journaled so far; markers are numbered after them.
+            self.submit_batch(applier, completer, &mut batch)?;
             batch_bytes = 0;
-            complete(i, self.execute_one(mem, &p.request))?;
+            completer.complete(*head, Some(p.status), &self.execute_one(&completer.mem, &p.request))?;
         }
-        self.submit_batch(mem, parsed, &mut batch, complete)
+        self.submit_batch(applier, completer, &mut batch)
     }
 
-    fn submit_batch(
-        &self,
-        mem: &GuestMemoryMmap,
-        parsed: &[Result<Parsed, virtio_blk::RequestError>],
-        batch: &mut Vec<usize>,
-        complete: &mut dyn FnMut(usize, Completion) -> io::Result<()>,
-    ) -> io::Result<()> {
+    /// Journals a batch and hands it to the applier; if it cannot be journaled, fails it here.
+    fn submit_batch(&self, applier: &Applier, completer: &Completer, batch: &mut Vec<(u16, &Parsed)>) -> io::Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        let outcome =
-            self.write_batch(mem, batch.iter().map(|&i| &parsed[i].as_ref().expect("batched requests parsed").request));
-        let ok = match outcome {
-            Ok(bytes) => {
-                self.counters.bytes_written.fetch_add(bytes, Ordering::Relaxed);
-                true
+        match self.journal_batch(&completer.mem, batch) {
+            Ok((journaled, ops, requests)) => {
+                // Without a write-back cache each write must be durable before it completes.
+                let failed = match self.writeback.load(Ordering::Relaxed) {
+                    true => false,
+                    false => self.store.sync().map_err(|e| log::error!("write-through sync failed: {e}")).is_err(),
+                };
+                let job = ApplyJob { journaled, ops, requests, failed, completer: completer.clone() };
+                applier.hand_over(job, &self.store);
             }
             Err(e) => {
                 log::error!("journaled write failed: {e}");
-                false
+                for &(head, p) in batch.iter() {
+                    completer.complete(head, Some(p.status), &Completion::ioerr())?;
+                }
             }
-        };
-        for i in batch.drain(..) {
-            complete(i, if ok { Completion::ok(0) } else { Completion::ioerr() })?;
         }
+        batch.clear();
         Ok(())
     }
 
-    fn write_batch<'r>(&self, mem: &GuestMemoryMmap, requests: impl Iterator<Item = &'r Request>) -> io::Result<u64> {
-        let mut pieces: Vec<Vec<&[u8]>> = Vec::new();
-        let mut shapes: Vec<(u64, Option<u64>, bool)> = Vec::new();
-        let mut bytes = 0;
-        for request in requests {
-            match request {
+    /// Appends a batch's writes to the journal; returns the ticket, the ops and the requests.
+    fn journal_batch(
+        &self,
+        mem: &GuestMemoryMmap,
+        batch: &[(u16, &Parsed)],
+    ) -> io::Result<(Journaled, Vec<BatchOp>, Vec<BatchRequest>)> {
+        let mut ops = Vec::new();
+        let mut requests = Vec::with_capacity(batch.len());
+        for &(head, p) in batch {
+            let mut bytes = 0;
+            match &p.request {
                 Request::Write { offset, buffers } => {
-                    let slices = host_slices(mem, buffers)?
+                    let data = host_slices(mem, buffers)?
                         .into_iter()
-                        // SAFETY: the guest memory mapping outlives this call (the caller holds the
-                        // memory guard); the guest may change the bytes meanwhile, as with any
-                        // device doing DMA, which only affects what it gets written.
-                        .map(|(ptr, len)| unsafe { std::slice::from_raw_parts(ptr as *const u8, len) })
+                        .map(|(ptr, len)| GuestSlice { ptr: ptr as *const u8, len })
                         .collect();
-                    pieces.push(slices);
-                    shapes.push((*offset, None, false));
-                    bytes += virtio_blk::total_len(buffers);
+                    ops.push(BatchOp::Write { offset: *offset, data });
+                    bytes = virtio_blk::total_len(buffers);
                 }
-                Request::Discard { ranges } => ranges.iter().for_each(|&(o, l)| shapes.push((o, Some(l), true))),
+                Request::Discard { ranges } => {
+                    ops.extend(ranges.iter().map(|&(offset, len)| BatchOp::Discard { offset, len }))
+                }
                 Request::WriteZeroes { ranges, .. } => {
-                    ranges.iter().for_each(|&(o, l)| shapes.push((o, Some(l), false)))
+                    ops.extend(ranges.iter().map(|&(offset, len)| BatchOp::WriteZeroes { offset, len }))
                 }
                 _ => unreachable!("only volume writes are batched"),
             }
+            // Parsing guarantees at least one range per request, so this request's ops end here.
+            requests.push(BatchRequest { head, status_at: p.status, last_op: ops.len() - 1, bytes });
         }
-        let mut data = pieces.iter();
-        let ops: Vec<VolumeOp<'_>> = shapes
-            .iter()
-            .map(|&(offset, len, discard)| match (len, discard) {
-                (None, _) => VolumeOp::Write { offset, data: data.next().expect("one data list per write") },
-                (Some(len), true) => VolumeOp::Discard { offset, len },
-                (Some(len), false) => VolumeOp::WriteZeroes { offset, len },
-            })
-            .collect();
-        self.store.submit(&ops).map_err(io::Error::other)?;
-        // Without a write-back cache each write must be durable before it completes.
-        if !self.writeback.load(Ordering::Relaxed) {
-            self.store.sync().map_err(io::Error::other)?;
-        }
-        Ok(bytes)
+        // SAFETY: the caller holds the memory guard `mem` comes from.
+        let journaled = unsafe { with_volume_ops(&ops, |volume_ops| self.store.journal(volume_ops)) };
+        Ok((journaled.map_err(io::Error::other)?, ops, requests))
     }
 
     fn execute_one(&self, mem: &GuestMemoryMmap, request: &Request) -> Completion {
@@ -332,7 +535,8 @@ impl BlkBackend {
             Request::Read { offset, buffers } => {
                 let mut at = *offset;
                 for (ptr, len) in host_slices(mem, buffers)? {
-                    // SAFETY: as in write_batch; the buffer is device-writable guest memory.
+                    // SAFETY: the pass holds the memory guard; the buffer is device-writable
+                    // guest memory.
                     let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
                     self.store.read(at, buf).map_err(io::Error::other)?;
                     at += len as u64;
@@ -480,6 +684,14 @@ impl VhostUserBackend for BlkBackend {
         (0..self.options.num_queues).map(|q| 1u64 << q).collect()
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // After GET_VRING_BASE the frontend owns the ring again: nothing may complete later.
+        if let Some(applier) = self.appliers.get(queue_index as usize) {
+            applier.quiesce();
+        }
+        Ok(())
+    }
+
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
         let ours = notifier.try_clone().ok()?;
@@ -500,6 +712,6 @@ impl VhostUserBackend for BlkBackend {
         let vring = vrings
             .get(device_event as usize)
             .ok_or_else(|| io::Error::other(format!("event for unknown queue {device_event}")))?;
-        self.process_queue(vring)
+        self.process_queue(device_event as usize, vring)
     }
 }

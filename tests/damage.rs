@@ -21,6 +21,8 @@ struct Fixture {
     states: Vec<Vec<u8>>,
     /// Byte offset of each record in the (single) segment, in order.
     record_offsets: Vec<u64>,
+    /// Where the last record ends (segments are preallocated, so the file goes on).
+    journal_end: u64,
 }
 
 impl Fixture {
@@ -49,7 +51,7 @@ impl Fixture {
         } else {
             drop(store);
         }
-        Self { _dir: dir, image, states, record_offsets }
+        Self { _dir: dir, image, states, record_offsets, journal_end: position }
     }
 
     fn store_dir(&self) -> PathBuf {
@@ -142,12 +144,22 @@ fn truncation_at_every_byte_of_the_last_records_cuts_back_to_the_last_whole_reco
     for clean in [false, true] {
         let fixture = Fixture::new(12, 1 << 20, clean);
         let segment = fixture.segments().pop().unwrap();
-        let full_len = fs::metadata(&segment).unwrap().len();
+        let full_len = fixture.journal_end;
         let first_cut = fixture.record_offsets[9];
-        for cut in first_cut..full_len {
+        // Every byte truncated (a file system that does not preallocate); every 61st byte
+        // zeroed to the end with the file's length kept (pages of a preallocated segment that
+        // never reached the disk).
+        let truncations = (first_cut..full_len).map(|cut| (cut, false));
+        let zeroings = (first_cut..full_len).step_by(61).map(|cut| (cut, true));
+        for (cut, zeroed) in truncations.chain(zeroings) {
             let (_dir, image) = fixture.copy();
             let damaged = rewind::store::default_store_dir(&image).join("journal").join(segment.file_name().unwrap());
-            fs::OpenOptions::new().write(true).open(&damaged).unwrap().set_len(cut).unwrap();
+            let file = fs::OpenOptions::new().write(true).open(&damaged).unwrap();
+            if zeroed {
+                std::os::unix::fs::FileExt::write_all_at(&file, &vec![0; (full_len - cut) as usize], cut).unwrap();
+            } else {
+                file.set_len(cut).unwrap();
+            }
             if !clean {
                 simulate_power_loss(&image);
             }
@@ -157,7 +169,8 @@ fn truncation_at_every_byte_of_the_last_records_cuts_back_to_the_last_whole_reco
                 end <= cut
             });
             let expected_head = whole_records.count() as Seq;
-            assert_cut_back_to(&image, &fixture, expected_head, &format!("cut at {cut} (clean close: {clean})"));
+            let what = format!("{} at {cut} (clean close: {clean})", if zeroed { "zeroed" } else { "cut" });
+            assert_cut_back_to(&image, &fixture, expected_head, &what);
         }
     }
 }

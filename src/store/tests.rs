@@ -18,7 +18,15 @@ fn concurrent_writers_on_overlapping_ranges_keep_volume_and_journal_in_step() {
                 for i in 0..300u64 {
                     // Every thread hits the same 16 KiB so that order matters.
                     let offset = (i * 512 * (t as u64 + 1)) % (16 * 1024);
-                    store.write(offset, &[t * 50 + (i % 50) as u8; 1024]).unwrap();
+                    let first = [t * 50 + (i % 50) as u8; 1024];
+                    let second = [!first[0]; 8192];
+                    // Two ops per batch, the second one large, so that applies (which run
+                    // outside the writer lock) overlap in time and in range.
+                    let ops = [
+                        VolumeOp::Write { offset, data: &[&first] },
+                        VolumeOp::Write { offset: (offset * 3) % (24 * 1024), data: &[&second] },
+                    ];
+                    store.submit(&ops).unwrap();
                     if i % 37 == 0 {
                         store.sync().unwrap();
                     }
@@ -33,7 +41,7 @@ fn concurrent_writers_on_overlapping_ranges_keep_volume_and_journal_in_step() {
     let store = Arc::into_inner(store).unwrap();
     // verify rebuilds state(head) from the journal alone and compares it with the volume.
     let report = store.verify(&mut |_, _| {}).unwrap();
-    assert_eq!(report.head, 4 * 300 + 4 * 3);
+    assert_eq!(report.head, 4 * 300 * 2 + 4 * 3);
     store.close().unwrap();
 }
 
@@ -116,4 +124,45 @@ fn snapshot_cost_follows_the_changed_bytes_not_the_volume_size() {
     assert_eq!(info.data_bytes, 16 * 8192);
     assert_eq!(info.extents, 16);
     store.close().unwrap();
+}
+
+#[test]
+fn a_later_batch_waits_for_an_earlier_overlapping_one_and_reads_wait_for_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 64 * 1024));
+    let older = [1u8; 4096];
+    let newer = [2u8; 4096];
+    let older_ops = [VolumeOp::Write { offset: 0, data: &[&older] }];
+    let first = store.journal(&older_ops).unwrap();
+    let second = store.journal(&[VolumeOp::Write { offset: 2048, data: &[&newer] }]).unwrap();
+    let disjoint = store.journal(&[VolumeOp::Write { offset: 32768, data: &[&newer] }]).unwrap();
+    // A batch that overlaps nothing earlier applies at once.
+    store.apply(disjoint, &[VolumeOp::Write { offset: 32768, data: &[&newer] }], |_| {}).unwrap();
+    let later = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || {
+            store.apply(second, &[VolumeOp::Write { offset: 2048, data: &[&[2u8; 4096]] }], |_| {}).unwrap()
+        })
+    };
+    let reader = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 8192];
+            store.read(0, &mut buf).unwrap();
+            buf
+        })
+    };
+    // Give a wrong early apply or read time to happen before the older batch is applied.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    store.apply(first, &older_ops, |_| {}).unwrap();
+    assert_eq!(later.join().unwrap(), 2);
+    let read = reader.join().unwrap();
+    let mut expected = vec![0u8; 8192];
+    expected[..2048].fill(1);
+    expected[2048..6144].fill(2);
+    assert!(read == expected, "the read saw the batches half applied or out of order");
+    let mut volume = vec![0u8; 8192];
+    store.read(0, &mut volume).unwrap();
+    assert!(volume == expected, "the later batch was applied before the earlier one");
+    Arc::into_inner(store).unwrap().verify(&mut |_, _| {}).unwrap();
 }
