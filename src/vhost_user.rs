@@ -704,14 +704,17 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread: usize,
+        thread: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
+        // `vrings` are this thread's and `device_event` indexes them; thread N serves queue N
+        // alone (queues_per_thread), so the queue is the thread's.
         let vring = vrings
             .get(device_event as usize)
-            .ok_or_else(|| io::Error::other(format!("event for unknown queue {device_event}")))?;
-        self.process_queue(device_event as usize, vring)
+            .filter(|_| device_event == 0 && thread < self.appliers.len())
+            .ok_or_else(|| io::Error::other(format!("event {device_event} on thread {thread} names no queue")))?;
+        self.process_queue(thread, vring)
     }
 }
