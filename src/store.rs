@@ -172,6 +172,10 @@ struct Writer {
     markers: MarkerIndex,
 }
 
+/// The writes a read must see: those journaled before the fence was taken.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadFence(Seq);
+
 /// A batch in the journal whose writes still have to reach the volume ([`Store::apply`]).
 pub struct Journaled {
     ticket: ApplyTicket,
@@ -497,7 +501,7 @@ impl Store {
         let first = writer.journal.append(&records)?;
         let ranges = ops.iter().map(|op| op.range()).map(|(offset, len)| (offset, offset + len)).collect();
         // Registered before the writer lock is released, so batches queue in sequence order.
-        let ticket = self.applying.register(first, ranges);
+        let ticket = self.applying.register(first, ops.len(), ranges);
         Ok(Journaled { ticket, count: ops.len() })
     }
 
@@ -560,11 +564,21 @@ impl Store {
         Ok(())
     }
 
-    /// Reads the volume. A write still being applied to any of these bytes is waited for, so
-    /// a read never sees a batch half applied.
+    /// Reads the volume. A write journaled before the read and still being applied to any of
+    /// these bytes is waited for, so a read never sees such a batch half applied.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_after(self.read_fence(), offset, buf)
+    }
+
+    /// Marks the writes a read issued now must see (for a read carried out later, elsewhere).
+    pub fn read_fence(&self) -> ReadFence {
+        ReadFence(self.applying.fence())
+    }
+
+    /// Reads the volume as [`read`](Self::read) would have when `fence` was taken (or newer).
+    pub fn read_after(&self, fence: ReadFence, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.volume_size)?;
-        self.applying.wait_for_range(offset, offset + buf.len() as u64);
+        self.applying.wait_for_range(offset, offset + buf.len() as u64, fence.0);
         self.volume.read_exact_at(buf, offset).context(|| format!("reading {} at {offset}", self.image.display()))
     }
 

@@ -27,7 +27,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::marker::MarkerSource;
-use crate::store::{Journaled, Store, VolumeOp};
+use crate::store::{Journaled, ReadFence, Store, VolumeOp};
 use crate::virtio_blk::{self, ConfigSpace, Desc, Limits, Parsed, Request, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
 /// Data descriptors per request: Linux's default for a 256-entry queue, less header and status.
@@ -74,7 +74,7 @@ pub struct BlkBackend {
 /// A guest buffer as the host sees it.
 #[derive(Clone, Copy)]
 struct GuestSlice {
-    ptr: *const u8,
+    ptr: *mut u8,
     len: usize,
 }
 
@@ -90,6 +90,27 @@ impl GuestSlice {
         // any device doing DMA, which only affects what gets written.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
+
+    /// # Safety
+    /// As for `bytes`, and the buffer must be device-writable.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn bytes_mut<'a>(self) -> &'a mut [u8] {
+        // SAFETY: as the caller promises.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// Host views of guest buffers. The pointers stay valid while the memory guard they came from
+/// is alive.
+fn host_slices(mem: &GuestMemoryMmap, buffers: &[(GuestAddress, u32)]) -> io::Result<Vec<GuestSlice>> {
+    let mut out = Vec::with_capacity(buffers.len());
+    for &(addr, len) in buffers {
+        for slice in mem.get_slices(addr, len as usize) {
+            let slice = slice.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            out.push(GuestSlice { ptr: slice.ptr_guard_mut().as_ptr(), len: slice.len() });
+        }
+    }
+    Ok(out)
 }
 
 /// A volume write of a batch, with its data still in guest memory.
@@ -153,6 +174,64 @@ impl Completer {
             self.vring.signal_used_queue()?;
         }
         Ok(())
+    }
+}
+
+/// Reads `offset..` into device-writable guest buffers; returns the bytes read.
+///
+/// # Safety
+/// The guest memory the slices point into must stay mapped for the call.
+unsafe fn read_into(store: &Store, fence: ReadFence, offset: u64, buffers: &[GuestSlice]) -> io::Result<u64> {
+    let mut at = offset;
+    for &slice in buffers {
+        // SAFETY: the caller keeps the mapping alive; reads target device-writable buffers.
+        store.read_after(fence, at, unsafe { slice.bytes_mut() }).map_err(io::Error::other)?;
+        at += slice.len as u64;
+    }
+    Ok(at - offset)
+}
+
+/// Reads handed to the applier while it has nothing else to do, so both threads serve them.
+struct ReadJob {
+    /// Each read's descriptor head, status byte, offset and buffers.
+    reads: Vec<(u16, GuestAddress, u64, Vec<GuestSlice>)>,
+    fence: ReadFence,
+    completer: Completer,
+}
+
+impl ReadJob {
+    fn run(self, store: &Store) {
+        for (head, status_at, offset, buffers) in self.reads {
+            // SAFETY: `completer.mem` keeps the mapping alive until the job is dropped.
+            let completion = match unsafe { read_into(store, self.fence, offset, &buffers) } {
+                Ok(len) => {
+                    self.completer.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+                    Completion::ok(len as u32)
+                }
+                Err(e) => {
+                    log::warn!("request failed: {e}");
+                    Completion::ioerr()
+                }
+            };
+            if let Err(e) = self.completer.complete(head, Some(status_at), &completion) {
+                log::warn!("cannot complete a request: {e}");
+            }
+        }
+    }
+}
+
+/// Work for a queue's applier thread.
+enum Job {
+    Apply(ApplyJob),
+    Read(ReadJob),
+}
+
+impl Job {
+    fn run(self, store: &Store) {
+        match self {
+            Self::Apply(job) => job.run(store),
+            Self::Read(job) => job.run(store),
+        }
     }
 }
 
@@ -220,6 +299,10 @@ impl PendingJobs {
         self.count.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
     }
 
+    fn is_idle(&self) -> bool {
+        self.count.lock().unwrap_or_else(|p| p.into_inner()).0 == 0
+    }
+
     fn done(&self) {
         let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
         count.0 -= 1;
@@ -241,7 +324,7 @@ impl PendingJobs {
 /// A queue's applier thread and what waits for it.
 struct Applier {
     /// None only while dropping.
-    jobs: Mutex<Option<mpsc::Sender<ApplyJob>>>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     pending: Arc<PendingJobs>,
     /// Held by the queue's worker for a whole pass, so stopping the queue can wait for it.
@@ -250,7 +333,7 @@ struct Applier {
 
 impl Applier {
     fn spawn(queue: usize, store: Arc<Store>) -> Self {
-        let (jobs, inbox) = mpsc::channel::<ApplyJob>();
+        let (jobs, inbox) = mpsc::channel::<Job>();
         let pending: Arc<PendingJobs> = Arc::default();
         let done = Arc::clone(&pending);
         let spawned = std::thread::Builder::new().name(format!("rewind-apply-{queue}")).spawn(move || {
@@ -267,7 +350,7 @@ impl Applier {
     }
 
     /// Hands a job to the applier thread, or runs it here if that thread is gone.
-    fn hand_over(&self, job: ApplyJob, store: &Store) {
+    fn hand_over(&self, job: Job, store: &Store) {
         self.pending.add();
         let sent = match &*self.jobs.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(jobs) => jobs.send(job),
@@ -312,19 +395,6 @@ impl Completion {
     fn ioerr() -> Self {
         Self { status: STATUS_IOERR as u8, written: 0 }
     }
-}
-
-/// Host views of guest buffers. The pointers stay valid while the memory guard they came from
-/// is alive.
-fn host_slices(mem: &GuestMemoryMmap, buffers: &[(GuestAddress, u32)]) -> io::Result<Vec<(*mut u8, usize)>> {
-    let mut out = Vec::with_capacity(buffers.len());
-    for &(addr, len) in buffers {
-        for slice in mem.get_slices(addr, len as usize) {
-            let slice = slice.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-            out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
-        }
-    }
-    Ok(out)
 }
 
 type ParsedChain = Result<Parsed, virtio_blk::RequestError>;
@@ -422,11 +492,14 @@ impl BlkBackend {
     }
 
     /// Executes the parsed requests of one pass in order. Consecutive volume writes go to the
-    /// journal as one batch and on to the applier; everything else completes here, as soon as
-    /// its own I/O is done, so the driver can refill the queue while the rest of the pass runs.
+    /// journal as one batch and on to the applier; consecutive reads are shared with the
+    /// applier when it is idle; everything else completes here. Each request completes as soon
+    /// as its own I/O is done, so the driver can refill the queue while the rest of the pass
+    /// runs.
     fn execute(&self, applier: &Applier, completer: &Completer, parsed: &[(u16, ParsedChain)]) -> io::Result<()> {
         let mut batch: Vec<(u16, &Parsed)> = Vec::new();
         let mut batch_bytes = 0;
+        let mut reads: Vec<(u16, &Parsed)> = Vec::new();
         for (head, result) in parsed {
             let p = match result {
                 Ok(p) => p,
@@ -437,26 +510,62 @@ impl BlkBackend {
                 }
             };
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            if matches!(p.request, Request::Write { .. } | Request::Discard { .. } | Request::WriteZeroes { .. }) {
-                batch.push((*head, p));
-                if let Request::Write { buffers, .. } = &p.request {
-                    batch_bytes += virtio_blk::total_len(buffers);
+            match &p.request {
+                Request::Write { .. } | Request::Discard { .. } | Request::WriteZeroes { .. } => {
+                    self.run_reads(applier, completer, &mut reads)?;
+                    batch.push((*head, p));
+                    if let Request::Write { buffers, .. } = &p.request {
+                        batch_bytes += virtio_blk::total_len(buffers);
+                    }
+                    // Small writes share one journal append; large ones gain nothing from
+                    // waiting for each other, and their completions would be held back.
+                    if batch_bytes >= BATCH_BYTES {
+                        self.submit_batch(applier, completer, &mut batch)?;
+                        batch_bytes = 0;
+                    }
                 }
-                // Small writes share one journal append; large ones gain nothing from waiting
-                // for each other, and their completions would be held back.
-                if batch_bytes >= BATCH_BYTES {
+                // Reads wait in the store for the batches journaled before them that they
+                // overlap.
+                Request::Read { .. } => {
                     self.submit_batch(applier, completer, &mut batch)?;
                     batch_bytes = 0;
+                    reads.push((*head, p));
                 }
-                continue;
+                // FLUSH covers every batch journaled so far; markers are numbered after them.
+                _ => {
+                    self.submit_batch(applier, completer, &mut batch)?;
+                    batch_bytes = 0;
+                    self.run_reads(applier, completer, &mut reads)?;
+                    completer.complete(*head, Some(p.status), &self.execute_one(&completer.mem, &p.request))?;
+                }
             }
-            // Reads wait in the store for the batches they overlap; FLUSH covers every batch
-            // journaled so far; markers are numbered after them.
-            self.submit_batch(applier, completer, &mut batch)?;
-            batch_bytes = 0;
-            completer.complete(*head, Some(p.status), &self.execute_one(&completer.mem, &p.request))?;
         }
-        self.submit_batch(applier, completer, &mut batch)
+        self.submit_batch(applier, completer, &mut batch)?;
+        self.run_reads(applier, completer, &mut reads)
+    }
+
+    /// Carries out consecutive reads: the first half on the applier if it is idle (so two
+    /// threads serve them), the rest here.
+    fn run_reads(&self, applier: &Applier, completer: &Completer, reads: &mut Vec<(u16, &Parsed)>) -> io::Result<()> {
+        let shared = if reads.len() >= 2 && applier.pending.is_idle() { reads.len() / 2 } else { 0 };
+        let mut job = ReadJob { reads: Vec::new(), fence: self.store.read_fence(), completer: completer.clone() };
+        let mut here = Vec::new();
+        for (i, &(head, p)) in reads.iter().enumerate() {
+            let Request::Read { offset, buffers } = &p.request else { unreachable!("only reads are gathered") };
+            match host_slices(&completer.mem, buffers) {
+                Ok(slices) if i < shared => job.reads.push((head, p.status, *offset, slices)),
+                // Buffers outside guest memory fail here, with the error logged.
+                _ => here.push((head, p)),
+            }
+        }
+        if !job.reads.is_empty() {
+            applier.hand_over(Job::Read(job), &self.store);
+        }
+        for (head, p) in here {
+            completer.complete(head, Some(p.status), &self.execute_one(&completer.mem, &p.request))?;
+        }
+        reads.clear();
+        Ok(())
     }
 
     /// Journals a batch and hands it to the applier; if it cannot be journaled, fails it here.
@@ -472,7 +581,7 @@ impl BlkBackend {
                     false => self.store.sync().map_err(|e| log::error!("write-through sync failed: {e}")).is_err(),
                 };
                 let job = ApplyJob { journaled, ops, requests, failed, completer: completer.clone() };
-                applier.hand_over(job, &self.store);
+                applier.hand_over(Job::Apply(job), &self.store);
             }
             Err(e) => {
                 log::error!("journaled write failed: {e}");
@@ -497,11 +606,7 @@ impl BlkBackend {
             let mut bytes = 0;
             match &p.request {
                 Request::Write { offset, buffers } => {
-                    let data = host_slices(mem, buffers)?
-                        .into_iter()
-                        .map(|(ptr, len)| GuestSlice { ptr: ptr as *const u8, len })
-                        .collect();
-                    ops.push(BatchOp::Write { offset: *offset, data });
+                    ops.push(BatchOp::Write { offset: *offset, data: host_slices(mem, buffers)? });
                     bytes = virtio_blk::total_len(buffers);
                 }
                 Request::Discard { ranges } => {
@@ -533,17 +638,12 @@ impl BlkBackend {
     fn try_execute(&self, mem: &GuestMemoryMmap, request: &Request) -> io::Result<Completion> {
         Ok(match request {
             Request::Read { offset, buffers } => {
-                let mut at = *offset;
-                for (ptr, len) in host_slices(mem, buffers)? {
-                    // SAFETY: the pass holds the memory guard; the buffer is device-writable
-                    // guest memory.
-                    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-                    self.store.read(at, buf).map_err(io::Error::other)?;
-                    at += len as u64;
-                }
-                let len = at - offset;
-                self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
-                Completion::ok(len as u32)
+                // SAFETY: the pass holds the memory guard `mem` comes from.
+                unsafe { read_into(&self.store, self.store.read_fence(), *offset, &host_slices(mem, buffers)?) }
+                    .map(|len| {
+                        self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+                        Completion::ok(len as u32)
+                    })?
             }
             Request::Flush => {
                 self.store.sync().map_err(io::Error::other)?;

@@ -20,6 +20,8 @@ struct InFlight {
 struct State {
     /// Oldest first (sequence order, as registered under the writer lock).
     batches: Vec<InFlight>,
+    /// The sequence number after the newest batch registered.
+    registered_end: Seq,
     /// The first record that reached the journal but could not be applied to the volume: the
     /// volume lacks it and may lack any later one until they are re-applied.
     behind_from: Option<Seq>,
@@ -57,10 +59,13 @@ impl Applying {
 
     /// Registers a batch just appended to the journal. Call under the writer lock, so batches
     /// are registered in sequence order.
-    pub fn register(self: &Arc<Self>, first: Seq, mut ranges: Vec<(u64, u64)>) -> ApplyTicket {
+    pub fn register(self: &Arc<Self>, first: Seq, count: usize, mut ranges: Vec<(u64, u64)>) -> ApplyTicket {
         ranges.retain(|&(s, e)| e > s);
         ranges.sort_unstable();
-        self.lock().batches.push(InFlight { first, ranges });
+        let mut state = self.lock();
+        state.batches.push(InFlight { first, ranges });
+        state.registered_end = first + count as Seq;
+        drop(state);
         ApplyTicket { applying: Arc::clone(self), first, finished: false }
     }
 
@@ -78,10 +83,17 @@ impl Applying {
         }
     }
 
-    /// Waits until no batch in flight writes any byte of `[start, end)`.
-    pub fn wait_for_range(&self, start: u64, end: u64) {
+    /// Where a read issued now stands: it must see every batch registered so far.
+    pub fn fence(&self) -> Seq {
+        self.lock().registered_end
+    }
+
+    /// Waits until no batch registered before `fence` still writes any byte of `[start, end)`.
+    /// Later batches are not waited for: a read is concurrent with them, and the thread that
+    /// would apply one may be the one reading.
+    pub fn wait_for_range(&self, start: u64, end: u64, fence: Seq) {
         let mut state = self.lock();
-        while state.batches.iter().any(|b| overlaps(&b.ranges, start, end)) {
+        while state.batches.iter().take_while(|b| b.first < fence).any(|b| overlaps(&b.ranges, start, end)) {
             state = self.wait(state);
         }
     }
@@ -180,9 +192,9 @@ mod tests {
     #[test]
     fn a_batch_waits_only_for_earlier_overlapping_batches() {
         let applying = Arc::new(Applying::default());
-        let first = applying.register(1, vec![(0, 4096)]);
-        let disjoint = applying.register(2, vec![(8192, 12288)]);
-        let overlapping = applying.register(3, vec![(4000, 5000)]);
+        let first = applying.register(1, 1, vec![(0, 4096)]);
+        let disjoint = applying.register(2, 1, vec![(8192, 12288)]);
+        let overlapping = applying.register(3, 1, vec![(4000, 5000)]);
         // Disjoint from everything before it: its turn is now.
         applying.wait_turn(&disjoint);
         let waited = Arc::new(AtomicBool::new(false));
@@ -208,8 +220,8 @@ mod tests {
     #[test]
     fn a_dropped_ticket_marks_the_volume_behind() {
         let applying = Arc::new(Applying::default());
-        let ok = applying.register(5, vec![(0, 1)]);
-        drop(applying.register(7, vec![(0, 1)]));
+        let ok = applying.register(5, 1, vec![(0, 1)]);
+        drop(applying.register(7, 1, vec![(0, 1)]));
         ok.finish(true);
         applying.wait_through(100);
         assert_eq!(applying.behind_from(), Some(7));
