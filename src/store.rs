@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-use crate::journal::{Journal, JournalView, NewRecord, Payloads, RecordKind, Seq, TailRepair};
+use crate::journal::{Journal, JournalView, NewRecord, Payloads, RecordKind, Seq, SparePreparer, TailRepair};
 use crate::marker::{self, Marker, MarkerIndex, MarkerSource};
 use crate::recovery::{self, Progress, RecoveryReport, RecoveryTarget};
 use crate::retention::{self, RetentionPlan, RetentionPolicy, SegmentSummary};
@@ -212,6 +212,7 @@ pub struct Store {
     applying: Arc<Applying>,
     durable: Mutex<Seq>,
     recoverability: Mutex<Recoverability>,
+    _spares: SparePreparer,
 }
 
 /// The store directory used for `image` unless one is named: `IMAGE.rewind` beside it.
@@ -375,7 +376,7 @@ impl Store {
         let snapshots = SnapshotStore::open(&dir.join(SNAPSHOT_DIR), meta.volume_size)?;
         let mut markers = MarkerIndex::load_archive(&dir)?;
         let mut report = OpenReport::default();
-        let (journal, tail_repair) = Journal::open(
+        let (mut journal, tail_repair) = Journal::open(
             &dir.join(JOURNAL_DIR),
             *meta.uuid.as_bytes(),
             meta.segment_capacity,
@@ -428,6 +429,8 @@ impl Store {
             meta.applied_seq = head;
         }
         report.volume_rebuilt = rebuild_reason;
+        let spares = SparePreparer::spawn(&dir.join(JOURNAL_DIR), meta.segment_capacity);
+        journal.use_preparer(&spares);
         report.tail_repair = tail_repair;
         meta.open_in_boot = this_boot.or_else(|| Some("unknown".to_string()));
         write_meta(&dir, &meta)?;
@@ -442,6 +445,7 @@ impl Store {
             writer: Mutex::new(Writer { journal, markers }),
             applying: Arc::default(),
             durable: Mutex::new(0),
+            _spares: spares,
         };
         {
             let mut maintenance = lock_poisoned(store.maintenance.lock());

@@ -13,6 +13,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::IoSlice;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
@@ -29,6 +31,8 @@ pub type Seq = u64;
 /// than filling fresh ones.
 const MAX_SPARE_SEGMENTS: usize = 4;
 const SPARE_PREFIX: &str = "spare-";
+/// A spare being zero-filled; left behind only by a crash, and removed at open.
+const PREPARING_PREFIX: &str = "preparing-";
 
 /// A record to append: the journal assigns its sequence number and timestamp.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +78,9 @@ pub struct Journal {
     /// Sealed segments whose records may not be durable yet, and the journal directory after a
     /// segment was added to it: the next sync covers them.
     unsynced: Vec<Arc<File>>,
+    /// Asks a [`SparePreparer`] for a spare: at the first append and at every roll-over.
+    spare_wanted: Option<SyncSender<()>>,
+    asked_for_spare: bool,
 }
 
 /// Why a walk over a segment stopped before its file ended or at a record it could not use.
@@ -189,6 +196,8 @@ impl Journal {
             last_timestamp_ns: 0,
             next_segment_index,
             unsynced: Vec::new(),
+            spare_wanted: None,
+            asked_for_spare: false,
         }
     }
 
@@ -196,6 +205,8 @@ impl Journal {
     pub fn create(dir: &Path, store_uuid: [u8; 16], segment_capacity: u64, first_seq: Seq) -> Result<Self> {
         fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
         let mut journal = Self::without_segments(dir, store_uuid, segment_capacity, 0);
+        // The first segment is zero-filled too, so flushes are cheap from the first write on.
+        prepare_spare(dir, segment_capacity)?;
         journal.start_segment(first_seq)?;
         Ok(journal)
     }
@@ -218,6 +229,10 @@ impl Journal {
             let entry = entry.context(|| format!("listing {}", dir.display()))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
+            if name.starts_with(PREPARING_PREFIX) {
+                fs::remove_file(entry.path()).context(|| format!("removing {}", entry.path().display()))?;
+                continue;
+            }
             if let Some(hex) = name.strip_suffix(".seg").filter(|s| !s.starts_with(SPARE_PREFIX)) {
                 if let Ok(index) = u64::from_str_radix(hex, 16) {
                     indexes.push(index);
@@ -381,6 +396,10 @@ impl Journal {
     /// sequence number of the first. On error nothing is appended: the numbers are not used and
     /// whatever bytes reached the file past the old end are overwritten by the next append.
     pub fn append(&mut self, records: &[NewRecord<'_>]) -> Result<Seq> {
+        if !self.asked_for_spare {
+            self.asked_for_spare = true;
+            self.want_spare();
+        }
         let first = self.next_seq();
         let mut start = 0;
         while start < records.len() {
@@ -474,13 +493,16 @@ impl Journal {
     fn start_segment(&mut self, first_seq: Seq) -> Result<()> {
         let index = self.next_segment_index;
         let path = self.dir.join(Segment::file_name(index));
-        let reused = match self.spare_paths()?.into_iter().next() {
+        let reused = match spare_paths(&self.dir)?.into_iter().next() {
             Some(spare) => {
                 fs::rename(&spare, &path).context(|| format!("reusing {}", spare.display()))?;
                 true
             }
             None => false,
         };
+        if self.asked_for_spare {
+            self.want_spare();
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -514,23 +536,23 @@ impl Journal {
         Ok(())
     }
 
-    fn spare_paths(&self) -> Result<Vec<PathBuf>> {
-        let mut spares = Vec::new();
-        for entry in fs::read_dir(&self.dir).context(|| format!("listing {}", self.dir.display()))? {
-            let entry = entry.context(|| format!("listing {}", self.dir.display()))?;
-            if entry.file_name().to_string_lossy().starts_with(SPARE_PREFIX) {
-                spares.push(entry.path());
-            }
+    /// Has `preparer` keep a spare segment ready for the next roll-over.
+    pub fn use_preparer(&mut self, preparer: &SparePreparer) {
+        self.spare_wanted = Some(preparer.wake.clone());
+    }
+
+    fn want_spare(&self) {
+        if let Some(wake) = &self.spare_wanted {
+            // A full channel means a request is already pending.
+            let _ = wake.try_send(());
         }
-        spares.sort();
-        Ok(spares)
     }
 
     /// Frees the oldest `count` segments (never the active one), keeping a few for reuse.
     /// The caller has made sure nothing still needs their records.
     pub fn free_oldest(&mut self, count: usize) -> Result<()> {
         let count = count.min(self.segments.len() - 1);
-        let mut spares = self.spare_paths()?.len();
+        let mut spares = spare_paths(&self.dir)?.len();
         let freed: Vec<Arc<File>> = self.segments[..count].iter().map(|s| Arc::clone(&s.file)).collect();
         self.mark_synced(&freed);
         for segment in self.segments.drain(..count) {
@@ -548,6 +570,77 @@ impl Journal {
     /// The active segment's file, for syncing without holding the journal.
     pub fn active_file(&self) -> Arc<File> {
         Arc::clone(&self.active().file)
+    }
+}
+
+/// The spare segments in `dir`, in the order they are reused: freed segments (whose pages may
+/// still be cached) before zero-filled ones.
+fn spare_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut spares = Vec::new();
+    for entry in fs::read_dir(dir).context(|| format!("listing {}", dir.display()))? {
+        let entry = entry.context(|| format!("listing {}", dir.display()))?;
+        if entry.file_name().to_string_lossy().starts_with(SPARE_PREFIX) {
+            spares.push(entry.path());
+        }
+    }
+    spares.sort();
+    Ok(spares)
+}
+
+/// Zero-fills a new spare segment in `dir` unless one is ready. Appends into written zeroes
+/// make each `fdatasync` cheaper than appends into reserved (unwritten) blocks, as with a
+/// database's preallocated log files. Returns whether it made one (not on file systems
+/// without O_DIRECT, such as tmpfs, where it would not help).
+pub fn prepare_spare(dir: &Path, capacity: u64) -> Result<bool> {
+    if !spare_paths(dir)?.is_empty() {
+        return Ok(false);
+    }
+    let stamp = fsutil::now_ns();
+    let preparing = dir.join(format!("{PREPARING_PREFIX}{stamp:016x}.tmp"));
+    if !fsutil::create_zeroed(&preparing, capacity).context(|| format!("zero-filling {}", preparing.display()))? {
+        return Ok(false);
+    }
+    // Zero-filled spares sort after freed ones ("spare-0…" < "spare-z…").
+    let spare = dir.join(format!("{SPARE_PREFIX}z{stamp:016x}.seg"));
+    fs::rename(&preparing, &spare).context(|| format!("renaming {}", preparing.display()))?;
+    Ok(true)
+}
+
+/// A thread that keeps a zero-filled spare segment ready, off the write path.
+pub struct SparePreparer {
+    wake: SyncSender<()>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SparePreparer {
+    pub fn spawn(dir: &Path, capacity: u64) -> Self {
+        let (wake, wanted) = mpsc::sync_channel::<()>(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let dir = dir.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("rewind-spares".into())
+            .spawn(move || {
+                while wanted.recv().is_ok() && !stopping.load(Ordering::Relaxed) {
+                    if let Err(e) = prepare_spare(&dir, capacity) {
+                        log::warn!("journal: cannot prepare a spare segment: {e}");
+                    }
+                }
+            })
+            .map_err(|e| log::warn!("journal: no spare-segment thread: {e}"))
+            .ok();
+        Self { wake, stop, thread }
+    }
+}
+
+impl Drop for SparePreparer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.wake.try_send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
