@@ -500,6 +500,8 @@ impl BlkBackend {
         let mut batch: Vec<(u16, &Parsed)> = Vec::new();
         let mut batch_bytes = 0;
         let mut reads: Vec<(u16, &Parsed)> = Vec::new();
+        // A lone request gains nothing from the applier and would pay for waking it.
+        let alone = parsed.len() == 1;
         for (head, result) in parsed {
             let p = match result {
                 Ok(p) => p,
@@ -520,27 +522,27 @@ impl BlkBackend {
                     // Small writes share one journal append; large ones gain nothing from
                     // waiting for each other, and their completions would be held back.
                     if batch_bytes >= BATCH_BYTES {
-                        self.submit_batch(applier, completer, &mut batch)?;
+                        self.submit_batch(applier, completer, &mut batch, alone)?;
                         batch_bytes = 0;
                     }
                 }
                 // Reads wait in the store for the batches journaled before them that they
                 // overlap.
                 Request::Read { .. } => {
-                    self.submit_batch(applier, completer, &mut batch)?;
+                    self.submit_batch(applier, completer, &mut batch, alone)?;
                     batch_bytes = 0;
                     reads.push((*head, p));
                 }
                 // FLUSH covers every batch journaled so far; markers are numbered after them.
                 _ => {
-                    self.submit_batch(applier, completer, &mut batch)?;
+                    self.submit_batch(applier, completer, &mut batch, alone)?;
                     batch_bytes = 0;
                     self.run_reads(applier, completer, &mut reads)?;
                     completer.complete(*head, Some(p.status), &self.execute_one(&completer.mem, &p.request))?;
                 }
             }
         }
-        self.submit_batch(applier, completer, &mut batch)?;
+        self.submit_batch(applier, completer, &mut batch, alone)?;
         self.run_reads(applier, completer, &mut reads)
     }
 
@@ -568,8 +570,15 @@ impl BlkBackend {
         Ok(())
     }
 
-    /// Journals a batch and hands it to the applier; if it cannot be journaled, fails it here.
-    fn submit_batch(&self, applier: &Applier, completer: &Completer, batch: &mut Vec<(u16, &Parsed)>) -> io::Result<()> {
+    /// Journals a batch and hands it to the applier (or, `inline` and with the applier idle,
+    /// applies it here); if it cannot be journaled, fails it here.
+    fn submit_batch(
+        &self,
+        applier: &Applier,
+        completer: &Completer,
+        batch: &mut Vec<(u16, &Parsed)>,
+        inline: bool,
+    ) -> io::Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -581,7 +590,11 @@ impl BlkBackend {
                     false => self.store.sync().map_err(|e| log::error!("write-through sync failed: {e}")).is_err(),
                 };
                 let job = ApplyJob { journaled, ops, requests, failed, completer: completer.clone() };
-                applier.hand_over(Job::Apply(job), &self.store);
+                if inline && applier.pending.is_idle() {
+                    job.run(&self.store);
+                } else {
+                    applier.hand_over(Job::Apply(job), &self.store);
+                }
             }
             Err(e) => {
                 log::error!("journaled write failed: {e}");

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
@@ -206,7 +207,7 @@ impl Journal {
         fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
         let mut journal = Self::without_segments(dir, store_uuid, segment_capacity, 0);
         // The first segment is zero-filled too, so flushes are cheap from the first write on.
-        prepare_spare(dir, segment_capacity)?;
+        prepare_spare(dir, segment_capacity, || Ok(()))?;
         journal.start_segment(first_seq)?;
         Ok(journal)
     }
@@ -590,14 +591,15 @@ fn spare_paths(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Zero-fills a new spare segment in `dir` unless one is ready. Appends into written zeroes
 /// make each `fdatasync` cheaper than appends into reserved (unwritten) blocks, as with a
 /// database's preallocated log files. Returns whether it made one (not on file systems
-/// without O_DIRECT, such as tmpfs, where it would not help).
-pub fn prepare_spare(dir: &Path, capacity: u64) -> Result<bool> {
+/// without O_DIRECT, nor in memory, where it would not help). `between_chunks` runs after
+/// each MiB (see [`fsutil::create_zeroed`]).
+pub fn prepare_spare(dir: &Path, capacity: u64, between_chunks: impl FnMut() -> std::io::Result<()>) -> Result<bool> {
     if !spare_paths(dir)?.is_empty() {
         return Ok(false);
     }
     let stamp = fsutil::now_ns();
     let preparing = dir.join(format!("{PREPARING_PREFIX}{stamp:016x}.tmp"));
-    if !fsutil::create_zeroed(&preparing, capacity).context(|| format!("zero-filling {}", preparing.display()))? {
+    if !fsutil::create_zeroed(&preparing, capacity, between_chunks).context(|| format!("zero-filling {}", preparing.display()))? {
         return Ok(false);
     }
     // Zero-filled spares sort after freed ones ("spare-0…" < "spare-z…").
@@ -605,6 +607,11 @@ pub fn prepare_spare(dir: &Path, capacity: u64) -> Result<bool> {
     fs::rename(&preparing, &spare).context(|| format!("renaming {}", preparing.display()))?;
     Ok(true)
 }
+
+/// The preparer's pause per MiB zero-filled: at most ~64 MB/s, so that it never competes with
+/// a busy journal for the disk (it then simply falls behind, and segments start reserved
+/// rather than zero-filled), while a flush-bound journal (tens of MB/s) always finds a spare.
+const SPARE_PACE: Duration = Duration::from_millis(16);
 
 /// A thread that keeps a zero-filled spare segment ready, off the write path.
 pub struct SparePreparer {
@@ -623,7 +630,14 @@ impl SparePreparer {
             .name("rewind-spares".into())
             .spawn(move || {
                 while wanted.recv().is_ok() && !stopping.load(Ordering::Relaxed) {
-                    if let Err(e) = prepare_spare(&dir, capacity) {
+                    let pace = || {
+                        if stopping.load(Ordering::Relaxed) {
+                            return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "the store is closing"));
+                        }
+                        std::thread::sleep(SPARE_PACE);
+                        Ok(())
+                    };
+                    if let Err(e) = prepare_spare(&dir, capacity, pace) {
                         log::warn!("journal: cannot prepare a spare segment: {e}");
                     }
                 }

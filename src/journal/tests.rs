@@ -126,3 +126,60 @@ fn sealed_segments_stay_sync_targets_until_synced() {
     journal.free_oldest(journal.segments().len() - 1).unwrap();
     assert_eq!(journal.sync_targets().len(), 2, "the freed segment is no target; the directory still is");
 }
+
+#[test]
+fn zero_filled_spares_are_made_off_memory_and_used_in_order() {
+    // On the disk the project is built on, not in memory, where spares are not zero-filled.
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let on_disk = !fsutil_in_memory(dir.path());
+    let mut journal = Journal::create(dir.path(), [9; 16], 4096, 1).unwrap();
+    let preparer = SparePreparer::spawn(dir.path(), 4096);
+    journal.use_preparer(&preparer);
+    // Records across many segments, some of them zero-filled spares made meanwhile.
+    let payloads = records(12);
+    for payload in &payloads {
+        let pieces: [&[u8]; 1] = [payload];
+        let record = NewRecord { kind: RecordKind::Write, offset: 0, length: payload.len() as u64, payload: &pieces };
+        journal.append(&[record]).unwrap();
+    }
+    drop(preparer);
+    let mut seen = Vec::new();
+    journal
+        .view()
+        .for_each(1, 12, Payloads::All, |rec| {
+            seen.push(rec.payload.unwrap().to_vec());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(seen, payloads);
+    // With no spare left, one is made (on disk) and sorts after a freed segment.
+    for spare in spare_paths(dir.path()).unwrap() {
+        fs::remove_file(spare).unwrap();
+    }
+    assert_eq!(prepare_spare(dir.path(), 4096, || Ok(())).unwrap(), on_disk);
+    assert!(!prepare_spare(dir.path(), 4096, || Ok(())).unwrap(), "a second spare is never made");
+    journal.free_oldest(1).unwrap();
+    let spares = spare_paths(dir.path()).unwrap();
+    assert_eq!(spares.len(), 1 + on_disk as usize);
+    assert!(spares[0].file_name().unwrap().to_string_lossy().starts_with("spare-0"), "{spares:?}");
+    // Stopped half-way, a preparation leaves nothing behind.
+    for spare in spares {
+        fs::remove_file(spare).unwrap();
+    }
+    let stop = || Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "stop"));
+    assert_eq!(prepare_spare(dir.path(), 4 << 20, stop).is_err(), on_disk);
+    assert!(spare_paths(dir.path()).unwrap().is_empty());
+    let leftovers = fs::read_dir(dir.path()).unwrap().filter(|e| {
+        e.as_ref().unwrap().file_name().to_string_lossy().starts_with(PREPARING_PREFIX)
+    });
+    assert_eq!(leftovers.count(), 0);
+    let reopened = Journal::open(dir.path(), [9; 16], 4096, 0, Payloads::All, |_| Ok(())).unwrap().0;
+    assert_eq!(reopened.next_seq(), 13);
+}
+
+fn fsutil_in_memory(dir: &Path) -> bool {
+    let probe = dir.join("probe");
+    let made = fsutil::create_zeroed(&probe, 4096, || Ok(())).unwrap();
+    let _ = fs::remove_file(probe);
+    !made
+}
