@@ -127,6 +127,22 @@ fn in_memory(dir: &Path) -> io::Result<bool> {
     Ok(stat.f_type == libc::TMPFS_MAGIC || stat.f_type == RAMFS_MAGIC)
 }
 
+/// Writes `[0, len)` of `file` back to the disk, waits for it, and drops those pages from the
+/// page cache.
+pub fn write_back_and_uncache(file: &File, len: u64) -> io::Result<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: plain syscalls on an owned fd.
+    if unsafe { libc::sync_file_range(file.as_raw_fd(), 0, len as libc::off64_t, flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; posix_fadvise returns the error number instead of setting errno.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, len as libc::off_t, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
 /// A zero-filled, page-aligned buffer.
 struct AlignedZeroes {
     ptr: *mut libc::c_void,

@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-use crate::journal::{Journal, JournalView, NewRecord, Payloads, RecordKind, Seq, SparePreparer, TailRepair};
+use crate::journal::{
+    CacheDropper, Journal, JournalView, NewRecord, Payloads, RecordKind, Seq, SparePreparer, TailRepair,
+};
 use crate::marker::{self, Marker, MarkerIndex, MarkerSource};
 use crate::recovery::{self, Progress, RecoveryReport, RecoveryTarget};
 use crate::retention::{self, RetentionPlan, RetentionPolicy, SegmentSummary};
@@ -213,6 +215,7 @@ pub struct Store {
     durable: Mutex<Seq>,
     recoverability: Mutex<Recoverability>,
     _spares: SparePreparer,
+    _uncache: CacheDropper,
 }
 
 /// The store directory used for `image` unless one is named: `IMAGE.rewind` beside it.
@@ -431,6 +434,8 @@ impl Store {
         report.volume_rebuilt = rebuild_reason;
         let spares = SparePreparer::spawn(&dir.join(JOURNAL_DIR), meta.segment_capacity);
         journal.use_preparer(&spares);
+        let uncache = CacheDropper::spawn();
+        journal.use_cache_dropper(&uncache);
         report.tail_repair = tail_repair;
         meta.open_in_boot = this_boot.or_else(|| Some("unknown".to_string()));
         write_meta(&dir, &meta)?;
@@ -446,6 +451,7 @@ impl Store {
             applying: Arc::default(),
             durable: Mutex::new(0),
             _spares: spares,
+            _uncache: uncache,
         };
         {
             let mut maintenance = lock_poisoned(store.maintenance.lock());

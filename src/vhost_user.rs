@@ -250,15 +250,17 @@ struct ApplyJob {
     journaled: Journaled,
     ops: Vec<BatchOp>,
     requests: Vec<BatchRequest>,
-    /// Set when the batch must fail although it is journaled (a write-through sync failed).
-    failed: bool,
+    /// Write-through: the journal is synced after the batch is applied (never while it holds
+    /// its place in the apply order, which a catch-up under the writer lock may wait for), and
+    /// only then are its requests completed.
+    durable_first: bool,
     /// Holds the guest memory the ops point into.
     completer: Completer,
 }
 
 impl ApplyJob {
     fn run(self, store: &Store) {
-        let Self { journaled, ops, requests, failed, completer } = self;
+        let Self { journaled, ops, requests, durable_first, completer } = self;
         let mut requests = requests.into_iter().peekable();
         let complete = |request: BatchRequest, ok: bool| {
             let completion = if ok { Completion::ok(0) } else { Completion::ioerr() };
@@ -270,18 +272,24 @@ impl ApplyJob {
             }
         };
         let on_applied = |op: usize| {
-            while let Some(request) = requests.next_if(|r| !failed && r.last_op == op) {
+            while let Some(request) = requests.next_if(|r| !durable_first && r.last_op == op) {
                 complete(request, true);
             }
         };
         // SAFETY: `completer.mem` keeps the mapping alive until the job is dropped.
         let applied = unsafe { with_volume_ops(&ops, |volume_ops| store.apply(journaled, volume_ops, on_applied)) };
-        if let Err(e) = applied {
-            log::error!("journaled write not applied to the volume: {e}");
-        }
-        // Whatever was not completed as applied fails.
+        let ok = match applied {
+            Ok(_) if durable_first => store.sync().map_err(|e| log::error!("write-through sync failed: {e}")).is_ok(),
+            Ok(_) => true,
+            Err(e) => {
+                log::error!("journaled write not applied to the volume: {e}");
+                false
+            }
+        };
+        // Write-through requests complete now; after an error, whatever was not completed as
+        // applied fails.
         for request in requests {
-            complete(request, false);
+            complete(request, ok);
         }
     }
 }
@@ -585,11 +593,8 @@ impl BlkBackend {
         match self.journal_batch(&completer.mem, batch) {
             Ok((journaled, ops, requests)) => {
                 // Without a write-back cache each write must be durable before it completes.
-                let failed = match self.writeback.load(Ordering::Relaxed) {
-                    true => false,
-                    false => self.store.sync().map_err(|e| log::error!("write-through sync failed: {e}")).is_err(),
-                };
-                let job = ApplyJob { journaled, ops, requests, failed, completer: completer.clone() };
+                let durable_first = !self.writeback.load(Ordering::Relaxed);
+                let job = ApplyJob { journaled, ops, requests, durable_first, completer: completer.clone() };
                 if inline && applier.pending.is_idle() {
                     job.run(&self.store);
                 } else {
