@@ -82,7 +82,7 @@ pub struct Journal {
     /// Asks a [`SparePreparer`] for a spare: at the first append and at every roll-over.
     spare_wanted: Option<SyncSender<()>>,
     /// Where sealed segments go to be written back and dropped from the page cache.
-    sealed_to: Option<mpsc::Sender<Option<(Arc<File>, u64)>>>,
+    sealed_to: Option<mpsc::Sender<SealedMessage>>,
     asked_for_spare: bool,
 }
 
@@ -669,20 +669,22 @@ impl Drop for SparePreparer {
     }
 }
 
+/// A sealed segment's file and its length, or `None` to stop the [`CacheDropper`].
+type SealedMessage = Option<(Arc<File>, u64)>;
+
 /// Writes sealed segments back and drops them from the page cache, off the write path, so
 /// their pages go back to the allocator and soon hold the next segment's records. Reusing
 /// freed pages is several times cheaper than touching new ones on virtual machines whose free
 /// memory is handed back to the host (see the README's benchmarks). This is cache management
 /// only: durability still comes from `sync`.
 pub struct CacheDropper {
-    /// `None` tells the thread to stop.
-    sealed: mpsc::Sender<Option<(Arc<File>, u64)>>,
+    sealed: mpsc::Sender<SealedMessage>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CacheDropper {
     pub fn spawn() -> Self {
-        let (sealed, segments) = mpsc::channel::<Option<(Arc<File>, u64)>>();
+        let (sealed, segments) = mpsc::channel::<SealedMessage>();
         let thread = std::thread::Builder::new()
             .name("rewind-uncache".into())
             .spawn(move || {
