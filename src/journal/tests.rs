@@ -128,13 +128,16 @@ fn sealed_segments_stay_sync_targets_until_synced() {
 }
 
 #[test]
-fn zero_filled_spares_are_made_off_memory_and_used_in_order() {
+fn zero_filled_spares_are_used_in_order_and_uncached_segments_read_back() {
     // On the disk the project is built on, not in memory, where spares are not zero-filled.
     let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
     let on_disk = !fsutil_in_memory(dir.path());
     let mut journal = Journal::create(dir.path(), [9; 16], 4096, 1).unwrap();
     let preparer = SparePreparer::spawn(dir.path(), 4096);
     journal.use_preparer(&preparer);
+    // Sealed segments are also written back and dropped from the cache: they must read back.
+    let dropper = CacheDropper::spawn();
+    journal.use_cache_dropper(&dropper);
     // Records across many segments, some of them zero-filled spares made meanwhile.
     let payloads = records(12);
     for payload in &payloads {
@@ -143,6 +146,10 @@ fn zero_filled_spares_are_made_off_memory_and_used_in_order() {
         journal.append(&[record]).unwrap();
     }
     drop(preparer);
+    drop(dropper);
+    for segment in journal.segments() {
+        fsutil::write_back_and_uncache(&segment.file, segment.end).unwrap();
+    }
     let mut seen = Vec::new();
     journal
         .view()
