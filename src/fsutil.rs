@@ -153,14 +153,7 @@ impl AlignedZeroes {
     fn new(len: usize) -> io::Result<Self> {
         // SAFETY: an anonymous private mapping with no address hint; checked below.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());

@@ -21,7 +21,8 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
@@ -177,18 +178,25 @@ impl Completer {
     }
 }
 
-/// Reads `offset..` into device-writable guest buffers; returns the bytes read.
+/// Reads `offset..` into device-writable guest buffers and counts the bytes.
 ///
 /// # Safety
 /// The guest memory the slices point into must stay mapped for the call.
-unsafe fn read_into(store: &Store, fence: ReadFence, offset: u64, buffers: &[GuestSlice]) -> io::Result<u64> {
+unsafe fn read_request(
+    store: &Store,
+    counters: &Counters,
+    fence: ReadFence,
+    offset: u64,
+    buffers: &[GuestSlice],
+) -> io::Result<Completion> {
     let mut at = offset;
     for &slice in buffers {
         // SAFETY: the caller keeps the mapping alive; reads target device-writable buffers.
         store.read_after(fence, at, unsafe { slice.bytes_mut() }).map_err(io::Error::other)?;
         at += slice.len as u64;
     }
-    Ok(at - offset)
+    counters.bytes_read.fetch_add(at - offset, Ordering::Relaxed);
+    Ok(Completion::ok((at - offset) as u32))
 }
 
 /// Reads handed to the applier while it has nothing else to do, so both threads serve them.
@@ -202,17 +210,13 @@ struct ReadJob {
 impl ReadJob {
     fn run(self, store: &Store) {
         for (head, status_at, offset, buffers) in self.reads {
+            let counters = &self.completer.counters;
             // SAFETY: `completer.mem` keeps the mapping alive until the job is dropped.
-            let completion = match unsafe { read_into(store, self.fence, offset, &buffers) } {
-                Ok(len) => {
-                    self.completer.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
-                    Completion::ok(len as u32)
-                }
-                Err(e) => {
+            let completion =
+                unsafe { read_request(store, counters, self.fence, offset, &buffers) }.unwrap_or_else(|e| {
                     log::warn!("request failed: {e}");
                     Completion::ioerr()
-                }
-            };
+                });
             if let Err(e) = self.completer.complete(head, Some(status_at), &completion) {
                 log::warn!("cannot complete a request: {e}");
             }
@@ -490,8 +494,7 @@ impl BlkBackend {
             };
             let parsed: Vec<(u16, ParsedChain)> =
                 chains.into_iter().map(|(head, descs)| (head, virtio_blk::parse(&descs, &mem, &self.limits))).collect();
-            let completer =
-                Completer { mem, vring: vring.clone(), event_idx, counters: Arc::clone(&self.counters) };
+            let completer = Completer { mem, vring: vring.clone(), event_idx, counters: Arc::clone(&self.counters) };
             self.execute(applier, &completer, &parsed)?;
             if !event_idx || !vring.enable_notification().map_err(queue_error)? {
                 return Ok(());
@@ -656,12 +659,9 @@ impl BlkBackend {
     fn try_execute(&self, mem: &GuestMemoryMmap, request: &Request) -> io::Result<Completion> {
         Ok(match request {
             Request::Read { offset, buffers } => {
+                let slices = host_slices(mem, buffers)?;
                 // SAFETY: the pass holds the memory guard `mem` comes from.
-                unsafe { read_into(&self.store, self.store.read_fence(), *offset, &host_slices(mem, buffers)?) }
-                    .map(|len| {
-                        self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
-                        Completion::ok(len as u32)
-                    })?
+                unsafe { read_request(&self.store, &self.counters, self.store.read_fence(), *offset, &slices)? }
             }
             Request::Flush => {
                 self.store.sync().map_err(io::Error::other)?;

@@ -610,7 +610,9 @@ pub fn prepare_spare(dir: &Path, capacity: u64, between_chunks: impl FnMut() -> 
     }
     let stamp = fsutil::now_ns();
     let preparing = dir.join(format!("{PREPARING_PREFIX}{stamp:016x}.tmp"));
-    if !fsutil::create_zeroed(&preparing, capacity, between_chunks).context(|| format!("zero-filling {}", preparing.display()))? {
+    if !fsutil::create_zeroed(&preparing, capacity, between_chunks)
+        .context(|| format!("zero-filling {}", preparing.display()))?
+    {
         return Ok(false);
     }
     // Zero-filled spares sort after freed ones ("spare-0…" < "spare-z…").

@@ -176,9 +176,9 @@ fn zero_filled_spares_are_used_in_order_and_uncached_segments_read_back() {
     let stop = || Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "stop"));
     assert_eq!(prepare_spare(dir.path(), 4 << 20, stop).is_err(), on_disk);
     assert!(spare_paths(dir.path()).unwrap().is_empty());
-    let leftovers = fs::read_dir(dir.path()).unwrap().filter(|e| {
-        e.as_ref().unwrap().file_name().to_string_lossy().starts_with(PREPARING_PREFIX)
-    });
+    let leftovers = fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(PREPARING_PREFIX));
     assert_eq!(leftovers.count(), 0);
     let reopened = Journal::open(dir.path(), [9; 16], 4096, 0, Payloads::All, |_| Ok(())).unwrap().0;
     assert_eq!(reopened.next_seq(), 13);

@@ -74,7 +74,8 @@ impl Applying {
     pub fn wait_turn(&self, ticket: &ApplyTicket) {
         let mut state = self.lock();
         loop {
-            let mine = state.batches.iter().position(|b| b.first == ticket.first).expect("a ticket's batch is in flight");
+            let mine =
+                state.batches.iter().position(|b| b.first == ticket.first).expect("a ticket's batch is in flight");
             let ranges = &state.batches[mine].ranges;
             if !state.batches[..mine].iter().any(|b| batches_overlap(&b.ranges, ranges)) {
                 return;
