@@ -623,9 +623,10 @@ impl BlkBackend {
         let mut here = Vec::new();
         for (i, &(head, p)) in reads.iter().enumerate() {
             let Request::Read { offset, buffers } = &p.request else { unreachable!("only reads are gathered") };
-            match host_slices(&completer.mem, buffers) {
-                Ok(slices) if i < shared => job.reads.push((head, p.status, *offset, slices)),
-                // Buffers outside guest memory fail here, with the error logged.
+            // Reads done here map their buffers in execute_one; a shared read whose buffers
+            // are outside guest memory is done here too, and fails there with the error logged.
+            match (i < shared).then(|| host_slices(&completer.mem, buffers)) {
+                Some(Ok(slices)) => job.reads.push((head, p.status, *offset, slices)),
                 _ => here.push((head, p)),
             }
         }
