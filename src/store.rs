@@ -511,7 +511,7 @@ impl Store {
         let first = writer.journal.append(&records)?;
         let ranges = ops.iter().map(|op| op.range()).map(|(offset, len)| (offset, offset + len)).collect();
         // Registered before the writer lock is released, so batches queue in sequence order.
-        let ticket = self.applying.register(first, ops.len(), ranges);
+        let ticket = self.applying.register(first, ranges);
         Ok(Journaled { ticket, count: ops.len() })
     }
 

@@ -394,7 +394,7 @@ impl PendingJobs {
 /// A queue's applier thread and what waits for it.
 struct Applier {
     /// None only while dropping.
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    jobs: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     pending: Arc<PendingJobs>,
     /// Held by the queue's worker for a whole pass, so stopping the queue can wait for it.
@@ -416,13 +416,13 @@ impl Applier {
             // Jobs then run on the queue's worker (see `hand_over`).
             .map_err(|e| log::warn!("cannot start the applier thread of queue {queue}: {e}"))
             .ok();
-        Self { jobs: Mutex::new(Some(jobs)), thread, pending, pass: Mutex::new(()) }
+        Self { jobs: Some(jobs), thread, pending, pass: Mutex::new(()) }
     }
 
     /// Hands a job to the applier thread, or runs it here if that thread is gone.
     fn hand_over(&self, job: Job, store: &Store) {
         self.pending.add();
-        let sent = match &*self.jobs.lock().unwrap_or_else(|p| p.into_inner()) {
+        let sent = match &self.jobs {
             Some(jobs) => jobs.send(job),
             None => Err(mpsc::SendError(job)),
         };
@@ -442,7 +442,8 @@ impl Applier {
 
 impl Drop for Applier {
     fn drop(&mut self) {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Closing the channel ends the thread once it has run the jobs already sent.
+        self.jobs.take();
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 log::error!("an applier thread panicked");

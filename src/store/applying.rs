@@ -57,9 +57,10 @@ impl Applying {
         guard
     }
 
-    /// Registers a batch just appended to the journal. Call under the writer lock, so batches
-    /// are registered in sequence order.
-    pub fn register(self: &Arc<Self>, first: Seq, count: usize, mut ranges: Vec<(u64, u64)>) -> ApplyTicket {
+    /// Registers a batch just appended to the journal, numbered from `first`, one range
+    /// per record. Call under the writer lock, so batches are registered in sequence order.
+    pub fn register(self: &Arc<Self>, first: Seq, mut ranges: Vec<(u64, u64)>) -> ApplyTicket {
+        let count = ranges.len();
         ranges.retain(|&(s, e)| e > s);
         ranges.sort_unstable();
         let mut state = self.lock();
@@ -193,9 +194,9 @@ mod tests {
     #[test]
     fn a_batch_waits_only_for_earlier_overlapping_batches() {
         let applying = Arc::new(Applying::default());
-        let first = applying.register(1, 1, vec![(0, 4096)]);
-        let disjoint = applying.register(2, 1, vec![(8192, 12288)]);
-        let overlapping = applying.register(3, 1, vec![(4000, 5000)]);
+        let first = applying.register(1, vec![(0, 4096)]);
+        let disjoint = applying.register(2, vec![(8192, 12288)]);
+        let overlapping = applying.register(3, vec![(4000, 5000)]);
         // Disjoint from everything before it: its turn is now.
         applying.wait_turn(&disjoint);
         let waited = Arc::new(AtomicBool::new(false));
@@ -221,8 +222,8 @@ mod tests {
     #[test]
     fn a_dropped_ticket_marks_the_volume_behind() {
         let applying = Arc::new(Applying::default());
-        let ok = applying.register(5, 1, vec![(0, 1)]);
-        drop(applying.register(7, 1, vec![(0, 1)]));
+        let ok = applying.register(5, vec![(0, 1)]);
+        drop(applying.register(7, vec![(0, 1)]));
         ok.finish(true);
         applying.wait_through(100);
         assert_eq!(applying.behind_from(), Some(7));
