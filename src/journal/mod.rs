@@ -210,8 +210,9 @@ impl Journal {
         fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
         let mut journal = Self::without_segments(dir, store_uuid, segment_capacity, 0);
         // The first segment is zero-filled too, so flushes are cheap from the first write on.
-        prepare_spare(dir, segment_capacity, || Ok(()))?;
+        zero_fill_spare(dir, segment_capacity, || Ok(()))?;
         journal.start_segment(first_seq)?;
+        journal.prefetch_active();
         Ok(journal)
     }
 
@@ -368,6 +369,7 @@ impl Journal {
             journal.unsynced.push(Arc::clone(&segment.file));
             journal.segments.push(segment);
         }
+        journal.prefetch_active();
         Ok((journal, repair))
     }
 
@@ -474,7 +476,6 @@ impl Journal {
         Ok(())
     }
 
-    /// Seals the active segment (durably) and starts the next one, reusing a spare if any.
     /// Seals the active segment and starts the next one. The sealed segment is synced by the
     /// next `sync`, not here: appends never wait for the disk.
     fn roll_over(&mut self) -> Result<()> {
@@ -543,6 +544,15 @@ impl Journal {
         Ok(())
     }
 
+    /// Reads the rest of the active segment into the page cache in the background (see
+    /// [`fsutil::prefetch`]); spares are read ahead by the [`SparePreparer`].
+    fn prefetch_active(&self) {
+        let active = self.active();
+        if let Err(e) = fsutil::prefetch(&active.file, active.end, self.segment_capacity.saturating_sub(active.end)) {
+            log::debug!("journal: cannot read {} ahead: {e}", active.path.display());
+        }
+    }
+
     /// Has `preparer` keep a spare segment ready for the next roll-over.
     pub fn use_preparer(&mut self, preparer: &SparePreparer) {
         self.spare_wanted = Some(preparer.wake.clone());
@@ -599,13 +609,42 @@ fn spare_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(spares)
 }
 
-/// Zero-fills a new spare segment in `dir` unless one is ready. Appends into written zeroes
-/// make each `fdatasync` cheaper than appends into reserved (unwritten) blocks, as with a
-/// database's preallocated log files. Returns whether it made one (not on file systems
-/// without O_DIRECT, nor in memory, where it would not help). `between_chunks` runs after
-/// each MiB (see [`fsutil::create_zeroed`]).
-pub fn prepare_spare(dir: &Path, capacity: u64, between_chunks: impl FnMut() -> std::io::Result<()>) -> Result<bool> {
+/// Spare file names, in the order roll-overs take them: freed segments (`spare-<index>`, whose
+/// pages may still be cached), then zero-filled ones, then reserved ones.
+const ZERO_FILLED_SPARE: &str = "z";
+const RESERVED_SPARE: &str = "zz";
+
+fn is_reserved_spare(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{SPARE_PREFIX}{RESERVED_SPARE}")))
+}
+
+/// Reserves (`fallocate`) a spare segment in `dir` unless one is ready: quick, so that a
+/// roll-over does not have to reserve blocks itself while every append waits for it.
+/// Returns whether it made one.
+pub fn reserve_spare(dir: &Path, capacity: u64) -> Result<bool> {
     if !spare_paths(dir)?.is_empty() {
+        return Ok(false);
+    }
+    let stamp = fsutil::now_ns();
+    let preparing = dir.join(format!("{PREPARING_PREFIX}{stamp:016x}.tmp"));
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&preparing)
+        .context(|| format!("creating {}", preparing.display()))?;
+    fsutil::preallocate(&file, capacity);
+    let spare = dir.join(format!("{SPARE_PREFIX}{RESERVED_SPARE}{stamp:016x}.seg"));
+    fs::rename(&preparing, &spare).context(|| format!("renaming {}", preparing.display()))?;
+    Ok(true)
+}
+
+/// Zero-fills a new spare segment in `dir` unless one better than reserved is ready. Appends
+/// into written zeroes make each `fdatasync` cheaper than appends into reserved (unwritten)
+/// blocks, as with a database's preallocated log files. Returns whether it made one (not on
+/// file systems without O_DIRECT, nor in memory, where it would not help). `between_chunks`
+/// runs after each MiB (see [`fsutil::create_zeroed`]).
+pub fn zero_fill_spare(dir: &Path, capacity: u64, between_chunks: impl FnMut() -> std::io::Result<()>) -> Result<bool> {
+    if spare_paths(dir)?.iter().any(|spare| !is_reserved_spare(spare)) {
         return Ok(false);
     }
     let stamp = fsutil::now_ns();
@@ -615,10 +654,25 @@ pub fn prepare_spare(dir: &Path, capacity: u64, between_chunks: impl FnMut() -> 
     {
         return Ok(false);
     }
-    // Zero-filled spares sort after freed ones ("spare-0…" < "spare-z…").
-    let spare = dir.join(format!("{SPARE_PREFIX}z{stamp:016x}.seg"));
+    let spare = dir.join(format!("{SPARE_PREFIX}{ZERO_FILLED_SPARE}{stamp:016x}.seg"));
     fs::rename(&preparing, &spare).context(|| format!("renaming {}", preparing.display()))?;
     Ok(true)
+}
+
+/// Reads the spare that the next roll-over takes into the page cache (see [`fsutil::prefetch`]):
+/// best effort, as it only saves time.
+fn prefetch_next_spare(dir: &Path) {
+    let prefetched = (|| -> Result<()> {
+        if let Some(spare) = spare_paths(dir)?.into_iter().next() {
+            let file = File::open(&spare).context(|| format!("opening {}", spare.display()))?;
+            let len = file.metadata().context(|| format!("reading {}", spare.display()))?.len();
+            fsutil::prefetch(&file, 0, len).context(|| format!("reading {} ahead", spare.display()))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = prefetched {
+        log::debug!("journal: {e}");
+    }
 }
 
 /// The preparer's pause per MiB zero-filled: at most ~64 MB/s, so that it never competes with
@@ -626,7 +680,8 @@ pub fn prepare_spare(dir: &Path, capacity: u64, between_chunks: impl FnMut() -> 
 /// rather than zero-filled), while a flush-bound journal (tens of MB/s) always finds a spare.
 const SPARE_PACE: Duration = Duration::from_millis(16);
 
-/// A thread that keeps a zero-filled spare segment ready, off the write path.
+/// A thread that keeps a spare segment ready, off the write path: reserved at once, then
+/// zero-filled at a gentle pace, and read into the page cache before it is needed.
 pub struct SparePreparer {
     wake: SyncSender<()>,
     stop: Arc<AtomicBool>,
@@ -642,6 +697,7 @@ impl SparePreparer {
         let thread = std::thread::Builder::new()
             .name("rewind-spares".into())
             .spawn(move || {
+                fsutil::lower_thread_priority();
                 while wanted.recv().is_ok() && !stopping.load(Ordering::Relaxed) {
                     let pace = || {
                         if stopping.load(Ordering::Relaxed) {
@@ -650,9 +706,14 @@ impl SparePreparer {
                         std::thread::sleep(SPARE_PACE);
                         Ok(())
                     };
-                    if let Err(e) = prepare_spare(&dir, capacity, pace) {
-                        log::warn!("journal: cannot prepare a spare segment: {e}");
+                    if let Err(e) = reserve_spare(&dir, capacity) {
+                        log::warn!("journal: cannot reserve a spare segment: {e}");
                     }
+                    prefetch_next_spare(&dir);
+                    if let Err(e) = zero_fill_spare(&dir, capacity, pace) {
+                        log::warn!("journal: cannot zero-fill a spare segment: {e}");
+                    }
+                    prefetch_next_spare(&dir);
                 }
             })
             .map_err(|e| log::warn!("journal: no spare-segment thread: {e}"))
@@ -690,6 +751,7 @@ impl CacheDropper {
         let thread = std::thread::Builder::new()
             .name("rewind-uncache".into())
             .spawn(move || {
+                fsutil::lower_thread_priority();
                 while let Ok(Some((file, len))) = segments.recv() {
                     if let Err(e) = fsutil::write_back_and_uncache(&file, len) {
                         log::debug!("journal: cannot uncache a sealed segment: {e}");

@@ -159,22 +159,30 @@ fn zero_filled_spares_are_used_in_order_and_uncached_segments_read_back() {
         })
         .unwrap();
     assert_eq!(seen, payloads);
-    // With no spare left, one is made (on disk) and sorts after a freed segment.
+    // With no spare left, one is reserved, then one is zero-filled (on disk); roll-overs take
+    // a freed segment first, then a zero-filled one, then a reserved one.
     for spare in spare_paths(dir.path()).unwrap() {
         fs::remove_file(spare).unwrap();
     }
-    assert_eq!(prepare_spare(dir.path(), 4096, || Ok(())).unwrap(), on_disk);
-    assert!(!prepare_spare(dir.path(), 4096, || Ok(())).unwrap(), "a second spare is never made");
+    assert!(reserve_spare(dir.path(), 4096).unwrap());
+    assert!(!reserve_spare(dir.path(), 4096).unwrap(), "no second reserved spare");
+    assert_eq!(zero_fill_spare(dir.path(), 4096, || Ok(())).unwrap(), on_disk);
+    assert!(!zero_fill_spare(dir.path(), 4096, || Ok(())).unwrap(), "no second zero-filled spare");
     journal.free_oldest(1).unwrap();
-    let spares = spare_paths(dir.path()).unwrap();
-    assert_eq!(spares.len(), 1 + on_disk as usize);
-    assert!(spares[0].file_name().unwrap().to_string_lossy().starts_with("spare-0"), "{spares:?}");
+    let spares: Vec<String> =
+        spare_paths(dir.path()).unwrap().iter().map(|s| s.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(spares.len(), 2 + on_disk as usize, "{spares:?}");
+    assert!(spares[0].starts_with("spare-0"), "{spares:?}");
+    assert!(spares[spares.len() - 1].starts_with("spare-zz"), "{spares:?}");
+    if on_disk {
+        assert!(spares[1].starts_with("spare-z") && !spares[1].starts_with("spare-zz"), "{spares:?}");
+    }
     // Stopped half-way, a preparation leaves nothing behind.
-    for spare in spares {
+    for spare in spare_paths(dir.path()).unwrap() {
         fs::remove_file(spare).unwrap();
     }
     let stop = || Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "stop"));
-    assert_eq!(prepare_spare(dir.path(), 4 << 20, stop).is_err(), on_disk);
+    assert_eq!(zero_fill_spare(dir.path(), 4 << 20, stop).is_err(), on_disk);
     assert!(spare_paths(dir.path()).unwrap().is_empty());
     let leftovers = fs::read_dir(dir.path())
         .unwrap()
