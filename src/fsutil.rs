@@ -87,29 +87,25 @@ pub fn preallocate(file: &File, len: u64) {
 
 /// Creates `path` holding `len` zero bytes that are really written, not just reserved, and
 /// durable: later overwrites and their `fdatasync` then change no file-system metadata, which
-/// makes each sync about a third cheaper on ext4. The zeroes bypass the page cache (O_DIRECT).
-/// Returns false, creating nothing, on file systems in memory (tmpfs), where it would not
-/// help, or without O_DIRECT. `between_chunks` runs after every MiB: it may pause, or stop the
-/// work with an error (the file is then removed).
+/// makes each sync about a third cheaper on ext4. The zeroes go through the page cache and
+/// stay there: a later write that covers part of an uncached page of written blocks would
+/// have to read it from the disk first. Returns false, creating nothing, on file systems in
+/// memory (tmpfs), where it would not help. `between_chunks` runs after every MiB: it may
+/// pause, or stop the work with an error (the file is then removed).
 pub fn create_zeroed(path: &Path, len: u64, mut between_chunks: impl FnMut() -> io::Result<()>) -> io::Result<bool> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    const CHUNK: usize = 1 << 20;
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
     if in_memory(parent_dir(path))? {
         return Ok(false);
     }
-    let file = match fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path) {
-        Ok(file) => file,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
-        Err(e) => return Err(e),
-    };
+    let file = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
     let filled = (|| {
         preallocate(&file, len);
-        // O_DIRECT wants an aligned buffer: a page-aligned anonymous mapping is one.
-        let zeroes = AlignedZeroes::new(CHUNK)?;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            file.write_all_at(&zeroes.as_slice()[..n], done)?;
+            let n = (len - done).min(CHUNK) as usize;
+            file.write_all_at(&zeroes[..n], done)?;
             done += n as u64;
             between_chunks()?;
         }
@@ -156,10 +152,10 @@ pub fn write_back_and_uncache(file: &File, len: u64) -> io::Result<()> {
 /// Starts reading `[from, len)` of `file` into the page cache, without waiting for it.
 ///
 /// Journal appends rarely end on a page boundary, and the kernel must read an uncached page of
-/// written blocks before it can change part of it: an append into a segment zero-filled with
-/// O_DIRECT, or into a reused one whose pages were dropped, would wait for that read (measured:
+/// written blocks before it can change part of it: an append into a reused segment whose pages
+/// were dropped, or into a zero-filled one evicted since, would wait for that read (measured:
 /// 3–30 ms under write load, holding the writer lock). Pages read ahead of time are overwritten
-/// in memory instead.
+/// in memory instead; pages already cached cost nothing here.
 pub fn prefetch(file: &File, from: u64, len: u64) -> io::Result<()> {
     // One call reads ahead at most about twice the device's read-ahead window (8 MiB of a
     // 64 MiB range here), so the range goes in pieces.
@@ -177,37 +173,6 @@ pub fn prefetch(file: &File, from: u64, len: u64) -> io::Result<()> {
         at += n;
     }
     Ok(())
-}
-
-/// A zero-filled, page-aligned buffer.
-struct AlignedZeroes {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl AlignedZeroes {
-    fn new(len: usize) -> io::Result<Self> {
-        // SAFETY: an anonymous private mapping with no address hint; checked below.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self { ptr, len })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: the mapping is readable for `len` bytes (all zero) while self lives.
-        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
-    }
-}
-
-impl Drop for AlignedZeroes {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
 }
 
 fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {

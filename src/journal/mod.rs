@@ -641,7 +641,7 @@ pub fn reserve_spare(dir: &Path, capacity: u64) -> Result<bool> {
 /// Zero-fills a new spare segment in `dir` unless one better than reserved is ready. Appends
 /// into written zeroes make each `fdatasync` cheaper than appends into reserved (unwritten)
 /// blocks, as with a database's preallocated log files. Returns whether it made one (not on
-/// file systems without O_DIRECT, nor in memory, where it would not help). `between_chunks`
+/// file systems in memory, where it would not help). `between_chunks`
 /// runs after each MiB (see [`fsutil::create_zeroed`]).
 pub fn zero_fill_spare(dir: &Path, capacity: u64, between_chunks: impl FnMut() -> std::io::Result<()>) -> Result<bool> {
     if spare_paths(dir)?.iter().any(|spare| !is_reserved_spare(spare)) {
