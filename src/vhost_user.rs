@@ -42,8 +42,7 @@ const BATCH_BYTES: u64 = 256 << 10;
 /// How long a queue's worker watches the ring for more requests before it sleeps until the
 /// driver's next kick: a sleep and wake-up cost more than a request on a virtual machine, and a
 /// busy driver adds requests within microseconds of seeing completions.
-const POLL_BEFORE_SLEEP: std::time::Duration = std::time::Duration::from_micros(POLL_US);
-const POLL_US: u64 = 50;
+const POLL_BEFORE_SLEEP: std::time::Duration = std::time::Duration::from_micros(50);
 
 #[derive(Debug, Clone)]
 pub struct BlkOptions {

@@ -212,7 +212,6 @@ impl Journal {
         // The first segment is zero-filled too, so flushes are cheap from the first write on.
         zero_fill_spare(dir, segment_capacity, || Ok(()))?;
         journal.start_segment(first_seq)?;
-        journal.prefetch_active();
         Ok(journal)
     }
 
@@ -545,7 +544,8 @@ impl Journal {
     }
 
     /// Reads the rest of the active segment into the page cache in the background (see
-    /// [`fsutil::prefetch`]); spares are read ahead by the [`SparePreparer`].
+    /// [`fsutil::prefetch`]), for a journal opened after its pages may have left the cache;
+    /// spares are read ahead by the [`SparePreparer`].
     fn prefetch_active(&self) {
         let active = self.active();
         if let Err(e) = fsutil::prefetch(&active.file, active.end, self.segment_capacity.saturating_sub(active.end)) {
@@ -610,12 +610,13 @@ fn spare_paths(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Spare file names, in the order roll-overs take them: freed segments (`spare-<index>`, whose
-/// pages may still be cached), then zero-filled ones, then reserved ones.
+/// blocks are written already), then zero-filled ones, then reserved ones.
 const ZERO_FILLED_SPARE: &str = "z";
 const RESERVED_SPARE: &str = "zz";
 
 fn is_reserved_spare(path: &Path) -> bool {
-    path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{SPARE_PREFIX}{RESERVED_SPARE}")))
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    name.strip_prefix(SPARE_PREFIX).is_some_and(|rest| rest.starts_with(RESERVED_SPARE))
 }
 
 /// Reserves (`fallocate`) a spare segment in `dir` unless one is ready: quick, so that a
@@ -641,8 +642,8 @@ pub fn reserve_spare(dir: &Path, capacity: u64) -> Result<bool> {
 /// Zero-fills a new spare segment in `dir` unless one better than reserved is ready. Appends
 /// into written zeroes make each `fdatasync` cheaper than appends into reserved (unwritten)
 /// blocks, as with a database's preallocated log files. Returns whether it made one (not on
-/// file systems in memory, where it would not help). `between_chunks`
-/// runs after each MiB (see [`fsutil::create_zeroed`]).
+/// file systems in memory, where it would not help). `between_chunks` runs after each MiB
+/// (see [`fsutil::create_zeroed`]).
 pub fn zero_fill_spare(dir: &Path, capacity: u64, between_chunks: impl FnMut() -> std::io::Result<()>) -> Result<bool> {
     if spare_paths(dir)?.iter().any(|spare| !is_reserved_spare(spare)) {
         return Ok(false);
