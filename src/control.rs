@@ -412,6 +412,7 @@ impl Shared {
                     continue;
                 }
             };
+            let started = std::time::Instant::now();
             let reply = self.handle(channel, &message, &mut negotiated);
             if negotiated && channel == Channel::Host {
                 let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
@@ -422,6 +423,9 @@ impl Shared {
             if send(&writer, &reply).is_err() {
                 break;
             }
+            // From the request read to the reply sent: the daemon's share of a client's wait.
+            let command = message.get("execute").and_then(Value::as_str).unwrap_or("?");
+            log::debug!("control: {command} handled in {} µs", started.elapsed().as_micros());
         }
         self.subscribers.lock().unwrap_or_else(|p| p.into_inner()).retain(|(c, _)| *c != client);
         self.open.lock().unwrap_or_else(|p| p.into_inner()).retain(|(c, _)| *c != client);
