@@ -314,6 +314,7 @@ impl Shared {
                         "bytes-written": c.bytes_written.load(Ordering::Relaxed),
                         "flushes": c.flushes.load(Ordering::Relaxed),
                         "errors": c.errors.load(Ordering::Relaxed),
+                        "broken-queues": c.broken_queues.load(Ordering::Relaxed),
                     },
                 }))
             }

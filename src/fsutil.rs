@@ -165,8 +165,9 @@ pub fn prefetch(file: &File, from: u64, len: u64) -> io::Result<()> {
     while at < end {
         let n = (end - at).min(PIECE);
         // SAFETY: a plain syscall on an owned fd; posix_fadvise returns the error number.
-        let rc =
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), at as libc::off_t, n as libc::off_t, libc::POSIX_FADV_WILLNEED) };
+        let rc = unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), at as libc::off_t, n as libc::off_t, libc::POSIX_FADV_WILLNEED)
+        };
         if rc != 0 {
             return Err(io::Error::from_raw_os_error(rc));
         }

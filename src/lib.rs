@@ -12,6 +12,7 @@ pub mod error;
 pub mod extent_map;
 pub mod fsutil;
 pub mod journal;
+pub mod log_limit;
 pub mod marker;
 pub mod qmp_client;
 pub mod recovery;

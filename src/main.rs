@@ -1,9 +1,12 @@
 use clap::Parser;
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    rewind::log_limit::init();
     let cli = rewind::cli::Cli::parse();
-    if let Err(err) = rewind::cli::run(cli) {
+    let result = rewind::cli::run(cli);
+    // Reports the log lines the rate limit held back.
+    log::logger().flush();
+    if let Err(err) = result {
         eprintln!("rewind: {err:#}");
         std::process::exit(1);
     }

@@ -242,7 +242,7 @@ fn accept_loop(
         let ended = daemon.wait();
         *connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
         backend.connected.store(false, Ordering::Relaxed);
-        backend.stop_workers();
+        backend.disconnected();
         drop(daemon);
         match ended {
             Ok(()) | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {

@@ -1,7 +1,10 @@
 //! `rewind serve` driven by a hand-built VMM over the real socket: every request type,
-//! multiqueue, EVENT_IDX on and off, indirect descriptors, every kind of malformed chain (each
-//! completes with IOERR, or with no status when there is nowhere to put one, and the device
-//! goes on serving), config space and cache mode, and disconnect/reconnect.
+//! multiqueue, EVENT_IDX on and off, indirect descriptors, every kind of malformed request
+//! (each completes with IOERR, or with no status when there is nowhere to put one, and the
+//! device goes on serving), impossible ring states (the queue is broken until the driver
+//! resets it; the other queue, the control socket and SIGTERM keep working), a flood of bad
+//! requests against the log's rate limit, config space and cache mode, and
+//! disconnect/reconnect.
 
 mod common;
 
@@ -10,7 +13,7 @@ mod vmm;
 
 use common::{rewind_bin, status_json, Daemon};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::{d, Vmm, D, DATA, F_INDIRECT, F_WRITE, MEM_SIZE};
+use vmm::{d, Rings, Vmm, D, DATA, F_INDIRECT, F_NEXT, F_WRITE, MEM_SIZE, QUEUE_SIZE};
 
 const SIZE: u64 = 8 << 20;
 const T_IN: u32 = 0;
@@ -213,14 +216,6 @@ fn malformed_chains_fail_and_the_device_goes_on() {
         assert_eq!(simple(&mut vmm, T_FLUSH, 0, None), (S_OK, 1), "after {what}");
     }
 
-    // A descriptor loop: the chain never ends; it must complete, not hang the queue.
-    let h = header(&vmm, HDR, T_IN, 0);
-    vmm.write_desc(0, 200, h.addr, h.len, vmm::F_NEXT, 201);
-    vmm.write_desc(0, 201, BUF, 512, F_WRITE | vmm::F_NEXT, 200);
-    vmm.make_available(0, 200, true);
-    let used = vmm.wait_used(0, 1);
-    assert_eq!(used[0], (200, 0), "a looping chain has no status to write");
-    assert_eq!(simple(&mut vmm, T_FLUSH, 0, None), (S_OK, 1));
     drop(vmm);
     assert!(daemon.terminate().success());
 }
@@ -351,4 +346,202 @@ fn periodic_snapshots_are_taken_while_serving() {
     let snapshot =
         status["snapshots"].as_array().unwrap().iter().find(|s| s["origin"] == "requested").cloned().unwrap();
     assert_eq!(snapshot["data_bytes"], 4096);
+}
+
+/// Writes `data` at `sector` through queue `q` and reads it back there.
+fn write_and_read_on(vmm: &mut Vmm, q: usize, sector: u64, data: &[u8]) -> Vec<u8> {
+    vmm.mem.write_slice(data, GuestAddress(BUF)).unwrap();
+    let write = [header(vmm, HDR, T_OUT, sector), d(BUF, data.len() as u32, 0), status_desc(vmm, STATUS)];
+    assert_eq!(run(vmm, q, &write, STATUS), (S_OK, 1), "write on queue {q}");
+    let read = [header(vmm, HDR, T_IN, sector), d(BUF + 0x8000, data.len() as u32, F_WRITE), status_desc(vmm, STATUS)];
+    assert_eq!(run(vmm, q, &read, STATUS), (S_OK, data.len() as u32 + 1), "read on queue {q}");
+    let mut out = vec![0u8; data.len()];
+    vmm.mem.read_slice(&mut out, GuestAddress(BUF + 0x8000)).unwrap();
+    out
+}
+
+/// Waits until the log holds `count` lines containing `needle`; returns the log.
+fn wait_for_log(log: &std::path::Path, needle: &str, count: usize) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap();
+        if text.matches(needle).count() >= count {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {count} x {needle:?} in the log:\n{text}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn impossible_ring_states_break_one_queue_until_the_driver_resets_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let log = dir.path().join("daemon.log");
+    let args = ["--size", "8M", "--num-queues", "2", "--control", control.to_str().unwrap()];
+    let daemon =
+        Daemon::start_logging_to(&dir.path().join("disk.img"), &dir.path().join("vhost.sock"), &args, "info", &log);
+    let mut vmm = Vmm::connect(&daemon.socket, 2, true);
+    let mut qmp = rewind::qmp_client::QmpClient::connect(&control).unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    let mut rng = common::Rng(0x5eed);
+    let mut check_io = |vmm: &mut Vmm, q: usize| {
+        let sector = rng.next() % (SIZE / 512 - 8);
+        let data = rng.bytes(4096);
+        model[sector as usize * 512..][..4096].copy_from_slice(&data);
+        assert!(write_and_read_on(vmm, q, sector, &data) == data, "queue {q} at sector {sector}");
+        assert!(read_back(vmm, 0, SIZE as u32 / 8) == model[..SIZE as usize / 8], "queue 0 against the model");
+    };
+
+    let hdr = HDR + 0x100;
+    type Fault<'a> = (&'a str, &'a dyn Fn(&mut Vmm));
+    let faults: [Fault; 5] = [
+        ("the available index 257 entries ahead", &|vmm| vmm.advance_avail_idx(1, QUEUE_SIZE + 1)),
+        ("a head outside the table", &|vmm| vmm.make_available(1, QUEUE_SIZE + 3, true)),
+        ("a chain that loops", &|vmm| {
+            vmm.write_desc(1, 10, hdr, 16, F_NEXT, 11);
+            vmm.write_desc(1, 11, BUF, 512, F_WRITE | F_NEXT, 10);
+            vmm.make_available(1, 10, true);
+        }),
+        ("a chain that leaves the table", &|vmm| {
+            vmm.write_desc(1, 10, hdr, 16, F_NEXT, 4000);
+            vmm.make_available(1, 10, true);
+        }),
+        ("an available ring that ends outside guest memory", &|vmm| {
+            vmm.reset_queue(1, Rings { avail: GuestAddress(MEM_SIZE - 0x100), ..Rings::standard(1) });
+            vmm.kick(1);
+        }),
+    ];
+    for (n, (what, fault)) in faults.iter().enumerate() {
+        header(&vmm, hdr, T_IN, 0);
+        check_io(&mut vmm, 1);
+        fault(&mut vmm);
+        wait_for_log(&log, "queue 1 is broken", n + 1);
+
+        // A guest that keeps kicking the broken queue costs the host next to nothing.
+        let cpu_before = daemon.cpu_time();
+        for _ in 0..100 {
+            vmm.kick(1);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let cpu = daemon.cpu_time() - cpu_before;
+        assert!(cpu < std::time::Duration::from_millis(300), "{what}: {cpu:?} of CPU in a second of kicks");
+
+        check_io(&mut vmm, 0);
+        let status = qmp.execute("query-status", serde_json::json!({})).unwrap();
+        assert_eq!(status["counters"]["broken-queues"], 1, "{what}: {status}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text.matches("queue 1 is broken").count(), n + 1, "{what}: logged once\n{text}");
+
+        vmm.reset_queue(1, Rings::standard(1));
+        check_io(&mut vmm, 1);
+        let status = qmp.execute("query-status", serde_json::json!({})).unwrap();
+        assert_eq!(status["counters"]["broken-queues"], 0, "{what}: mended by the reset: {status}");
+    }
+
+    // SIGTERM while a queue is broken and the frontend still connected.
+    vmm.advance_avail_idx(1, 1000);
+    wait_for_log(&log, "queue 1 is broken", faults.len() + 1);
+    assert!(daemon.terminate_within(std::time::Duration::from_secs(10)).success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.len() < 16 << 10, "the log stays small: {} bytes\n{text}", text.len());
+    assert!(!text.contains("Iterator error"), "the virtio crate's own error is not reached:\n{text}");
+}
+
+#[test]
+fn a_million_malformed_requests_leave_a_log_of_bounded_size() {
+    const TOTAL: usize = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("daemon.log");
+    let daemon = Daemon::start_logging_to(
+        &dir.path().join("disk.img"),
+        &dir.path().join("vhost.sock"),
+        &["--size", "8M"],
+        "warn",
+        &log,
+    );
+    let mut vmm = Vmm::connect(&daemon.socket, 1, true);
+    // A read with no data buffer: refused with IOERR. One chain per two table slots.
+    let chain = [header(&vmm, HDR, T_IN, 0), status_desc(&vmm, STATUS)];
+    let heads: Vec<u16> = (0..QUEUE_SIZE / 2).map(|_| vmm.place_chain(0, &chain)).collect();
+    let started = std::time::Instant::now();
+    let mut done = 0;
+    while done < TOTAL {
+        let round = heads.len().min(TOTAL - done);
+        for (i, &head) in heads[..round].iter().enumerate() {
+            vmm.make_available(0, head, i + 1 == round);
+        }
+        assert_eq!(vmm.wait_used(0, round).len(), round);
+        done += round;
+    }
+    assert_eq!(vmm.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_IOERR);
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(vmm);
+    assert!(daemon.terminate().success());
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let printed = text.matches("refused a request").count();
+    let suppressed: usize = text
+        .lines()
+        .filter_map(|line| line.split("suppressed ").nth(1))
+        .map(|rest| rest.split(' ').next().unwrap().parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(printed + suppressed, TOTAL, "every refusal is printed or counted\n{text}");
+    // A few lines a second for the one thread that refuses them, and a summary a second.
+    let bound = 10.0 * (elapsed + 2.0);
+    assert!((text.lines().count() as f64) < bound, "{} lines in {elapsed:.1}s\n{text}", text.lines().count());
+}
+
+#[test]
+fn a_restarted_daemon_resumes_the_ring_or_breaks_the_queue_whatever_base_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let socket = dir.path().join("vhost.sock");
+    let log = dir.path().join("daemon.log");
+    let daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
+    let mut vmm = Vmm::connect(&daemon.socket, 1, true);
+    let first = fill(&vmm, BUF + 0x10000, 1, 4096);
+    assert!(write_and_read_on(&mut vmm, 0, 8, &first) == first);
+    assert!(daemon.terminate().success());
+
+    // Two writes made available while no daemon runs; the restarted one is told to start at
+    // the entry after the last completed one, as QEMU restores it from the used index.
+    let daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
+    let pending: Vec<(u64, Vec<u8>)> = (0..2u64)
+        .map(|i| {
+            let data = fill(&vmm, BUF + i * 4096, 10 + i as u8, 4096);
+            let descs = [
+                header(&vmm, HDR + i * 16, T_OUT, 16 + i * 8),
+                d(BUF + i * 4096, 4096, 0),
+                status_desc(&vmm, STATUS + i),
+            ];
+            let head = vmm.place_chain(0, &descs);
+            vmm.make_available(0, head, false);
+            (16 + i * 8, data)
+        })
+        .collect();
+    vmm.reconnect(&socket, 2);
+    vmm.kick(0);
+    assert_eq!(vmm.wait_used(0, 2).len(), 2);
+    for (sector, data) in &pending {
+        assert!(read_back(&mut vmm, *sector, 4096) == *data, "sector {sector}");
+    }
+    assert!(read_back(&mut vmm, 8, 4096) == first);
+    assert!(daemon.terminate().success());
+
+    // A base far behind the available index: the queue is broken, said once, and costs nothing.
+    let daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
+    vmm.reconnect(&socket, 7u16.wrapping_sub(QUEUE_SIZE + 100));
+    vmm.kick(0);
+    wait_for_log(&log, "queue 0 is broken", 1);
+    let cpu_before = daemon.cpu_time();
+    for _ in 0..50 {
+        vmm.kick(0);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let cpu = daemon.cpu_time() - cpu_before;
+    assert!(cpu < std::time::Duration::from_millis(200), "{cpu:?} of CPU in half a second of kicks");
+    assert!(daemon.terminate_within(std::time::Duration::from_secs(10)).success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("queue 0 is broken").count(), 1, "{text}");
 }

@@ -169,8 +169,11 @@ fn zero_filled_spares_are_used_in_order_and_uncached_segments_read_back() {
     assert_eq!(zero_fill_spare(dir.path(), 4096, || Ok(())).unwrap(), on_disk);
     assert!(!zero_fill_spare(dir.path(), 4096, || Ok(())).unwrap(), "no second zero-filled spare");
     journal.free_oldest(1).unwrap();
-    let spares: Vec<String> =
-        spare_paths(dir.path()).unwrap().iter().map(|s| s.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let spares: Vec<String> = spare_paths(dir.path())
+        .unwrap()
+        .iter()
+        .map(|s| s.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(spares.len(), 2 + on_disk as usize, "{spares:?}");
     assert!(spares[0].starts_with("spare-0"), "{spares:?}");
     assert!(spares[spares.len() - 1].starts_with("spare-zz"), "{spares:?}");

@@ -36,6 +36,17 @@ pub fn wait_for_path(child: &mut Child, path: &Path) {
 
 impl Daemon {
     pub fn start(image: &Path, socket: &Path, extra: &[&str]) -> Self {
+        // TEST_DAEMON_LOG=debug shows the daemon's vhost-user messages when a test fails.
+        let level = std::env::var("TEST_DAEMON_LOG").unwrap_or_else(|_| "warn".into());
+        Self::spawn(image, socket, extra, &level, Stdio::inherit())
+    }
+
+    /// Like `start`, with the daemon's log at `level` written to the file `log`.
+    pub fn start_logging_to(image: &Path, socket: &Path, extra: &[&str], level: &str, log: &Path) -> Self {
+        Self::spawn(image, socket, extra, level, std::fs::File::create(log).unwrap().into())
+    }
+
+    fn spawn(image: &Path, socket: &Path, extra: &[&str], level: &str, stderr: Stdio) -> Self {
         let _ = std::fs::remove_file(socket);
         let child = Command::new(rewind_bin())
             .arg("serve")
@@ -43,9 +54,9 @@ impl Daemon {
             .arg("--socket")
             .arg(socket)
             .args(extra)
-            // TEST_DAEMON_LOG=debug shows the daemon's vhost-user messages when a test fails.
-            .env("RUST_LOG", std::env::var("TEST_DAEMON_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("RUST_LOG", level)
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut daemon = Self { child, socket: socket.to_path_buf() };
@@ -53,15 +64,38 @@ impl Daemon {
         daemon
     }
 
+    /// CPU time (user + system) the daemon has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / per_second)
+    }
+
+    /// SIGTERM, then the exit status, which must come within `limit`.
+    pub fn terminate_within(mut self, limit: Duration) -> ExitStatus {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "rewind serve did not exit within {limit:?} of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn wait_for_socket(&mut self) {
         wait_for_path(&mut self.child, &self.socket);
     }
 
     /// SIGTERM, then the exit status.
-    pub fn terminate(mut self) -> ExitStatus {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap()
+    pub fn terminate(self) -> ExitStatus {
+        self.terminate_within(Duration::from_secs(60))
     }
 
     /// SIGKILL: what a crash leaves.

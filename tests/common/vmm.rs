@@ -24,8 +24,24 @@ pub const F_INDIRECT: u16 = 4;
 
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
+/// Where a queue's descriptor table and rings are in guest memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Rings {
+    pub desc: GuestAddress,
+    pub avail: GuestAddress,
+    pub used: GuestAddress,
+}
+
+impl Rings {
+    /// The usual layout: queue `q`'s own area, avail ring at +0x1000, used ring at +0x2000.
+    pub fn standard(q: usize) -> Self {
+        let base = QUEUE_AREA * (q as u64 + 1);
+        Self { desc: GuestAddress(base), avail: GuestAddress(base + 0x1000), used: GuestAddress(base + 0x2000) }
+    }
+}
+
 pub struct Queue {
-    base: GuestAddress,
+    rings: Rings,
     kick: EventFd,
     call: EventFd,
     next_avail: u16,
@@ -36,13 +52,13 @@ pub struct Queue {
 
 impl Queue {
     fn desc_table(&self) -> GuestAddress {
-        self.base
+        self.rings.desc
     }
     fn avail(&self) -> GuestAddress {
-        GuestAddress(self.base.0 + 0x1000)
+        self.rings.avail
     }
     fn used(&self) -> GuestAddress {
-        GuestAddress(self.base.0 + 0x2000)
+        self.rings.used
     }
 }
 
@@ -51,6 +67,10 @@ pub struct Vmm {
     pub mem: GuestMemoryMmap,
     pub queues: Vec<Queue>,
     pub features: u64,
+    /// Where guest address 0 is mapped in this process: ring addresses go to the backend as
+    /// the frontend's virtual addresses.
+    host_base: u64,
+    multiqueue: bool,
 }
 
 /// One descriptor to place: guest address, length, flags (NEXT is added by `submit`).
@@ -75,22 +95,28 @@ fn memfd(size: u64) -> File {
     file
 }
 
+/// Connects and negotiates features: returns the frontend, the virtio features and the
+/// protocol features in force.
+fn handshake(socket: &Path, num_queues: usize, event_idx: bool) -> (Frontend, u64, VhostUserProtocolFeatures) {
+    let mut frontend = Frontend::connect(socket, num_queues as u64).unwrap();
+    frontend.set_owner().unwrap();
+    let offered = frontend.get_features().unwrap();
+    let mut features = offered;
+    if !event_idx {
+        features &= !VIRTIO_RING_F_EVENT_IDX;
+    }
+    frontend.set_features(features).unwrap();
+    assert!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
+    let protocol = frontend.get_protocol_features().unwrap();
+    frontend.set_protocol_features(protocol).unwrap();
+    (frontend, features, protocol)
+}
+
 impl Vmm {
     /// Connects and sets the device up with `num_queues` queues; `event_idx` chooses whether
     /// VIRTIO_RING_F_EVENT_IDX is negotiated.
     pub fn connect(socket: &Path, num_queues: usize, event_idx: bool) -> Self {
-        let mut frontend = Frontend::connect(socket, num_queues as u64).unwrap();
-        frontend.set_owner().unwrap();
-        let offered = frontend.get_features().unwrap();
-        let mut features = offered;
-        if !event_idx {
-            features &= !VIRTIO_RING_F_EVENT_IDX;
-        }
-        frontend.set_features(features).unwrap();
-        assert!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
-        let protocol = frontend.get_protocol_features().unwrap();
-        frontend.set_protocol_features(protocol).unwrap();
-
+        let (frontend, features, protocol) = handshake(socket, num_queues, event_idx);
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),
             MEM_SIZE as usize,
@@ -98,44 +124,109 @@ impl Vmm {
         )])
         .unwrap();
         let region = mem.find_region(GuestAddress(0)).unwrap();
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
-        frontend.set_mem_table(&[info]).unwrap();
-        let hva = |gpa: GuestAddress| region.as_ptr() as u64 + gpa.0;
+        let host_base = region.as_ptr() as u64;
 
-        let mut queues = Vec::new();
+        let multiqueue = protocol.contains(VhostUserProtocolFeatures::MQ);
+        let mut vmm = Self { frontend, mem, queues: Vec::new(), features, host_base, multiqueue };
+        vmm.send_mem_table();
         for q in 0..num_queues {
             let queue = Queue {
-                base: GuestAddress(QUEUE_AREA * (q as u64 + 1)),
+                rings: Rings::standard(q),
                 kick: EventFd::new(EFD_NONBLOCK).unwrap(),
                 call: EventFd::new(EFD_NONBLOCK).unwrap(),
                 next_avail: 0,
                 last_used: 0,
                 next_desc: 0,
             };
-            frontend.set_vring_num(q, QUEUE_SIZE).unwrap();
-            frontend
-                .set_vring_addr(
-                    q,
-                    &VringConfigData {
-                        queue_max_size: QUEUE_SIZE,
-                        queue_size: QUEUE_SIZE,
-                        flags: 0,
-                        desc_table_addr: hva(queue.desc_table()),
-                        used_ring_addr: hva(queue.used()),
-                        avail_ring_addr: hva(queue.avail()),
-                        log_addr: None,
-                    },
-                )
-                .unwrap();
-            frontend.set_vring_base(q, 0).unwrap();
-            frontend.set_vring_call(q, &queue.call).unwrap();
-            frontend.set_vring_kick(q, &queue.kick).unwrap();
-            if protocol.contains(VhostUserProtocolFeatures::MQ) || q == 0 {
-                frontend.set_vring_enable(q, true).unwrap();
-            }
-            queues.push(queue);
+            vmm.queues.push(queue);
+            vmm.start_queue(q);
         }
-        Self { frontend, mem, queues, features }
+        vmm
+    }
+
+    fn send_mem_table(&mut self) {
+        let region = self.mem.find_region(GuestAddress(0)).unwrap();
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+        self.frontend.set_mem_table(&[info]).unwrap();
+    }
+
+    /// Hands queue `q`'s rings, as they are set in `self.queues`, to the device, empty.
+    fn start_queue(&mut self, q: usize) {
+        let rings = self.queues[q].rings;
+        // Zeroed where they are in guest memory: the device reads the used index at SET_VRING_ADDR.
+        let parts = [
+            (rings.desc, 16 * QUEUE_SIZE as u64),
+            (rings.avail, 6 + 2 * QUEUE_SIZE as u64),
+            (rings.used, 6 + 8 * QUEUE_SIZE as u64),
+        ];
+        for (at, len) in parts {
+            let len = len.min(MEM_SIZE.saturating_sub(at.0));
+            self.mem.write_slice(&vec![0u8; len as usize], at).unwrap();
+        }
+        let queue = &mut self.queues[q];
+        queue.next_avail = 0;
+        queue.last_used = 0;
+        queue.next_desc = 0;
+        self.set_up_queue(q, 0);
+    }
+
+    /// Gives queue `q` to the device as it is in guest memory, the device to take its next
+    /// request from available entry `base`.
+    fn set_up_queue(&mut self, q: usize, base: u16) {
+        let rings = self.queues[q].rings;
+        let hva = |gpa: GuestAddress| self.host_base + gpa.0;
+        self.frontend.set_vring_num(q, QUEUE_SIZE).unwrap();
+        self.frontend
+            .set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: hva(rings.desc),
+                    used_ring_addr: hva(rings.used),
+                    avail_ring_addr: hva(rings.avail),
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+        self.frontend.set_vring_base(q, base).unwrap();
+        let queue = &self.queues[q];
+        self.frontend.set_vring_call(q, &queue.call).unwrap();
+        self.frontend.set_vring_kick(q, &queue.kick).unwrap();
+        if self.multiqueue || q == 0 {
+            self.frontend.set_vring_enable(q, true).unwrap();
+        }
+    }
+
+    /// Connects again, as QEMU does to a restarted backend (`reconnect=1`): same memory, rings
+    /// as they are, every queue's next available entry set to `base` (QEMU sends what it
+    /// restored, which need not match the ring).
+    pub fn reconnect(&mut self, socket: &Path, base: u16) {
+        let event_idx = self.event_idx();
+        (self.frontend, self.features, _) = handshake(socket, self.queues.len(), event_idx);
+        self.send_mem_table();
+        for q in 0..self.queues.len() {
+            self.set_up_queue(q, base);
+        }
+    }
+
+    /// Resets queue `q` as a driver does after a device error: the device gives the ring back
+    /// (GET_VRING_BASE), then gets it again, empty, at `rings`.
+    pub fn reset_queue(&mut self, q: usize, rings: Rings) {
+        self.frontend.get_vring_base(q).unwrap();
+        self.queues[q].rings = rings;
+        self.start_queue(q);
+    }
+
+    /// Moves the available index `by` entries on, as if that many chains had been made
+    /// available, and kicks.
+    pub fn advance_avail_idx(&mut self, q: usize, by: u16) {
+        let queue = &mut self.queues[q];
+        queue.next_avail = queue.next_avail.wrapping_add(by);
+        self.mem.write_obj(queue.next_avail, GuestAddress(queue.avail().0 + 2)).unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        queue.kick.write(1).unwrap();
     }
 
     pub fn event_idx(&self) -> bool {

@@ -29,7 +29,10 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 use crate::marker::MarkerSource;
 use crate::store::{Journaled, ReadFence, Store, VolumeOp};
-use crate::virtio_blk::{self, ConfigSpace, Desc, Limits, Parsed, Request, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
+use crate::virtio_blk::{self, ConfigSpace, Limits, Parsed, Request, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
+
+mod ring;
+use ring::RingFault;
 
 /// Data descriptors per request: Linux's default for a 256-entry queue, less header and status.
 pub const SEG_MAX: u32 = 126;
@@ -60,6 +63,8 @@ pub struct Counters {
     pub bytes_written: AtomicU64,
     pub flushes: AtomicU64,
     pub errors: AtomicU64,
+    /// Queues not served now because their ring state was impossible.
+    pub broken_queues: AtomicU64,
 }
 
 pub struct BlkBackend {
@@ -73,6 +78,8 @@ pub struct BlkBackend {
     exit_notifiers: Mutex<Vec<EventNotifier>>,
     /// One per queue.
     appliers: Vec<Applier>,
+    /// One per queue: set when its ring was found in a state no correct driver produces.
+    broken: Vec<AtomicBool>,
     pub counters: Arc<Counters>,
     /// Whether a frontend is connected now.
     pub connected: AtomicBool,
@@ -505,6 +512,7 @@ impl BlkBackend {
             read_only: options.read_only,
         };
         let appliers = (0..options.num_queues).map(|q| Applier::spawn(q, Arc::clone(&store))).collect();
+        let broken = (0..options.num_queues).map(|_| AtomicBool::new(false)).collect();
         Self {
             store,
             options,
@@ -514,6 +522,7 @@ impl BlkBackend {
             writeback: AtomicBool::new(true),
             exit_notifiers: Mutex::new(Vec::new()),
             appliers,
+            broken,
             counters: Arc::default(),
             connected: AtomicBool::new(false),
         }
@@ -523,11 +532,13 @@ impl BlkBackend {
         &self.options
     }
 
-    /// Tells the worker threads of the current connection to exit (after their current pass).
-    pub fn stop_workers(&self) {
+    /// Ends what belonged to a frontend's connection: its worker threads exit (after their
+    /// current pass), and its queues, broken or not, are set up afresh by the next frontend.
+    pub fn disconnected(&self) {
         for notifier in self.exit_notifiers.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             let _ = notifier.notify();
         }
+        (0..self.broken.len()).for_each(|queue| self.mend_queue(queue, "the frontend disconnected"));
     }
 
     fn config_space(&self) -> ConfigSpace {
@@ -544,6 +555,9 @@ impl BlkBackend {
     }
 
     fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
+        if self.broken[queue].load(Ordering::Acquire) {
+            return Ok(());
+        }
         let memory = self.memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(memory) = memory else { return Ok(()) };
         let applier = &self.appliers[queue];
@@ -557,28 +571,18 @@ impl BlkBackend {
             if event_idx {
                 vring.disable_notification().map_err(queue_error)?;
             }
-            let chains: Vec<(u16, Vec<Desc>)> = {
-                let mut state = vring.get_mut();
-                let queue = state.get_queue_mut();
-                let mut chains = Vec::new();
-                while let Some(chain) = queue.pop_descriptor_chain(mem.clone()) {
-                    let head = chain.head_index();
-                    let descs = chain
-                        .map(|d| Desc {
-                            addr: d.addr(),
-                            len: d.len(),
-                            write_only: d.is_write_only(),
-                            has_next: d.has_next(),
-                        })
-                        .collect();
-                    chains.push((head, descs));
-                }
-                chains
-            };
-            let parsed: Vec<(u16, ParsedChain)> =
-                chains.into_iter().map(|(head, descs)| (head, virtio_blk::parse(&descs, &mem, &self.limits))).collect();
+            let popped = ring::pop_chains(vring.get_mut().get_queue_mut(), &mem);
+            let parsed: Vec<(u16, ParsedChain)> = popped
+                .chains
+                .into_iter()
+                .map(|(head, descs)| (head, virtio_blk::parse(&descs, &mem, &self.limits)))
+                .collect();
             let completer = Completer { mem, vring: vring.clone(), event_idx, counters: Arc::clone(&self.counters) };
             self.execute(applier, &completer, &parsed)?;
+            if let Some(fault) = popped.fault {
+                self.break_queue(queue, &fault);
+                return Ok(());
+            }
             // Not while the applier has work: on a machine with few cores it needs the CPU.
             if event_idx && applier.pending.is_idle() && more_requests_soon(vring, &completer.mem) {
                 continue;
@@ -586,6 +590,24 @@ impl BlkBackend {
             if !event_idx || !vring.enable_notification().map_err(queue_error)? {
                 return Ok(());
             }
+        }
+    }
+
+    /// Stops serving a queue whose ring no correct driver could have produced, until the
+    /// frontend sets it up again (`stop_vring`) or reconnects. The requests taken before the
+    /// fault still complete.
+    fn break_queue(&self, queue: usize, fault: &RingFault) {
+        self.broken[queue].store(true, Ordering::Release);
+        self.counters.broken_queues.fetch_add(1, Ordering::Relaxed);
+        log::error!("queue {queue} is broken and no longer served until the driver resets it: {fault}");
+    }
+
+    /// Serves a queue again once its ring is set up afresh: after the frontend took it back,
+    /// reset the device or went away (`why`).
+    fn mend_queue(&self, queue: usize, why: &str) {
+        if self.broken.get(queue).is_some_and(|broken| broken.swap(false, Ordering::AcqRel)) {
+            self.counters.broken_queues.fetch_sub(1, Ordering::Relaxed);
+            log::info!("queue {queue} is no longer broken: {why}");
         }
     }
 
@@ -851,6 +873,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn reset_device(&self) {
         self.writeback.store(true, Ordering::Relaxed);
+        (0..self.broken.len()).for_each(|queue| self.mend_queue(queue, "the device was reset"));
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -895,6 +918,7 @@ impl VhostUserBackend for BlkBackend {
         if let Some(applier) = self.appliers.get(queue_index as usize) {
             applier.quiesce();
         }
+        self.mend_queue(queue_index as usize, "the frontend took the ring back (GET_VRING_BASE)");
         Ok(())
     }
 
