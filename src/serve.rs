@@ -2,7 +2,8 @@
 //! periodic snapshots, retention and checkpoints in the background, and a clean exit on
 //! SIGINT/SIGTERM (in-flight requests finish, the journal is synced).
 
-use std::os::unix::net::UnixStream;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -168,25 +169,28 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     }
     let served_by =
         ServedBy { pid: std::process::id(), socket: config.socket.clone(), control: config.control.clone() };
+    // Signals are caught before the socket appears: whoever waits for it may signal at once.
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .context("installing signal handlers")?;
+    let signal_handle = signals.handle();
+    let listener = crate::control::bind_private(&config.socket)
+        .with_context(|| format!("listening on {}", config.socket.display()))?;
+    // The signal thread's own handle on the listening socket, to wake a waiting accept.
+    let waker = listener.try_clone().context("sharing the listening socket")?;
     served_by.write(store.store_dir())?;
 
     let stopping = Arc::new(AtomicBool::new(false));
     let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .context("installing signal handlers")?;
-    let signal_handle = signals.handle();
     let signal_thread = {
         let stopping = Arc::clone(&stopping);
         let connection = Arc::clone(&connection);
-        let socket = config.socket.clone();
         thread::spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 log::info!("signal {signal}: finishing in-flight requests and exiting");
                 stopping.store(true, Ordering::SeqCst);
                 match connection.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                     Some(handle) => handle.shutdown(),
-                    // Waiting for a frontend: a connection of our own wakes the accept.
-                    None => drop(UnixStream::connect(&socket)),
+                    None => wake_accept(&waker),
                 }
             }
         })
@@ -198,7 +202,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         thread::spawn(move || maintenance(store, every, maintenance_stop))
     };
 
-    let result = accept_loop(&config.socket, &backend, &stopping, &connection);
+    let result = accept_loop(listener, &config.socket, &backend, &stopping, &connection);
 
     signal_handle.close();
     let _ = signal_thread.join();
@@ -214,15 +218,24 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     result
 }
 
+/// Makes a blocked `accept` on the listening socket return (with EINVAL), whatever became of
+/// the socket's path: shutting the socket down needs no path, unlike connecting to it.
+fn wake_accept(listener: &UnixListener) {
+    // SAFETY: shutdown(2) on a socket descriptor this thread owns (a clone of the listener);
+    // it changes no memory.
+    if unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
+        log::error!("cannot wake the vhost-user listener: {}", std::io::Error::last_os_error());
+    }
+}
+
 fn accept_loop(
+    listener: UnixListener,
     socket: &Path,
     backend: &Arc<BlkBackend>,
     stopping: &AtomicBool,
     connection: &Mutex<Option<ShutdownHandle>>,
 ) -> Result<()> {
-    let mut listener = Listener::from(
-        crate::control::bind_private(socket).with_context(|| format!("listening on {}", socket.display()))?,
-    );
+    let mut listener = Listener::from(listener);
     log::info!("listening on {} ({} queue(s))", socket.display(), backend.options().num_queues);
     while !stopping.load(Ordering::SeqCst) {
         let mut daemon = VhostUserDaemon::new(
@@ -231,7 +244,12 @@ fn accept_loop(
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| anyhow!("creating the vhost-user daemon: {e}"))?;
-        daemon.start(&mut listener).map_err(|e| anyhow!("accepting a frontend: {e}"))?;
+        if let Err(e) = daemon.start(&mut listener) {
+            if stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            return Err(anyhow!("accepting a frontend: {e}"));
+        }
         *connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
         backend.connected.store(true, Ordering::Relaxed);
         if stopping.load(Ordering::SeqCst) {

@@ -1,6 +1,8 @@
 //! A test VMM: the vhost crate's frontend side, memfd guest memory and split rings laid out by
 //! hand (descriptor table, avail ring at +0x1000, used ring at +0x2000 of each queue's area), so
 //! tests can build any descriptor chain, malformed ones included.
+// Shared by several test binaries, each of which uses only part of it.
+#![allow(dead_code)]
 
 use std::fs::File;
 use std::os::unix::io::FromRawFd;
