@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::journal::Seq;
+use crate::Seq;
 
 pub const MAX_NAME_LEN: usize = 128;
 pub const MAX_NOTE_LEN: usize = 4096;

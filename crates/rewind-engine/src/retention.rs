@@ -6,8 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::journal::Seq;
 use crate::snapshot::SnapshotOrigin;
+use crate::Seq;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

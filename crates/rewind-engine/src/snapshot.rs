@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::extent_map::{ExtentMap, ExtentSource};
 use crate::fsutil;
-use crate::journal::{JournalView, Payloads, RecordKind, Seq};
-use crate::FORMAT_VERSION;
+use crate::journal::{JournalView, Payloads, RecordKind};
+use crate::{Seq, FORMAT_VERSION};
 
 const DELTA_MAGIC: [u8; 8] = *b"RWSNAPD\0";
 const DELTA_HEADER_LEN: u64 = 64;

@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-use crate::journal::{JournalView, Payloads, RecordHeader, RecordKind, Seq};
+use crate::journal::{JournalView, Payloads, RecordHeader, RecordKind};
 use crate::snapshot::SnapshotStore;
+use crate::Seq;
 
 /// What a recovery request names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

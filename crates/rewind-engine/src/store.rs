@@ -18,14 +18,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-use crate::journal::{
-    CacheDropper, Journal, JournalView, NewRecord, Payloads, RecordKind, Seq, SparePreparer, TailRepair,
-};
+use crate::journal::{CacheDropper, Journal, JournalView, NewRecord, Payloads, RecordKind, SparePreparer, TailRepair};
 use crate::marker::{self, Marker, MarkerIndex, MarkerSource};
 use crate::recovery::{self, Progress, RecoveryReport, RecoveryTarget};
 use crate::retention::{self, RetentionPlan, RetentionPolicy, SegmentSummary};
 use crate::snapshot::{SnapshotInfo, SnapshotOrigin, SnapshotStore};
-use crate::FORMAT_VERSION;
+use crate::{Seq, FORMAT_VERSION};
 
 mod applying;
 
