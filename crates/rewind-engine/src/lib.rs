@@ -9,6 +9,8 @@
 //! [`Seq`] and [`FORMAT_VERSION`] live here, at the root, because every layer (down to
 //! [`error`]) uses them: defined in a module, they would make lower modules import upwards.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod error;
 pub mod extent_map;
 pub mod fsutil;

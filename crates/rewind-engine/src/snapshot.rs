@@ -32,6 +32,7 @@ const BASE_FILE: &str = "base.img";
 const MANIFEST_FILE: &str = "manifest.json";
 const COPY_CHUNK: usize = 1 << 20;
 
+/// Why a snapshot was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SnapshotOrigin {
@@ -45,13 +46,18 @@ pub enum SnapshotOrigin {
     Marker,
 }
 
+/// One link of the snapshot chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
+    /// The volume as it was after this record.
     pub seq: Seq,
+    /// Why it was taken.
     pub origin: SnapshotOrigin,
+    /// Wall-clock time it was taken, ns since the epoch.
     pub created_ns: u64,
     /// Data bytes held by this link of the chain (for the base: its allocated data).
     pub data_bytes: u64,
+    /// Extents (written or zeroed ranges) it holds.
     pub extents: u64,
 }
 
