@@ -111,7 +111,7 @@ struct Sample {
     cpu_us_per_io: f64,
 }
 
-#[path = "../tests/common/rng.rs"]
+#[path = "../crates/rewind-engine/tests/common/rng.rs"]
 mod rng;
 use rng::Rng;
 

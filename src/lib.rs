@@ -1,31 +1,22 @@
-//! rewind: a journaling block store. Every write to the volume is journaled before it is
-//! acknowledged, so the volume can be rebuilt as it was at any retained point: a marker, a
-//! sequence number or a time.
+//! rewind: a vhost-user-blk backend over a journaling block store. Every write to the volume is
+//! journaled before it is acknowledged, so the volume can be rebuilt as it was at any retained
+//! point: a marker, a sequence number or a time.
 //!
-//! The pieces, one module each: [`journal`] (on-disk records, append, scan, torn-tail repair),
-//! [`snapshot`] (the delta chain), [`marker`], [`retention`], [`recovery`], and [`store`], the
-//! write path that ties them together.
+//! The store itself is the `rewind-engine` crate, re-exported here under the module names it
+//! had when it lived in this crate ([`journal`], [`snapshot`], [`marker`], [`retention`],
+//! [`recovery`], [`store`], ...). This crate adds what serves and drives it: [`virtio_blk`]
+//! and [`vhost_user`] (the device), [`serve`], [`control`] (the control socket) and [`cli`].
 
 pub mod cli;
 pub mod control;
-pub mod error;
-pub mod extent_map;
-pub mod fsutil;
-pub mod journal;
 pub mod log_limit;
-pub mod marker;
 pub mod qmp_client;
-pub mod recovery;
-pub mod retention;
 pub mod serve;
-pub mod snapshot;
-pub mod store;
 pub mod units;
 pub mod vhost_user;
 pub mod virtio_blk;
 
-pub use error::{Error, Result};
-pub use store::{CreateOptions, Store, VolumeOp};
-
-/// Version of the on-disk format (docs/format.md). Stores of another version are refused.
-pub const FORMAT_VERSION: u32 = 1;
+pub use rewind_engine::{
+    error, extent_map, fsutil, journal, marker, recovery, retention, snapshot, store, CreateOptions, Error, Result,
+    Seq, Store, VolumeOp, FORMAT_VERSION,
+};

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::extent_map::{ExtentMap, ExtentSource};
 use crate::fsutil;
-use crate::journal::{JournalView, Payloads, RecordKind, Seq};
-use crate::FORMAT_VERSION;
+use crate::journal::{JournalView, Payloads, RecordKind};
+use crate::{Seq, FORMAT_VERSION};
 
 const DELTA_MAGIC: [u8; 8] = *b"RWSNAPD\0";
 const DELTA_HEADER_LEN: u64 = 64;
@@ -32,6 +32,7 @@ const BASE_FILE: &str = "base.img";
 const MANIFEST_FILE: &str = "manifest.json";
 const COPY_CHUNK: usize = 1 << 20;
 
+/// Why a snapshot was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SnapshotOrigin {
@@ -45,13 +46,18 @@ pub enum SnapshotOrigin {
     Marker,
 }
 
+/// One link of the snapshot chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
+    /// The volume as it was after this record.
     pub seq: Seq,
+    /// Why it was taken.
     pub origin: SnapshotOrigin,
+    /// Wall-clock time it was taken, ns since the epoch.
     pub created_ns: u64,
     /// Data bytes held by this link of the chain (for the base: its allocated data).
     pub data_bytes: u64,
+    /// Extents (written or zeroed ranges) it holds.
     pub extents: u64,
 }
 

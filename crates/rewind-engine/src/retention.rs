@@ -6,9 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::journal::Seq;
 use crate::snapshot::SnapshotOrigin;
+use crate::Seq;
 
+/// How much journal to keep. With no limit set, nothing is ever freed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct RetentionPolicy {

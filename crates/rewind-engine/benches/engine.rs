@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use rewind::recovery::RecoveryTarget;
-use rewind::{CreateOptions, Store, VolumeOp};
+use rewind_engine::recovery::RecoveryTarget;
+use rewind_engine::{CreateOptions, Store, VolumeOp};
 
 const BATCH: usize = 32;
 
@@ -57,7 +57,7 @@ fn bench_append(dir: &Path, block: usize, total: u64, rounds: usize) -> Row {
         let places = offsets(count, block as u64, volume, round as u64 + 1);
 
         let image = dir.join("append.img");
-        let _ = fs::remove_dir_all(rewind::store::default_store_dir(&image));
+        let _ = fs::remove_dir_all(rewind_engine::store::default_store_dir(&image));
         let _ = fs::remove_file(&image);
         let options = CreateOptions { size: Some(volume), ..Default::default() };
         let (store, _) = Store::create(&image, None, &options, &mut |_, _| {}).unwrap();
@@ -71,7 +71,7 @@ fn bench_append(dir: &Path, block: usize, total: u64, rounds: usize) -> Row {
         }
         ours.push(total as f64 / start.elapsed().as_secs_f64());
         store.close().unwrap();
-        fs::remove_dir_all(rewind::store::default_store_dir(&image)).unwrap();
+        fs::remove_dir_all(rewind_engine::store::default_store_dir(&image)).unwrap();
         fs::remove_file(&image).unwrap();
 
         let raw = dir.join("raw.img");
@@ -102,7 +102,7 @@ fn bench_snapshot(dir: &Path, sizes_gib: &[u64], dirty: u64, rounds: usize) -> V
         let mut samples = Vec::new();
         for round in 0..rounds {
             let image = dir.join(format!("snap-{gib}.img"));
-            let _ = fs::remove_dir_all(rewind::store::default_store_dir(&image));
+            let _ = fs::remove_dir_all(rewind_engine::store::default_store_dir(&image));
             let _ = fs::remove_file(&image);
             let options = CreateOptions { size: Some(volume), ..Default::default() };
             let (store, _) = Store::create(&image, None, &options, &mut |_, _| {}).unwrap();
@@ -114,7 +114,7 @@ fn bench_snapshot(dir: &Path, sizes_gib: &[u64], dirty: u64, rounds: usize) -> V
             store.take_snapshot().unwrap();
             samples.push(start.elapsed().as_secs_f64());
             store.close().unwrap();
-            fs::remove_dir_all(rewind::store::default_store_dir(&image)).unwrap();
+            fs::remove_dir_all(rewind_engine::store::default_store_dir(&image)).unwrap();
             fs::remove_file(&image).unwrap();
         }
         times.push((gib, median(samples)));
@@ -134,7 +134,7 @@ fn bench_snapshot(dir: &Path, sizes_gib: &[u64], dirty: u64, rounds: usize) -> V
 fn bench_recovery(dir: &Path, volume: u64, data: u64, journaled: u64, rounds: usize) -> Row {
     // An adopted image with `data` bytes (the base snapshot), then `journaled` bytes of writes.
     let image = dir.join("recover.img");
-    let _ = fs::remove_dir_all(rewind::store::default_store_dir(&image));
+    let _ = fs::remove_dir_all(rewind_engine::store::default_store_dir(&image));
     let file = sparse_file(&image, volume);
     let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8 + 1).collect();
     for i in 0..data >> 20 {
@@ -170,7 +170,7 @@ fn bench_recovery(dir: &Path, volume: u64, data: u64, journaled: u64, rounds: us
     for path in [&output, &copy, &image] {
         fs::remove_file(path).unwrap();
     }
-    fs::remove_dir_all(rewind::store::default_store_dir(&image)).unwrap();
+    fs::remove_dir_all(rewind_engine::store::default_store_dir(&image)).unwrap();
     let (ours, peer) = (median(ours), median(peer));
     let bytes = (data + journaled) as f64 / (1 << 20) as f64;
     Row {
@@ -189,7 +189,7 @@ fn bench_recovery(dir: &Path, volume: u64, data: u64, journaled: u64, rounds: us
 /// Journal bytes per 4 KiB write: record header and alignment over the payload.
 fn bench_journal_overhead(dir: &Path) -> Row {
     let image = dir.join("overhead.img");
-    let _ = fs::remove_dir_all(rewind::store::default_store_dir(&image));
+    let _ = fs::remove_dir_all(rewind_engine::store::default_store_dir(&image));
     let _ = fs::remove_file(&image);
     let options = CreateOptions { size: Some(64 << 20), ..Default::default() };
     let (store, _) = Store::create(&image, None, &options, &mut |_, _| {}).unwrap();
@@ -200,7 +200,7 @@ fn bench_journal_overhead(dir: &Path) -> Row {
     }
     let per_write = (store.status().journal_bytes - before) as f64 / count as f64;
     store.close().unwrap();
-    fs::remove_dir_all(rewind::store::default_store_dir(&image)).unwrap();
+    fs::remove_dir_all(rewind_engine::store::default_store_dir(&image)).unwrap();
     fs::remove_file(&image).unwrap();
     Row {
         name: "journal bytes per 4 KiB write".into(),
@@ -215,6 +215,10 @@ fn main() {
     if std::env::args().any(|a| a == "--test" || a == "--list") {
         return;
     }
+    // Cargo runs a bench in its own package's directory; relative paths (the default work
+    // directory, a relative REWIND_BENCH_DIR, target/bench for the report) are meant from the
+    // workspace's top, where scripts/bench looks for engine.md.
+    std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).unwrap();
     let quick = std::env::var_os("REWIND_BENCH_QUICK").is_some();
     let rounds = if quick { 3 } else { 5 };
     let work = PathBuf::from(std::env::var("REWIND_BENCH_DIR").unwrap_or_else(|_| "target/bench/work".into()));

@@ -12,14 +12,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-use crate::journal::{JournalView, Payloads, RecordHeader, RecordKind, Seq};
+use crate::journal::{JournalView, Payloads, RecordHeader, RecordKind};
 use crate::snapshot::SnapshotStore;
+use crate::Seq;
 
 /// What a recovery request names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RecoveryTarget {
+    /// The point of the marker of this name.
     Marker(String),
+    /// Up to and including this record.
     Seq(Seq),
     /// Wall-clock time in ns since the epoch: the last record at or before it.
     Time(u64),
@@ -38,13 +41,16 @@ impl std::fmt::Display for RecoveryTarget {
     }
 }
 
+/// What a recovery wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecoveryReport {
+    /// The new image.
     pub output: PathBuf,
     /// The point recovered to.
     pub seq: Seq,
     /// The snapshot the recovery started from.
     pub snapshot_seq: Seq,
+    /// Journal records replayed on top of the snapshot.
     pub records_replayed: u64,
     /// Data bytes written into the output (snapshot data plus replayed writes).
     pub bytes_written: u64,

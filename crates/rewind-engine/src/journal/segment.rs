@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
-use crate::FORMAT_VERSION;
-
-use super::Seq;
+use crate::{Seq, FORMAT_VERSION};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"RWJSEG\0\0";
 pub const SEGMENT_HEADER_LEN: u64 = 64;

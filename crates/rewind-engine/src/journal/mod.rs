@@ -24,9 +24,8 @@ use crate::fsutil;
 pub use record::{RecordHeader, RecordKind, HEADER_LEN};
 use segment::{ChunkReader, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
 
-/// A journal sequence number. Records are numbered 1, 2, 3, … without gaps; 0 names the state
-/// before the first record.
-pub type Seq = u64;
+/// Re-exported so that `journal::Seq`, where it was first defined, still names it.
+pub use crate::Seq;
 
 /// Freed segments kept for reuse: overwriting existing file pages is several times cheaper
 /// than filling fresh ones.

@@ -6,11 +6,11 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use rewind::journal::record::{padded_len, HEADER_LEN};
-use rewind::journal::segment::SEGMENT_HEADER_LEN;
-use rewind::journal::Seq;
-use rewind::recovery::RecoveryTarget;
-use rewind::{CreateOptions, Error, Store};
+use rewind_engine::journal::record::{padded_len, HEADER_LEN};
+use rewind_engine::journal::segment::SEGMENT_HEADER_LEN;
+use rewind_engine::journal::Seq;
+use rewind_engine::recovery::RecoveryTarget;
+use rewind_engine::{CreateOptions, Error, Store};
 
 const VOLUME: u64 = 64 * 1024;
 
@@ -55,7 +55,7 @@ impl Fixture {
     }
 
     fn store_dir(&self) -> PathBuf {
-        rewind::store::default_store_dir(&self.image)
+        rewind_engine::store::default_store_dir(&self.image)
     }
 
     fn segments(&self) -> Vec<PathBuf> {
@@ -76,7 +76,7 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
         fs::copy(&self.image, &image).unwrap();
-        copy_dir(&self.store_dir(), &rewind::store::default_store_dir(&image));
+        copy_dir(&self.store_dir(), &rewind_engine::store::default_store_dir(&image));
         (dir, image)
     }
 }
@@ -97,7 +97,7 @@ fn copy_dir(from: &Path, to: &Path) {
 /// Makes the store look as if the machine went down while it was open: unsynced data may be
 /// lost, which is what truncating or damaging the journal tail stands for.
 fn simulate_power_loss(image: &Path) {
-    let meta_path = rewind::store::default_store_dir(image).join("meta.json");
+    let meta_path = rewind_engine::store::default_store_dir(image).join("meta.json");
     let mut meta: serde_json::Value = serde_json::from_slice(&fs::read(&meta_path).unwrap()).unwrap();
     assert!(meta.get("open-in-boot").is_some(), "the store was closed cleanly");
     meta["open-in-boot"] = serde_json::Value::String("an-earlier-boot".into());
@@ -153,7 +153,8 @@ fn truncation_at_every_byte_of_the_last_records_cuts_back_to_the_last_whole_reco
         let zeroings = (first_cut..full_len).step_by(61).map(|cut| (cut, true));
         for (cut, zeroed) in truncations.chain(zeroings) {
             let (_dir, image) = fixture.copy();
-            let damaged = rewind::store::default_store_dir(&image).join("journal").join(segment.file_name().unwrap());
+            let damaged =
+                rewind_engine::store::default_store_dir(&image).join("journal").join(segment.file_name().unwrap());
             let file = fs::OpenOptions::new().write(true).open(&damaged).unwrap();
             if zeroed {
                 std::os::unix::fs::FileExt::write_all_at(&file, &vec![0; (full_len - cut) as usize], cut).unwrap();
@@ -182,7 +183,8 @@ fn bit_flips_in_the_last_record_are_a_torn_tail() {
     let last = *fixture.record_offsets.last().unwrap();
     for at in [last, last + 9, last + 40, last + HEADER_LEN as u64 + 3, last + HEADER_LEN as u64 + 500] {
         let (_dir, image) = fixture.copy();
-        let damaged = rewind::store::default_store_dir(&image).join("journal").join(segment.file_name().unwrap());
+        let damaged =
+            rewind_engine::store::default_store_dir(&image).join("journal").join(segment.file_name().unwrap());
         flip_bit(&damaged, at, 3);
         simulate_power_loss(&image);
         assert_cut_back_to(&image, &fixture, 7, &format!("flip at {at}"));
@@ -196,7 +198,8 @@ fn bit_flips_in_the_middle_stop_the_open_naming_segment_and_offset() {
     let victim = fixture.record_offsets[3];
     for at in [victim + 1, victim + 20, victim + HEADER_LEN as u64 + 100] {
         let (_dir, image) = fixture.copy();
-        let damaged = rewind::store::default_store_dir(&image).join("journal").join(segment.file_name().unwrap());
+        let damaged =
+            rewind_engine::store::default_store_dir(&image).join("journal").join(segment.file_name().unwrap());
         flip_bit(&damaged, at, 0);
         match Store::open(&image, None) {
             Err(Error::JournalCorrupt { segment: named, offset, .. }) => {
@@ -220,7 +223,7 @@ fn damage_in_an_older_segment_is_reported_by_open_or_verify_and_recovery() {
 
     // A header flip breaks the chain of sequence numbers: open refuses.
     let (_dir, image) = fixture.copy();
-    let damaged = rewind::store::default_store_dir(&image).join("journal").join(first.file_name().unwrap());
+    let damaged = rewind_engine::store::default_store_dir(&image).join("journal").join(first.file_name().unwrap());
     flip_bit(&damaged, record + 8, 2);
     match Store::open(&image, None) {
         Err(Error::JournalCorrupt { segment, offset, .. }) => assert_eq!((segment, offset), (damaged.clone(), record)),
@@ -229,7 +232,7 @@ fn damage_in_an_older_segment_is_reported_by_open_or_verify_and_recovery() {
 
     // A payload flip in a checkpointed, sealed segment is found by verify and by recovery.
     let (_dir, image) = fixture.copy();
-    let damaged = rewind::store::default_store_dir(&image).join("journal").join(first.file_name().unwrap());
+    let damaged = rewind_engine::store::default_store_dir(&image).join("journal").join(first.file_name().unwrap());
     flip_bit(&damaged, record + HEADER_LEN as u64 + 10, 5);
     let (store, _) = Store::open(&image, None).unwrap();
     match store.verify(&mut |_, _| {}) {

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::journal::Seq;
+use crate::Seq;
 
 struct InFlight {
     first: Seq,

@@ -18,20 +18,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-use crate::journal::{
-    CacheDropper, Journal, JournalView, NewRecord, Payloads, RecordKind, Seq, SparePreparer, TailRepair,
-};
+use crate::journal::{CacheDropper, Journal, JournalView, NewRecord, Payloads, RecordKind, SparePreparer, TailRepair};
 use crate::marker::{self, Marker, MarkerIndex, MarkerSource};
 use crate::recovery::{self, Progress, RecoveryReport, RecoveryTarget};
 use crate::retention::{self, RetentionPlan, RetentionPolicy, SegmentSummary};
 use crate::snapshot::{SnapshotInfo, SnapshotOrigin, SnapshotStore};
-use crate::FORMAT_VERSION;
+use crate::{Seq, FORMAT_VERSION};
 
 mod applying;
 
 use applying::{ApplyTicket, Applying};
 
+/// Size of a journal segment file unless [`CreateOptions`] says otherwise.
 pub const DEFAULT_SEGMENT_CAPACITY: u64 = 64 << 20;
+/// A sector: the volume's size is a whole number of them.
 pub const SECTOR_SIZE: u64 = 512;
 const META_FILE: &str = "meta.json";
 const LOCK_FILE: &str = "lock";
@@ -62,11 +62,14 @@ fn boot_id() -> Option<String> {
     fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|id| id.trim().to_string())
 }
 
+/// How [`Store::create`] lays out a new store.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
     /// Size of a new image; an existing image is adopted at its own size.
     pub size: Option<u64>,
+    /// Bytes per journal segment file.
     pub segment_capacity: u64,
+    /// The retention policy stored with the store (can be changed later).
     pub retention: RetentionPolicy,
 }
 
@@ -80,18 +83,11 @@ impl Default for CreateOptions {
 #[derive(Debug, Clone, Copy)]
 pub enum VolumeOp<'a> {
     /// Data in pieces (as it sits in guest memory), written contiguously at `offset`.
-    Write {
-        offset: u64,
-        data: &'a [&'a [u8]],
-    },
-    WriteZeroes {
-        offset: u64,
-        len: u64,
-    },
-    Discard {
-        offset: u64,
-        len: u64,
-    },
+    Write { offset: u64, data: &'a [&'a [u8]] },
+    /// `len` bytes at `offset` become zeroes.
+    WriteZeroes { offset: u64, len: u64 },
+    /// `len` bytes at `offset` are no longer needed; they read back as zeroes.
+    Discard { offset: u64, len: u64 },
 }
 
 impl VolumeOp<'_> {
@@ -113,6 +109,7 @@ impl VolumeOp<'_> {
     }
 }
 
+/// A marker and whether its point can still be recovered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MarkerStatus {
     #[serde(flatten)]
@@ -121,6 +118,7 @@ pub struct MarkerStatus {
     pub expired: bool,
 }
 
+/// A summary of the store ([`Store::status`]), as `rewind status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub image: PathBuf,
@@ -132,7 +130,9 @@ pub struct Status {
     pub first_seq: Seq,
     /// Newest record (0 before the first).
     pub head: Seq,
+    /// Every point from here to `head` is recoverable; older ones only where a snapshot is.
     pub oldest_recoverable: Seq,
+    /// Every record up to here is durably applied to the volume.
     pub checkpoint: Seq,
     pub journal_bytes: u64,
     pub journal_segments: usize,
@@ -143,15 +143,19 @@ pub struct Status {
     pub retention: RetentionPolicy,
 }
 
+/// What [`Store::enforce_retention`] freed and took.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetentionReport {
     pub freed_segments: usize,
     pub freed_bytes: u64,
+    /// Snapshots taken so that the remaining points stay recoverable.
     pub snapshots_taken: Vec<Seq>,
+    /// Deltas no retained point needs any more, merged into the base.
     pub merged_into_base: usize,
     pub oldest_recoverable: Seq,
 }
 
+/// What [`Store::verify`] checked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub records_checked: u64,
@@ -203,6 +207,7 @@ impl Recoverability {
     }
 }
 
+/// A data volume with its journal, snapshots and markers (see the module documentation).
 pub struct Store {
     image: PathBuf,
     dir: PathBuf,
@@ -472,14 +477,17 @@ impl Store {
         write_meta(&self.dir, &maintenance.meta)
     }
 
+    /// Size of the volume in bytes.
     pub fn volume_size(&self) -> u64 {
         self.volume_size
     }
 
+    /// The data volume's image file.
     pub fn image(&self) -> &Path {
         &self.image
     }
 
+    /// The directory holding the journal, snapshots and metadata.
     pub fn store_dir(&self) -> &Path {
         &self.dir
     }
@@ -546,14 +554,17 @@ impl Store {
         Ok(first + count as u64 - 1)
     }
 
+    /// [`submit`](Self::submit) of a single write; returns its sequence number.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<Seq> {
         self.submit(&[VolumeOp::Write { offset, data: &[data] }])
     }
 
+    /// [`submit`](Self::submit) of a single write-zeroes; returns its sequence number.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<Seq> {
         self.submit(&[VolumeOp::WriteZeroes { offset, len }])
     }
 
+    /// [`submit`](Self::submit) of a single discard; returns its sequence number.
     pub fn discard(&self, offset: u64, len: u64) -> Result<Seq> {
         self.submit(&[VolumeOp::Discard { offset, len }])
     }
@@ -635,6 +646,8 @@ impl Store {
         self.checkpoint(&mut maintenance)
     }
 
+    /// Journals a marker named `name` at the current head. Names are unique; the marker is as
+    /// durable as the writes journaled before it.
     pub fn add_marker(&self, name: &str, note: Option<&str>, source: MarkerSource) -> Result<Marker> {
         marker::validate_name(name.as_bytes())?;
         if let Some(note) = note {
@@ -658,6 +671,7 @@ impl Store {
         Ok(marker)
     }
 
+    /// The marker named `name`, or [`Error::UnknownMarker`].
     pub fn marker(&self, name: &str) -> Result<MarkerStatus> {
         let marker = lock_poisoned(self.writer.lock()).markers.get(name).cloned();
         let marker = marker.ok_or_else(|| Error::UnknownMarker(name.to_string()))?;
@@ -697,14 +711,18 @@ impl Store {
         Ok(info)
     }
 
+    /// The snapshot chain, base first.
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
         lock_poisoned(self.maintenance.lock()).snapshots.list()
     }
 
+    /// The stored retention policy.
     pub fn retention(&self) -> RetentionPolicy {
         lock_poisoned(self.maintenance.lock()).meta.retention.clone()
     }
 
+    /// Stores a new retention policy; it takes effect at the next
+    /// [`enforce_retention`](Self::enforce_retention).
     pub fn set_retention(&self, policy: RetentionPolicy) -> Result<()> {
         let mut maintenance = lock_poisoned(self.maintenance.lock());
         maintenance.meta.retention = policy;
@@ -862,6 +880,7 @@ impl Store {
         })
     }
 
+    /// A summary of the store: ranges, sizes, counts and policy.
     pub fn status(&self) -> Status {
         let maintenance = lock_poisoned(self.maintenance.lock());
         let (first_seq, head, journal_bytes, journal_segments, markers) = {

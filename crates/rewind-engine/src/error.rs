@@ -4,7 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::journal::Seq;
+use crate::Seq;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -5,8 +5,8 @@
 use std::fs;
 use std::path::Path;
 
-use rewind::recovery::RecoveryTarget;
-use rewind::{CreateOptions, Store};
+use rewind_engine::recovery::RecoveryTarget;
+use rewind_engine::{CreateOptions, Store};
 
 /// Fills a small tmpfs until an append fails, then checks nothing acknowledged was lost and
 /// the store works again once there is room. Needs root for the mount; without it the test

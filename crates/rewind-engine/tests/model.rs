@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use proptest::prelude::*;
-use rewind::journal::Seq;
-use rewind::marker::MarkerSource;
-use rewind::recovery::RecoveryTarget;
-use rewind::retention::RetentionPolicy;
-use rewind::{CreateOptions, Error, Store, VolumeOp};
+use rewind_engine::journal::Seq;
+use rewind_engine::marker::MarkerSource;
+use rewind_engine::recovery::RecoveryTarget;
+use rewind_engine::retention::RetentionPolicy;
+use rewind_engine::{CreateOptions, Error, Store, VolumeOp};
 
 const SECTOR: u64 = 512;
 const VOLUME_SECTORS: u64 = 128;

@@ -5,7 +5,7 @@
 //! which lets `open` walk the journal by headers without reading every payload. The layout is
 //! documented, field by field, in docs/format.md.
 
-use super::Seq;
+use crate::Seq;
 
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"RWJR");
 pub const HEADER_LEN: usize = 64;

@@ -13,26 +13,38 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::journal::Seq;
+use crate::Seq;
 
+/// Longest marker name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
+/// Longest marker note, in bytes.
 pub const MAX_NOTE_LEN: usize = 4096;
 const ARCHIVE_FILE: &str = "markers.json";
 
+/// Who added a marker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MarkerSource {
+    /// The CLI or the control socket on the host.
     Host,
+    /// The guest agent, from inside the VM.
     Guest,
 }
 
+/// A named point in the journal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Marker {
+    /// Numbered 1, 2, 3, … in the order markers were added.
     pub id: u64,
+    /// Unique within the store.
     pub name: String,
+    /// The marker's own record: recovering to the marker gives every write before it.
     pub seq: Seq,
+    /// Wall-clock time of the record, ns since the epoch.
     pub time_ns: u64,
+    /// Who added it.
     pub source: MarkerSource,
+    /// Free text given with the marker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
