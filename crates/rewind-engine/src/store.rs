@@ -31,6 +31,8 @@ use applying::{ApplyTicket, Applying};
 
 /// Size of a journal segment file unless [`CreateOptions`] says otherwise.
 pub const DEFAULT_SEGMENT_CAPACITY: u64 = 64 << 20;
+/// The smallest journal segment: a header and a few records.
+pub const MIN_SEGMENT_CAPACITY: u64 = 4096;
 /// A sector: the volume's size is a whole number of them.
 pub const SECTOR_SIZE: u64 = 512;
 const META_FILE: &str = "meta.json";
@@ -324,6 +326,18 @@ impl Store {
                 })
             }
         };
+        if options.segment_capacity < MIN_SEGMENT_CAPACITY
+            || options.segment_capacity % crate::journal::record::ALIGN != 0
+        {
+            return Err(Error::BadMetadata {
+                path: dir,
+                reason: format!(
+                    "segment size {} is not a multiple of {} bytes of at least {MIN_SEGMENT_CAPACITY}",
+                    options.segment_capacity,
+                    crate::journal::record::ALIGN
+                ),
+            });
+        }
         if volume_size == 0 || volume_size % SECTOR_SIZE != 0 {
             return Err(Error::BadMetadata {
                 path: image.to_path_buf(),
@@ -402,6 +416,19 @@ impl Store {
                         }
                     })?;
                     markers.insert(marker);
+                }
+                // Every later replay and recovery trusts what open let through: a record
+                // outside the volume (only a forged or damaged one with valid checksums)
+                // would grow the image.
+                if h.kind.modifies_volume() && h.offset.checked_add(h.length).is_none_or(|end| end > meta.volume_size) {
+                    return Err(Error::JournalCorrupt {
+                        segment: rec.segment.path.clone(),
+                        offset: rec.position,
+                        reason: format!(
+                            "record {} covers {} bytes at {}, outside the {}-byte volume",
+                            h.seq, h.length, h.offset, meta.volume_size
+                        ),
+                    });
                 }
                 // Records past the checkpoint may be missing from the volume: apply them again
                 // (applying a record twice gives the same bytes).

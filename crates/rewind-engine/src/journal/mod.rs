@@ -31,6 +31,8 @@ pub use crate::Seq;
 /// than filling fresh ones.
 const MAX_SPARE_SEGMENTS: usize = 4;
 const SPARE_PREFIX: &str = "spare-";
+/// The highest first sequence number a segment header may name (see `read_segment_header`).
+const MAX_FIRST_SEQ: Seq = 1 << 62;
 /// A spare being zero-filled; left behind only by a crash, and removed at open.
 const PREPARING_PREFIX: &str = "preparing-";
 
@@ -129,7 +131,10 @@ fn walk_segment(
     let mut expected = segment.first_seq;
     let fault = loop {
         if pos + HEADER_LEN as u64 > file_len {
-            break (pos < file_len).then(|| "short record header".to_string());
+            // Zeroes too few for a header: the unused rest of a segment whose size is not a
+            // multiple of the record alignment.
+            let rest = reader.read_at(pos, (file_len - pos) as usize)?;
+            break rest.iter().any(|&b| b != 0).then(|| "short record header".to_string());
         }
         let bytes: [u8; HEADER_LEN] =
             reader.read_at(pos, HEADER_LEN)?.try_into().expect("read_at returns full header inside the file");
@@ -170,22 +175,87 @@ fn walk_segment(
     Ok(WalkEnd { end: pos, next_seq: expected, fault })
 }
 
-/// Looks past `from` for any valid record numbered `min_seq` or later: if one exists, the
-/// records before it were durable once, and a fault before it is damage, not a torn tail.
-fn later_valid_record(segment: &Segment, from: u64, min_seq: Seq) -> Result<Option<u64>> {
-    let file_len = segment.file.metadata().context(|| format!("reading size of {}", segment.path.display()))?.len();
-    let mut reader = ChunkReader::new(&segment.file, &segment.path, file_len);
+/// Looks past `from` in a segment file for any valid record numbered `min_seq` or later: if one
+/// exists, the records before it were durable once, and a fault before it is damage, not a
+/// torn tail.
+fn later_valid_record(file: &File, path: &Path, from: u64, min_seq: Seq) -> Result<Option<u64>> {
+    let file_len = file.metadata().context(|| format!("reading size of {}", path.display()))?.len();
+    let mut reader = ChunkReader::new(file, path, file_len);
     let mut pos = from.div_ceil(record::ALIGN) * record::ALIGN;
     while pos + HEADER_LEN as u64 <= file_len {
-        let bytes: [u8; HEADER_LEN] = reader.read_at(pos, HEADER_LEN)?.try_into().expect("full header inside file");
-        if let Ok(header) = RecordHeader::decode(&bytes) {
-            if header.seq >= min_seq {
+        if let Ok(bytes) = <[u8; HEADER_LEN]>::try_from(reader.read_at(pos, HEADER_LEN)?) {
+            if RecordHeader::decode(&bytes).is_ok_and(|header| header.seq >= min_seq) {
                 return Ok(Some(pos));
             }
         }
         pos += record::ALIGN;
     }
     Ok(None)
+}
+
+/// The segment indexes in `dir`, oldest first. Only names exactly as [`Segment::file_name`]
+/// makes them count: anything else (`0.seg`, upper case, a sign) is left alone with a warning,
+/// so a stray file can never stand for a segment twice. Spares a crash left half-made are
+/// removed.
+fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+    let mut indexes = Vec::new();
+    for entry in fs::read_dir(dir).context(|| format!("listing {}", dir.display()))? {
+        let entry = entry.context(|| format!("listing {}", dir.display()))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(PREPARING_PREFIX) {
+            fs::remove_file(entry.path()).context(|| format!("removing {}", entry.path().display()))?;
+        } else if let Some(index) = Segment::parse_file_name(&name) {
+            indexes.push(index);
+        } else if name.ends_with(".seg") && !name.starts_with(SPARE_PREFIX) {
+            log::warn!("journal: ignoring {}: not a segment name", entry.path().display());
+        }
+    }
+    indexes.sort_unstable();
+    Ok(indexes)
+}
+
+/// Reads and checks a segment's header: Ok(Err(reason)) when it cannot start segment `index`
+/// of this store after `expected` (a torn start or damage, as the scan decides); Err when the
+/// segment belongs to another store or format, which no crash of this one explains.
+fn read_segment_header(
+    file: &File,
+    path: &Path,
+    store_uuid: [u8; 16],
+    index: u64,
+    expected: Option<Seq>,
+) -> Result<std::result::Result<SegmentHeader, String>> {
+    let mut bytes = [0u8; SEGMENT_HEADER_LEN as usize];
+    let read = fsutil::read_up_to_at(file, &mut bytes, 0).context(|| format!("reading {}", path.display()))?;
+    if read < bytes.len() {
+        return Ok(Err(format!("segment header missing (the file has {read} bytes)")));
+    }
+    let header = match SegmentHeader::decode(&bytes, path) {
+        Ok(header) => header,
+        Err(Error::JournalCorrupt { reason, .. }) => return Ok(Err(reason)),
+        Err(other) => return Err(other),
+    };
+    if header.store_uuid != store_uuid {
+        return Err(Error::JournalCorrupt {
+            segment: path.to_path_buf(),
+            offset: 0,
+            reason: "segment belongs to another store".into(),
+        });
+    }
+    if header.index != index {
+        return Ok(Err(format!("segment header names segment {:x} (a reused segment not restarted)", header.index)));
+    }
+    // Far below where numbering could ever reach, and far enough above any segment's worth of
+    // records that counting on from here cannot overflow.
+    if header.first_seq == 0 || header.first_seq > MAX_FIRST_SEQ {
+        return Ok(Err(format!("segment starts at an impossible sequence number {}", header.first_seq)));
+    }
+    if let Some(expected) = expected {
+        if header.first_seq != expected {
+            return Ok(Err(format!("segment starts at {} where {expected} was expected", header.first_seq)));
+        }
+    }
+    Ok(Ok(header))
 }
 
 impl Journal {
@@ -211,14 +281,33 @@ impl Journal {
         // The first segment is zero-filled too, so flushes are cheap from the first write on.
         zero_fill_spare(dir, segment_capacity, || Ok(()))?;
         journal.start_segment(first_seq)?;
+        journal.sync_started_segment()?;
         Ok(journal)
     }
 
-    /// Opens and scans the journal. A fault in the last segment with no valid record behind it
-    /// is a torn tail: it is cut back, logged and reported. Any other fault fails the open with
-    /// the segment and offset. Every record is passed to `visit`, with its payload when
+    /// Makes the active segment's header and directory entry durable now: for a journal that
+    /// must open after a crash before its first sync (a new store, or one whose first segment
+    /// was lost).
+    fn sync_started_segment(&mut self) -> Result<()> {
+        let active = self.active();
+        active.file.sync_data().context(|| format!("syncing {}", active.path.display()))?;
+        fsutil::sync_dir(&self.dir)?;
+        self.unsynced.clear();
+        Ok(())
+    }
+
+    /// Opens and scans the journal. Every record is passed to `visit`, with its payload when
     /// `payloads` asks for it; payloads of records past `durable_through` (the store's
     /// checkpoint) and of the last segment are always read and checked.
+    ///
+    /// The scan stops at the first fault: a record that does not decode, or a segment whose
+    /// header is missing, stale (a reused segment whose new header never reached the disk) or
+    /// does not continue the numbering. If no valid record of this journal's life lies
+    /// anywhere behind the fault, it is a torn tail: what a crash left of appends, segment
+    /// starts and segment reuses that were never made durable (a sync makes every earlier
+    /// segment durable before a later one). The tail is cut back and the segments started in
+    /// it are removed, logged and reported. A valid record behind the fault means the fault
+    /// hit durable records: the open fails, naming the segment and offset.
     pub fn open(
         dir: &Path,
         store_uuid: [u8; 16],
@@ -227,80 +316,44 @@ impl Journal {
         payloads: Payloads,
         mut visit: impl FnMut(RecordRef<'_>) -> Result<()>,
     ) -> Result<(Self, Option<TailRepair>)> {
-        let mut indexes = Vec::new();
-        for entry in fs::read_dir(dir).context(|| format!("listing {}", dir.display()))? {
-            let entry = entry.context(|| format!("listing {}", dir.display()))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with(PREPARING_PREFIX) {
-                fs::remove_file(entry.path()).context(|| format!("removing {}", entry.path().display()))?;
-                continue;
-            }
-            if let Some(hex) = name.strip_suffix(".seg").filter(|s| !s.starts_with(SPARE_PREFIX)) {
-                if let Ok(index) = u64::from_str_radix(hex, 16) {
-                    indexes.push(index);
-                }
-            }
-        }
-        indexes.sort_unstable();
-        if indexes.is_empty() {
+        let indexes = list_segments(dir)?;
+        let (Some(&first_index), Some(&last_index)) = (indexes.first(), indexes.last()) else {
             return Err(Error::JournalCorrupt {
                 segment: dir.to_path_buf(),
                 offset: 0,
                 reason: "no journal segments".into(),
             });
-        }
-        let mut journal = Self::without_segments(dir, store_uuid, segment_capacity, indexes[indexes.len() - 1] + 1);
-        let mut repair = None;
-        let mut expected: Option<Seq> = None;
-        let mut pending_fault: Option<(PathBuf, u64, String)> = None;
+        };
+        let next_index = last_index.checked_add(1).ok_or_else(|| Error::JournalCorrupt {
+            segment: dir.join(Segment::file_name(last_index)),
+            offset: 0,
+            reason: "segment index at its limit".into(),
+        })?;
+        let mut journal = Self::without_segments(dir, store_uuid, segment_capacity, next_index);
+        // Where the scan stopped, if not at the end of the last segment: (position in
+        // `indexes`, byte offset, reason), with the segment in `journal.segments` when its
+        // header was usable.
+        let mut stop: Option<(usize, u64, String)> = None;
         for (i, &index) in indexes.iter().enumerate() {
-            let is_last = i + 1 == indexes.len();
             let path = dir.join(Segment::file_name(index));
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .context(|| format!("opening {}", path.display()))?;
-            let mut header_bytes = [0u8; SEGMENT_HEADER_LEN as usize];
-            let header = file
-                .read_exact_at(&mut header_bytes, 0)
-                .map_err(|cause| Error::Io { context: format!("reading {}", path.display()), cause })
-                .and_then(|()| SegmentHeader::decode(&header_bytes, &path));
-            let header = match header {
+            let expected = journal.segments.last().map(|s: &Segment| s.next_seq);
+            let header = match read_segment_header(&file, &path, store_uuid, index, expected)? {
                 Ok(header) => header,
-                // A crash while a new segment was being started leaves it without a header;
-                // its predecessor was synced before, so nothing is lost by starting it again.
-                Err(err) if is_last && i > 0 => {
-                    log::warn!("journal: discarding half-created segment {}: {err}", path.display());
-                    fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
-                    journal.next_segment_index = index;
-                    let next = expected.expect("a previous segment was scanned");
-                    journal.start_segment(next)?;
+                Err(reason) => {
+                    // An unusable header right after a walk that ended early: the fault is
+                    // where that walk ended.
+                    stop = Some(stop.unwrap_or((i, 0, reason)));
                     break;
                 }
-                Err(err) => return Err(err),
             };
-            if header.store_uuid != store_uuid || header.index != index {
-                return Err(Error::JournalCorrupt {
-                    segment: path,
-                    offset: 0,
-                    reason: "segment belongs to another store or position".into(),
-                });
-            }
-            if let Some(expected) = expected {
-                if header.first_seq != expected {
-                    let (segment, offset, reason) = pending_fault.take().unwrap_or_else(|| {
-                        (
-                            path.clone(),
-                            0,
-                            format!("segment starts at {} where {expected} was expected", header.first_seq),
-                        )
-                    });
-                    return Err(Error::JournalCorrupt { segment, offset, reason });
-                }
-            }
-            pending_fault = None;
+            // The previous segment's walk ended early, but this one continues the numbering:
+            // that segment simply ended there (a reused segment holds old bytes past its end).
+            stop = None;
             let mut segment = Segment {
                 index,
                 path,
@@ -311,6 +364,7 @@ impl Journal {
                 first_timestamp_ns: 0,
                 last_timestamp_ns: 0,
             };
+            let is_last = i + 1 == indexes.len();
             let mut timestamps = (0u64, 0u64);
             let walked = walk_segment(
                 &segment,
@@ -327,48 +381,87 @@ impl Journal {
             segment.end = walked.end;
             segment.next_seq = walked.next_seq;
             (segment.first_timestamp_ns, segment.last_timestamp_ns) = timestamps;
-            expected = Some(walked.next_seq);
-            if let Some(reason) = walked.fault {
-                if is_last {
-                    if later_valid_record(&segment, walked.end + 1, walked.next_seq)?.is_some() {
-                        return Err(Error::JournalCorrupt { segment: segment.path, offset: walked.end, reason });
-                    }
-                    if walked.next_seq <= durable_through {
-                        log::error!(
-                            "journal: records {}..={durable_through} were durable but are damaged; they are lost",
-                            walked.next_seq
-                        );
-                    }
-                    let file_len = segment.file.metadata().context(|| "reading segment size".to_string())?.len();
-                    log::warn!(
-                        "journal: torn tail in {} at offset {}: {reason}; cut back after seq {}",
-                        segment.path.display(),
-                        walked.end,
-                        walked.next_seq.saturating_sub(1)
-                    );
-                    // Cut the torn bytes off so a later crash cannot mistake them for records.
-                    segment
-                        .file
-                        .set_len(walked.end)
-                        .context(|| format!("cutting the torn tail of {}", segment.path.display()))?;
-                    segment.file.sync_data().context(|| format!("syncing {}", segment.path.display()))?;
-                    repair = Some(TailRepair {
-                        segment: segment.path.clone(),
-                        offset: walked.end,
-                        reason,
-                        discarded_bytes: file_len - walked.end,
-                    });
-                } else {
-                    pending_fault = Some((segment.path.clone(), walked.end, reason));
-                }
-            }
             journal.last_timestamp_ns = journal.last_timestamp_ns.max(segment.last_timestamp_ns);
             // A process that crashed may have left its appends unsynced in the page cache.
             journal.unsynced.push(Arc::clone(&segment.file));
             journal.segments.push(segment);
+            if let Some(reason) = walked.fault {
+                stop = Some((i, walked.end, reason));
+            }
+        }
+        let repair = match stop {
+            Some((position, offset, reason)) => {
+                Some(journal.cut_torn_tail(&indexes[position..], offset, reason, durable_through)?)
+            }
+            None => None,
+        };
+        if journal.segments.is_empty() {
+            // Only a journal that never made a record durable can lose its first segment.
+            if first_index != 0 || durable_through != 0 {
+                return Err(Error::JournalCorrupt {
+                    segment: dir.join(Segment::file_name(first_index)),
+                    offset: 0,
+                    reason: "the oldest segment is unusable".into(),
+                });
+            }
+            journal.next_segment_index = 0;
+            journal.start_segment(1)?;
+            journal.sync_started_segment()?;
         }
         journal.prefetch_active();
         Ok((journal, repair))
+    }
+
+    /// Cuts the journal back at `offset` of the first of `tail` (segment indexes, the first
+    /// one also the last scanned segment when its header was usable) and removes the other
+    /// segments, unless a valid record of this life lies behind the cut.
+    fn cut_torn_tail(&mut self, tail: &[u64], offset: u64, reason: String, durable_through: Seq) -> Result<TailRepair> {
+        let next_seq = self.segments.last().map_or(durable_through + 1, |s| s.next_seq);
+        let first_path = self.dir.join(Segment::file_name(tail[0]));
+        let cut_in_scanned = self.segments.last().is_some_and(|s| s.index == tail[0]);
+        for (i, &index) in tail.iter().enumerate() {
+            let path = self.dir.join(Segment::file_name(index));
+            let file = File::open(&path).context(|| format!("opening {}", path.display()))?;
+            let from = if i == 0 && cut_in_scanned { offset + 1 } else { SEGMENT_HEADER_LEN };
+            if let Some(found) = later_valid_record(&file, &path, from, next_seq)? {
+                log::error!(
+                    "journal: {} holds a valid record at offset {found} behind damage in {} at offset {offset}",
+                    path.display(),
+                    first_path.display()
+                );
+                return Err(Error::JournalCorrupt { segment: first_path, offset, reason });
+            }
+        }
+        if next_seq <= durable_through {
+            log::error!("journal: records {next_seq}..={durable_through} were durable but are damaged; they are lost");
+        }
+        let mut discarded_bytes = 0;
+        if cut_in_scanned {
+            let active = self.active();
+            let file_len = active.file.metadata().context(|| "reading segment size".to_string())?.len();
+            discarded_bytes += file_len.saturating_sub(offset);
+            // Cut the torn bytes off so a later crash cannot mistake them for records.
+            active.file.set_len(offset).context(|| format!("cutting the torn tail of {}", active.path.display()))?;
+            active.file.sync_data().context(|| format!("syncing {}", active.path.display()))?;
+        }
+        let removed = if cut_in_scanned { &tail[1..] } else { tail };
+        for &index in removed {
+            let path = self.dir.join(Segment::file_name(index));
+            discarded_bytes += fs::metadata(&path).map_or(0, |m| m.len());
+            fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+        }
+        if let Some(&first_removed) = removed.first() {
+            self.next_segment_index = first_removed;
+            fsutil::sync_dir(&self.dir)?;
+        }
+        log::warn!(
+            "journal: torn tail in {} at offset {offset}: {reason}; kept records up to seq {}, removed {} segment \
+             file(s) started after them, {discarded_bytes} bytes in all",
+            first_path.display(),
+            next_seq.saturating_sub(1),
+            removed.len()
+        );
+        Ok(TailRepair { segment: first_path, offset, reason, discarded_bytes })
     }
 
     pub fn next_seq(&self) -> Seq {
@@ -430,6 +523,7 @@ impl Journal {
 
     fn append_to_active(&mut self, records: &[NewRecord<'_>]) -> Result<()> {
         static PADDING: [u8; record::ALIGN as usize] = [0; record::ALIGN as usize];
+        static END_OF_RECORDS: [u8; HEADER_LEN] = [0; HEADER_LEN];
         let now = fsutil::now_ns().max(self.last_timestamp_ns);
         let active = self.segments.last().expect("active segment");
         let headers: Vec<[u8; HEADER_LEN]> = records
@@ -460,6 +554,12 @@ impl Journal {
                 slices.push(IoSlice::new(&PADDING[..padding]));
             }
             total += HEADER_LEN as u64 + record::padded_len(payload_len);
+        }
+        // Zeroes after the last record end the segment for the scanner: a reused segment holds
+        // an earlier life's bytes there, which a clean reopen would otherwise take for a torn
+        // record. The next append overwrites them.
+        if active.end + total + HEADER_LEN as u64 <= self.segment_capacity {
+            slices.push(IoSlice::new(&END_OF_RECORDS));
         }
         fsutil::write_all_vectored_at(&active.file, &slices, active.end)
             .context(|| format!("appending to {}", active.path.display()))?;

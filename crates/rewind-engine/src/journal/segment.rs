@@ -4,7 +4,6 @@
 //! than anything the segment's current life expects, which is how the scanner tells them apart.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -82,6 +81,13 @@ impl Segment {
         format!("{index:016x}.seg")
     }
 
+    /// The index a file name stands for, if it is exactly a name [`Self::file_name`] makes.
+    pub fn parse_file_name(name: &str) -> Option<u64> {
+        let hex = name.strip_suffix(".seg")?;
+        let canonical = hex.len() == 16 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        canonical.then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.next_seq == self.first_seq
     }
@@ -123,17 +129,8 @@ impl<'a> ChunkReader<'a> {
             if self.buf.len() < want {
                 self.buf = vec![0; want];
             }
-            let mut filled = 0;
-            while filled < want {
-                let n = self
-                    .file
-                    .read_at(&mut self.buf[filled..want], pos + filled as u64)
-                    .context(|| format!("reading {}", self.path.display()))?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
-            }
+            let filled = crate::fsutil::read_up_to_at(self.file, &mut self.buf[..want], pos)
+                .context(|| format!("reading {}", self.path.display()))?;
             self.buf_start = pos;
             self.buf_len = filled;
         }
