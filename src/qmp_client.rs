@@ -1,12 +1,18 @@
 //! A small synchronous QMP client: what the `--control` forms of the CLI use to talk to a
-//! running `rewind serve`.
+//! running `rewind serve`. Commands and replies are the control plane's own types.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::control::protocol::{AgentCommand, Command, Empty};
+use crate::control::replies::{Event, Greeting, Outcome, Response};
+use crate::control::QmpError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -16,14 +22,31 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("unexpected reply from the control socket: {0}")]
     Protocol(String),
-    #[error("{desc} ({class})")]
-    Command { class: String, desc: String },
+    #[error(transparent)]
+    Command(#[from] QmpError),
 }
 
 pub struct QmpClient {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
-    events: VecDeque<Value>,
+    events: VecDeque<Event>,
+}
+
+/// `message` as a `T`, or a protocol error showing it.
+fn decode<T: DeserializeOwned>(message: &Value) -> Result<T, ClientError> {
+    T::deserialize(message).map_err(|e| ClientError::Protocol(format!("{e}: {message}")))
+}
+
+/// An event message as an [`Event`]; `None` for events this client does not know, which QMP
+/// clients are to ignore.
+fn known_event(message: &Value) -> Option<Event> {
+    match Event::deserialize(message) {
+        Ok(event) => Some(event),
+        Err(e) => {
+            log::debug!("ignoring event {message}: {e}");
+            None
+        }
+    }
 }
 
 impl QmpClient {
@@ -32,11 +55,8 @@ impl QmpClient {
         let stream =
             UnixStream::connect(path).map_err(|cause| ClientError::Connect { path: path.to_path_buf(), cause })?;
         let mut client = Self { reader: BufReader::new(stream.try_clone()?), writer: stream, events: VecDeque::new() };
-        let greeting = client.read_message()?;
-        if greeting.get("QMP").is_none() {
-            return Err(ClientError::Protocol(format!("no QMP greeting: {greeting}")));
-        }
-        client.execute("qmp_capabilities", json!({}))?;
+        let _: Greeting = decode(&client.read_message()?)?;
+        let _: Empty = client.execute(AgentCommand::QmpCapabilities(Empty {}))?;
         Ok(client)
     }
 
@@ -48,38 +68,38 @@ impl QmpClient {
         serde_json::from_str(&line).map_err(|e| ClientError::Protocol(format!("{e}: {line}")))
     }
 
-    /// Runs a command; events that arrive meanwhile are kept for `next_event`.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, ClientError> {
-        let mut line =
-            serde_json::to_vec(&json!({"execute": command, "arguments": arguments})).expect("JSON values serialise");
+    /// Runs a command and reads its reply as an `R`; events that arrive meanwhile are kept
+    /// for `next_event`.
+    pub fn execute<R: DeserializeOwned>(&mut self, command: impl Into<Command>) -> Result<R, ClientError> {
+        let message = command.into().to_message().map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut line = message.to_string().into_bytes();
         line.push(b'\n');
         self.writer.write_all(&line)?;
         loop {
             let message = self.read_message()?;
             if message.get("event").is_some() {
-                self.events.push_back(message);
-            } else if let Some(value) = message.get("return") {
-                return Ok(value.clone());
-            } else if let Some(error) = message.get("error") {
-                return Err(ClientError::Command {
-                    class: error["class"].as_str().unwrap_or("GenericError").to_string(),
-                    desc: error["desc"].as_str().unwrap_or("no description").to_string(),
-                });
-            } else {
-                return Err(ClientError::Protocol(message.to_string()));
+                self.events.extend(known_event(&message));
+                continue;
             }
+            let response: Response = decode(&message)?;
+            return match response.outcome {
+                Outcome::Return(value) => decode(&value),
+                Outcome::Error(error) => Err(error.into()),
+            };
         }
     }
 
     /// The next asynchronous event, waiting for it if none is queued.
-    pub fn next_event(&mut self) -> Result<Value, ClientError> {
+    pub fn next_event(&mut self) -> Result<Event, ClientError> {
         if let Some(event) = self.events.pop_front() {
             return Ok(event);
         }
         loop {
             let message = self.read_message()?;
             if message.get("event").is_some() {
-                return Ok(message);
+                if let Some(event) = known_event(&message) {
+                    return Ok(event);
+                }
             }
         }
     }

@@ -50,7 +50,7 @@ fn init_mark_snapshot_recover_verify_round_trip() {
     assert_eq!(marker["source"], "host");
     let snapshot = json(&["snapshot", "disk.img", "--json"], d);
     assert_eq!(snapshot["seq"], 3);
-    assert_eq!(snapshot["data_bytes"], 8192);
+    assert_eq!(snapshot["data-bytes"], 8192);
     write_through_store(d, 4096, &[0xbb; 8192]);
     let expected_before: Vec<u8> = {
         let mut v = vec![0u8; 4 << 20];
@@ -67,7 +67,7 @@ fn init_mark_snapshot_recover_verify_round_trip() {
     assert!(fs::read(d.join("back.img")).unwrap() == expected_before);
     ok(&["recover", "disk.img", "--seq", "4", "--output", "now.img"], d);
     assert!(fs::read(d.join("now.img")).unwrap() == fs::read(d.join("disk.img")).unwrap());
-    let time = marker["time_ns"].as_u64().unwrap();
+    let time = marker["time-ns"].as_u64().unwrap();
     let rfc3339 = rewind::units::format_time_ns(time + 1_000_000);
     ok(&["recover", "disk.img", "--time", &rfc3339, "--output", "by-time.img"], d);
     assert!(fs::read(d.join("by-time.img")).unwrap()[..8192] == expected_before[..8192]);

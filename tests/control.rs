@@ -118,7 +118,7 @@ fn negotiation_commands_and_error_classes() {
     let added = c.ok("marker-add", json!({"name": "before-upgrade", "note": "db checkpoint"}));
     assert_eq!(added["id"], 1);
     assert_eq!(added["seq"], 1);
-    assert!(added["time"].as_u64().unwrap() > 0);
+    assert!(added["time-ns"].as_u64().unwrap() > 0);
     let listed = c.ok("marker-list", json!({}));
     assert_eq!(listed[0]["name"], "before-upgrade");
     assert_eq!(listed[0]["source"], "host");
@@ -139,11 +139,11 @@ fn negotiation_commands_and_error_classes() {
 
     // Error classes and clear descriptions.
     assert_eq!(c.error_class("no-such-command", json!({})), "CommandNotFound");
-    assert_eq!(c.error_class("marker-add", json!({"name": "before-upgrade"})), "GenericError");
-    assert_eq!(c.error_class("marker-get", json!({"name": "never"})), "GenericError");
+    assert_eq!(c.error_class("marker-add", json!({"name": "before-upgrade"})), "MarkerExists");
+    assert_eq!(c.error_class("marker-get", json!({"name": "never"})), "MarkerNotFound");
     assert_eq!(c.error_class("marker-add", json!({"name": ""})), "GenericError");
     assert_eq!(c.error_class("marker-add", json!({"nome": "typo"})), "GenericError");
-    assert_eq!(c.error_class("recover", json!({"seq": 99, "output": "/tmp/x.img"})), "GenericError");
+    assert_eq!(c.error_class("recover", json!({"seq": 99, "output": "/tmp/x.img"})), "PointNotRecoverable");
     assert_eq!(
         c.error_class("recover", json!({"seq": 1, "marker": "before-upgrade", "output": "/tmp/x.img"})),
         "GenericError"
@@ -167,6 +167,38 @@ fn negotiation_commands_and_error_classes() {
     assert!(c.reply()["error"]["desc"].as_str().unwrap().contains("over"), "oversized message");
     assert_eq!(c.ok("marker-list", json!({})).as_array().unwrap().len(), 1);
     drop(c);
+    assert!(s.daemon.terminate().success());
+}
+
+#[test]
+fn errors_name_the_argument_and_the_agent_refuses_host_commands_before_their_arguments() {
+    let s = serve(&[]);
+    let mut c = Conn::ready(&s.control);
+    let desc = |reply: Value| (reply["error"]["class"].clone(), reply["error"]["desc"].clone());
+    assert_eq!(desc(c.call("marker-add", json!({}))), (json!("GenericError"), json!("Parameter 'name' is missing")));
+    assert_eq!(
+        desc(c.call("marker-list", json!({"all": true}))),
+        (json!("GenericError"), json!("Parameter 'all' is unexpected"))
+    );
+    let (class, text) = desc(c.call("retention-set", json!({"max-bytes": "lots"})));
+    assert_eq!(class, "GenericError");
+    assert!(text.as_str().unwrap().starts_with("Invalid parameter 'max-bytes'"), "{text}");
+    // No `arguments` at all is the same as none.
+    c.send_raw(b"{\"execute\": \"query-jobs\"}\n");
+    assert_eq!(c.reply(), json!({"return": []}));
+
+    let mut agent = Conn::ready(&s.agent);
+    for (command, arguments) in [("query-jobs", json!({"junk": 1})), ("recover", json!({}))] {
+        let reply = agent.call(command, arguments);
+        assert_eq!(
+            desc(reply),
+            (
+                json!("CommandNotFound"),
+                json!(format!("The command {command} is not available on the guest agent channel"))
+            )
+        );
+    }
+    drop((c, agent));
     assert!(s.daemon.terminate().success());
 }
 

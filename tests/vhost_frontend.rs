@@ -12,6 +12,8 @@ mod common;
 mod vmm;
 
 use common::{rewind_bin, status_json, Daemon};
+use rewind::control::replies::Status;
+use rewind::control::AgentCommand;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::{d, Rings, Vmm, D, DATA, F_INDIRECT, F_NEXT, F_WRITE, MEM_SIZE, QUEUE_SIZE};
 
@@ -428,15 +430,15 @@ fn impossible_ring_states_break_one_queue_until_the_driver_resets_it() {
         assert!(cpu < std::time::Duration::from_millis(300), "{what}: {cpu:?} of CPU in a second of kicks");
 
         check_io(&mut vmm, 0);
-        let status = qmp.execute("query-status", serde_json::json!({})).unwrap();
-        assert_eq!(status["counters"]["broken-queues"], 1, "{what}: {status}");
+        let status: Status = qmp.execute(AgentCommand::QueryStatus).unwrap();
+        assert_eq!(status.counters.broken_queues, 1, "{what}: {status:?}");
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(text.matches("queue 1 is broken").count(), n + 1, "{what}: logged once\n{text}");
 
         vmm.reset_queue(1, Rings::standard(1));
         check_io(&mut vmm, 1);
-        let status = qmp.execute("query-status", serde_json::json!({})).unwrap();
-        assert_eq!(status["counters"]["broken-queues"], 0, "{what}: mended by the reset: {status}");
+        let status: Status = qmp.execute(AgentCommand::QueryStatus).unwrap();
+        assert_eq!(status.counters.broken_queues, 0, "{what}: mended by the reset: {status:?}");
     }
 
     // SIGTERM while a queue is broken and the frontend still connected.

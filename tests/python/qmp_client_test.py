@@ -2,8 +2,8 @@
 
 Usage: qmp_client_test.py REWIND_BINARY
 Starts `rewind serve` with a control socket, then marker-add, marker-list and an online
-recover through qemu.qmp, checking the replies, the JOB_COMPLETED event and the recovered
-image's size. Prints '1 passed, 0 failed' on success.
+recover through qemu.qmp, checking the replies, the JOB_COMPLETED event, the recovered
+image's size and error classes. Prints '1 passed, 0 failed' on success.
 """
 import asyncio
 import os
@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 
 async def exercise(control: str, output: str) -> None:
@@ -20,6 +20,7 @@ async def exercise(control: str, output: str) -> None:
     await qmp.connect(control)
     added = await qmp.execute("marker-add", {"name": "from-qemu-qmp", "note": "python"})
     assert added["seq"] == 1, added
+    assert added["time-ns"] > 0, added
     markers = await qmp.execute("marker-list")
     assert [m["name"] for m in markers] == ["from-qemu-qmp"], markers
     assert markers[0]["source"] == "host"
@@ -35,6 +36,11 @@ async def exercise(control: str, output: str) -> None:
         raise AssertionError("unknown command accepted")
     except Exception as error:  # qemu.qmp raises ExecuteError with the error class
         assert "CommandNotFound" in str(error) or "has not been found" in str(error), error
+    try:
+        await qmp.execute("marker-get", {"name": "never"})
+        raise AssertionError("unknown marker found")
+    except ExecuteError as error:
+        assert error.error_class == "MarkerNotFound", error.error_class
     await qmp.disconnect()
 
 
