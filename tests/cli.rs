@@ -74,7 +74,7 @@ fn init_mark_snapshot_recover_verify_round_trip() {
 
     let status = json(&["status", "disk.img", "--json"], d);
     assert_eq!(status["head"], 4);
-    assert_eq!(status["oldest_recoverable"], 0);
+    assert_eq!(status["oldest-recoverable"], 0);
     assert_eq!(status["markers"], 1);
     assert_eq!(status["snapshots"].as_array().unwrap().len(), 2);
     let verified = json(&["verify", "disk.img", "--json"], d);
@@ -129,7 +129,7 @@ fn retention_frees_the_journal_and_flags_expired_markers() {
     }
     ok(&["marker", "add", "disk.img", "new"], d);
     let report = json(&["retention", "disk.img", "--journal-max", "20K", "--json"], d);
-    assert!(report["freed_segments"].as_u64().unwrap() >= 1, "{report}");
+    assert!(report["freed-segments"].as_u64().unwrap() >= 1, "{report}");
     let markers = json(&["marker", "list", "disk.img", "--json"], d);
     assert_eq!(markers[0]["name"], "old");
     assert_eq!(markers[0]["expired"], true);

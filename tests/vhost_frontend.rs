@@ -347,7 +347,7 @@ fn periodic_snapshots_are_taken_while_serving() {
     let status = status_json(&image);
     let snapshot =
         status["snapshots"].as_array().unwrap().iter().find(|s| s["origin"] == "requested").cloned().unwrap();
-    assert_eq!(snapshot["data_bytes"], 4096);
+    assert_eq!(snapshot["data-bytes"], 4096);
 }
 
 /// Writes `data` at `sector` through queue `q` and reads it back there.

@@ -33,6 +33,7 @@ pub enum MarkerSource {
 
 /// A named point in the journal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Marker {
     /// Numbered 1, 2, 3, … in the order markers were added.
     pub id: u64,
@@ -40,7 +41,9 @@ pub struct Marker {
     pub name: String,
     /// The marker's own record: recovering to the marker gives every write before it.
     pub seq: Seq,
-    /// Wall-clock time of the record, ns since the epoch.
+    /// Wall-clock time of the record, ns since the epoch. (Stores written before keys were
+    /// made kebab-case say `time_ns`.)
+    #[serde(alias = "time_ns")]
     pub time_ns: u64,
     /// Who added it.
     pub source: MarkerSource,

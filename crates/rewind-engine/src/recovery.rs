@@ -43,6 +43,7 @@ impl std::fmt::Display for RecoveryTarget {
 
 /// What a recovery wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct RecoveryReport {
     /// The new image.
     pub output: PathBuf,

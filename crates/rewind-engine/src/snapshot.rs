@@ -46,23 +46,29 @@ pub enum SnapshotOrigin {
     Marker,
 }
 
-/// One link of the snapshot chain.
+/// One link of the snapshot chain. (Stores written before keys were made kebab-case use
+/// snake_case; both are read.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct SnapshotInfo {
     /// The volume as it was after this record.
     pub seq: Seq,
     /// Why it was taken.
     pub origin: SnapshotOrigin,
     /// Wall-clock time it was taken, ns since the epoch.
+    #[serde(alias = "created_ns")]
     pub created_ns: u64,
     /// Data bytes held by this link of the chain (for the base: its allocated data).
+    #[serde(alias = "data_bytes")]
     pub data_bytes: u64,
     /// Extents (written or zeroed ranges) it holds.
     pub extents: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 struct Manifest {
+    #[serde(alias = "format_version")]
     format_version: u32,
     base: SnapshotInfo,
     deltas: Vec<SnapshotInfo>,

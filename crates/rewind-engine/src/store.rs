@@ -122,6 +122,7 @@ pub struct MarkerStatus {
 
 /// A summary of the store ([`Store::status`]), as `rewind status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Status {
     pub image: PathBuf,
     pub store: PathBuf,
@@ -147,6 +148,7 @@ pub struct Status {
 
 /// What [`Store::enforce_retention`] freed and took.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct RetentionReport {
     pub freed_segments: usize,
     pub freed_bytes: u64,
@@ -159,6 +161,7 @@ pub struct RetentionReport {
 
 /// What [`Store::verify`] checked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct VerifyReport {
     pub records_checked: u64,
     pub snapshots_checked: usize,
