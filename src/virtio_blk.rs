@@ -260,8 +260,11 @@ pub fn encode_marker_reply(marker: &crate::marker::Marker) -> Vec<u8> {
         crate::marker::MarkerSource::Host => 0,
         crate::marker::MarkerSource::Guest => 1,
     });
-    reply.push(marker.name.len() as u8);
-    reply.extend_from_slice(marker.name.as_bytes());
+    // Names are at most 128 bytes wherever they come from (the store validates them, read
+    // back from disk too); the cut only keeps the length byte and the name in agreement.
+    let name = &marker.name.as_bytes()[..marker.name.len().min(u8::MAX as usize)];
+    reply.push(name.len() as u8);
+    reply.extend_from_slice(name);
     reply
 }
 

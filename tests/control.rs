@@ -359,3 +359,24 @@ fn cli_control_forms_and_online_recovery_under_write_load() {
     drop(client);
     assert!(s.daemon.terminate().success());
 }
+
+#[test]
+fn a_guest_flooding_markers_is_held_to_its_limit_and_the_host_is_not() {
+    let s = serve(&[]);
+    let mut agent = Conn::ready(&s.agent);
+    let started = std::time::Instant::now();
+    let mut accepted = 0;
+    for i in 0..300 {
+        let reply = agent.call("marker-add", json!({"name": format!("flood-{i}"), "note": "x".repeat(4096)}));
+        match reply["error"]["class"].as_str() {
+            None => accepted += 1,
+            Some(class) => assert_eq!(class, "MarkerLimit", "{reply}"),
+        }
+    }
+    // The burst, and what the rate refilled meanwhile.
+    let allowed = 100.0 + 10.0 * started.elapsed().as_secs_f64();
+    assert!(accepted >= 100 && accepted as f64 <= allowed + 1.0, "{accepted} accepted, {allowed:.0} allowed");
+    let mut host = Conn::ready(&s.control);
+    host.ok("marker-add", json!({"name": "host-during-the-flood"}));
+    assert!(s.daemon.terminate().success());
+}

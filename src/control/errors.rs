@@ -16,6 +16,9 @@ pub enum ErrorClass {
     MarkerNotFound,
     /// `marker-add` with the name of an existing marker.
     MarkerExists,
+    /// A guest's `marker-add` over the guest's rate or count limit: retry later, or ask the
+    /// host to make room.
+    MarkerLimit,
     /// A point outside the recoverable range: an expired marker, a sequence number past the
     /// head or freed, a time before the journal.
     PointNotRecoverable,
@@ -66,6 +69,7 @@ impl From<crate::Error> for QmpError {
         let class = match &e {
             E::UnknownMarker(_) => ErrorClass::MarkerNotFound,
             E::DuplicateMarker(_) => ErrorClass::MarkerExists,
+            E::GuestMarkerLimit(_) => ErrorClass::MarkerLimit,
             E::Unrecoverable { .. } | E::TimeBeforeJournal(_) => ErrorClass::PointNotRecoverable,
             E::Io { .. }
             | E::Locked { .. }

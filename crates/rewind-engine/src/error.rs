@@ -46,6 +46,9 @@ pub enum Error {
     #[error("no marker named {0:?}")]
     UnknownMarker(String),
 
+    #[error("guest marker refused: {0}")]
+    GuestMarkerLimit(String),
+
     #[error("marker note is {len} bytes; at most {max} are allowed")]
     NoteTooLong { len: usize, max: usize },
 

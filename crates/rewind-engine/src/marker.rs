@@ -100,13 +100,37 @@ pub fn decode_payload(payload: &[u8], seq: Seq, time_ns: u64) -> Option<Marker> 
     let note_len = u16::from_le_bytes(payload.get(11..13)?.try_into().ok()?) as usize;
     let name = std::str::from_utf8(payload.get(13..13 + name_len)?).ok()?.to_string();
     let note = std::str::from_utf8(payload.get(13 + name_len..13 + name_len + note_len)?).ok()?;
-    Some(Marker { id, name, seq, time_ns, source, note: (!note.is_empty()).then(|| note.to_string()) })
+    let marker = Marker { id, name, seq, time_ns, source, note: (!note.is_empty()).then(|| note.to_string()) };
+    validate_stored(&marker).ok()?;
+    Some(marker)
 }
+
+/// Checks a marker read back from the store as if it were being added: the same names and notes
+/// (they reach logs, terminals, guests), and an id that leaves room to number more.
+fn validate_stored(marker: &Marker) -> std::result::Result<(), String> {
+    validate_name(marker.name.as_bytes()).map_err(|e| e.to_string())?;
+    marker.note.as_deref().map_or(Ok(()), validate_note).map_err(|e| e.to_string())?;
+    if marker.id == 0 || marker.id > MAX_ID {
+        return Err(format!("marker {:?} has the impossible id {}", marker.name, marker.id));
+    }
+    Ok(())
+}
+
+/// Ids past this are refused: far beyond any real count, and `id + 1` can never overflow.
+const MAX_ID: u64 = 1 << 62;
+
+/// How many markers a guest may have in a store, and how fast it may add them: each holds up
+/// to a few KiB of the daemon's memory, and a guest is not trusted to be reasonable.
+pub const MAX_GUEST_MARKERS: usize = 10_000;
+pub const GUEST_MARKERS_PER_SECOND: f64 = 10.0;
+pub const GUEST_MARKER_BURST: f64 = 100.0;
 
 #[derive(Debug, Default)]
 pub struct MarkerIndex {
     by_name: HashMap<String, Marker>,
     by_seq: BTreeMap<Seq, String>,
+    highest_id: u64,
+    guest_markers: usize,
 }
 
 impl MarkerIndex {
@@ -118,7 +142,10 @@ impl MarkerIndex {
             Ok(text) => {
                 let markers: Vec<Marker> = serde_json::from_slice(&text)
                     .map_err(|e| Error::BadMetadata { path: path.clone(), reason: e.to_string() })?;
-                markers.into_iter().for_each(|m| index.insert(m));
+                for marker in markers {
+                    validate_stored(&marker).map_err(|reason| Error::BadMetadata { path: path.clone(), reason })?;
+                    index.insert(marker);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::Io { context: format!("reading {}", path.display()), cause: e }),
@@ -135,8 +162,17 @@ impl MarkerIndex {
     }
 
     pub fn insert(&mut self, marker: Marker) {
+        self.highest_id = self.highest_id.max(marker.id);
         self.by_seq.insert(marker.seq, marker.name.clone());
-        self.by_name.insert(marker.name.clone(), marker);
+        if let Some(replaced) = self.by_name.insert(marker.name.clone(), marker.clone()) {
+            self.guest_markers -= usize::from(replaced.source == MarkerSource::Guest);
+        }
+        self.guest_markers += usize::from(marker.source == MarkerSource::Guest);
+    }
+
+    /// How many of the markers came from the guest.
+    pub fn guest_markers(&self) -> usize {
+        self.guest_markers
     }
 
     pub fn get(&self, name: &str) -> Option<&Marker> {
@@ -153,7 +189,8 @@ impl MarkerIndex {
     }
 
     pub fn next_id(&self) -> u64 {
-        self.by_name.values().map(|m| m.id).max().map_or(1, |id| id + 1)
+        // Stored ids are at most MAX_ID, so this cannot overflow.
+        self.highest_id + 1
     }
 }
 

@@ -181,6 +181,34 @@ pub struct OpenReport {
 struct Writer {
     journal: Journal,
     markers: MarkerIndex,
+    guest_marker_rate: TokenBucket,
+}
+
+/// A rate limit: `rate` a second on average, `burst` at once.
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    refilled: std::time::Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: f64) -> Self {
+        Self { tokens: burst, refilled: std::time::Instant::now(), rate, burst }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * self.rate).min(self.burst);
+        self.refilled = now;
+        let taken = self.tokens >= 1.0;
+        if taken {
+            self.tokens -= 1.0;
+        }
+        taken
+    }
 }
 
 /// The writes a read must see: those journaled before the fence was taken.
@@ -482,7 +510,11 @@ impl Store {
             _lock: lock,
             recoverability: Mutex::new(Recoverability::default()),
             maintenance: Mutex::new(Maintenance { snapshots, meta }),
-            writer: Mutex::new(Writer { journal, markers }),
+            writer: Mutex::new(Writer {
+                journal,
+                markers,
+                guest_marker_rate: TokenBucket::new(marker::GUEST_MARKERS_PER_SECOND, marker::GUEST_MARKER_BURST),
+            }),
             applying: Arc::default(),
             durable: Mutex::new(0),
             _spares: spares,
@@ -687,6 +719,20 @@ impl Store {
             let mut writer = lock_poisoned(self.writer.lock());
             if writer.markers.contains(name) {
                 return Err(Error::DuplicateMarker(name.to_string()));
+            }
+            if source == MarkerSource::Guest {
+                if writer.markers.guest_markers() >= marker::MAX_GUEST_MARKERS {
+                    return Err(Error::GuestMarkerLimit(format!(
+                        "the store holds {} guest markers, the most it keeps",
+                        marker::MAX_GUEST_MARKERS
+                    )));
+                }
+                if !writer.guest_marker_rate.take() {
+                    return Err(Error::GuestMarkerLimit(format!(
+                        "more than {} guest markers a second",
+                        marker::GUEST_MARKERS_PER_SECOND
+                    )));
+                }
             }
             let id = writer.markers.next_id();
             let payload = marker::encode_payload(id, source, name, note);

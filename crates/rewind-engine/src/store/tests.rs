@@ -166,3 +166,48 @@ fn a_later_batch_waits_for_an_earlier_overlapping_one_and_reads_wait_for_both() 
     assert!(volume == expected, "the later batch was applied before the earlier one");
     Arc::into_inner(store).unwrap().verify(&mut |_, _| {}).unwrap();
 }
+
+#[test]
+fn guest_markers_are_limited_in_rate_and_count_and_host_markers_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 64 * 1024);
+    // No refill: exactly the burst gets through.
+    lock_poisoned(store.writer.lock()).guest_marker_rate = TokenBucket::new(0.0, 5.0);
+    for i in 0..5 {
+        store.add_marker(&format!("g{i}"), None, MarkerSource::Guest).unwrap();
+    }
+    assert!(matches!(store.add_marker("g5", None, MarkerSource::Guest), Err(Error::GuestMarkerLimit(_))));
+    store.add_marker("host-after-the-burst", None, MarkerSource::Host).unwrap();
+
+    lock_poisoned(store.writer.lock()).guest_marker_rate = TokenBucket::new(0.0, f64::INFINITY);
+    for i in 5..marker::MAX_GUEST_MARKERS {
+        store.add_marker(&format!("g{i}"), None, MarkerSource::Guest).unwrap();
+    }
+    let refused = store.add_marker("one-too-many", None, MarkerSource::Guest);
+    assert!(matches!(refused, Err(Error::GuestMarkerLimit(ref why)) if why.contains("10000")), "{refused:?}");
+    store.add_marker("host-at-the-limit", None, MarkerSource::Host).unwrap();
+    store.close().unwrap();
+
+    // The count survives a reopen: it is the store's, not the process's.
+    let (store, _) = Store::open(&dir.path().join("disk.img"), None).unwrap();
+    assert!(matches!(store.add_marker("after-reopen", None, MarkerSource::Guest), Err(Error::GuestMarkerLimit(_))));
+    assert_eq!(store.markers().len(), marker::MAX_GUEST_MARKERS + 2);
+}
+
+#[test]
+fn markers_read_back_are_validated_and_ids_cannot_overflow() {
+    let forged = marker::encode_payload(u64::MAX, MarkerSource::Guest, "fine", None);
+    assert_eq!(marker::decode_payload(&forged, 1, 0), None, "an id with no room after it");
+    let control = marker::encode_payload(1, MarkerSource::Guest, "bad\u{7}name", None);
+    assert_eq!(marker::decode_payload(&control, 1, 0), None, "a control character");
+    let long = "x".repeat(marker::MAX_NAME_LEN + 1);
+    assert_eq!(marker::decode_payload(&marker::encode_payload(1, MarkerSource::Host, &long, None), 1, 0), None);
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 64 * 1024);
+    store.close().unwrap();
+    let store_dir = default_store_dir(&dir.path().join("disk.img"));
+    let archive = r#"[{"id": 18446744073709551615, "name": "old", "seq": 0, "time_ns": 1, "source": "host"}]"#;
+    std::fs::write(store_dir.join("markers.json"), archive).unwrap();
+    assert!(matches!(Store::open(&dir.path().join("disk.img"), None), Err(Error::BadMetadata { .. })));
+}
