@@ -146,6 +146,18 @@ impl SnapshotStore {
         if manifest.format_version != FORMAT_VERSION {
             return Err(Error::UnsupportedVersion { path, found: manifest.format_version, supported: FORMAT_VERSION });
         }
+        // The manifest has no checksum of its own: check that the chain is one this store
+        // could have made before anything walks it.
+        let mut previous = manifest.base.seq;
+        for delta in &manifest.deltas {
+            if delta.seq <= previous {
+                return Err(Error::BadMetadata {
+                    path,
+                    reason: format!("snapshot at seq {} follows one at seq {previous}", delta.seq),
+                });
+            }
+            previous = delta.seq;
+        }
         let store = Self { dir: dir.to_path_buf(), volume_size, manifest };
         store.remove_unlisted_files()?;
         Ok(store)
@@ -462,7 +474,8 @@ impl SnapshotStore {
 
     /// Bytes the snapshot area takes on disk (allocated data of the base plus the deltas).
     pub fn stored_bytes(&self) -> u64 {
-        self.manifest.base.data_bytes + self.manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>()
+        // Saturating: the counts come from a file without a checksum.
+        self.manifest.deltas.iter().fold(self.manifest.base.data_bytes, |sum, d| sum.saturating_add(d.data_bytes))
     }
 }
 

@@ -230,3 +230,30 @@ fn segment_sizes_that_are_not_a_multiple_of_the_record_alignment_are_refused() {
     let created = Store::create(&dir.path().join("disk.img"), None, &options, &mut |_, _| {});
     assert!(matches!(created, Err(Error::BadMetadata { .. })));
 }
+
+#[test]
+fn a_snapshot_manifest_with_impossible_numbers_is_refused_or_summed_without_overflow() {
+    let fixture = Fixture::new(2);
+    let (store, _) = Store::open(&fixture.image, None).unwrap();
+    store.take_snapshot().unwrap();
+    store.write(0, &[3u8; 512]).unwrap();
+    store.take_snapshot().unwrap();
+    store.close().unwrap();
+    let manifest_path = rewind_engine::store::default_store_dir(&fixture.image).join("snapshots/manifest.json");
+    let original: serde_json::Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+
+    let mut huge = original.clone();
+    huge["base"]["data-bytes"] = u64::MAX.into();
+    for delta in huge["deltas"].as_array_mut().unwrap() {
+        delta["data-bytes"] = u64::MAX.into();
+    }
+    fs::write(&manifest_path, serde_json::to_vec(&huge).unwrap()).unwrap();
+    let (store, _) = Store::open(&fixture.image, None).unwrap();
+    assert_eq!(store.status().snapshot_bytes, u64::MAX);
+    store.close().unwrap();
+
+    let mut reordered = original.clone();
+    reordered["deltas"].as_array_mut().unwrap().reverse();
+    fs::write(&manifest_path, serde_json::to_vec(&reordered).unwrap()).unwrap();
+    assert!(matches!(Store::open(&fixture.image, None), Err(Error::BadMetadata { .. })));
+}
