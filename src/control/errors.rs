@@ -84,6 +84,7 @@ impl From<crate::Error> for QmpError {
             | E::NoteTooLong { .. }
             | E::OutputExists(_)
             | E::VolumeBehind(_)
+            | E::NotDurable(_)
             | E::VerifyFailed(_) => ErrorClass::GenericError,
         };
         Self { class, desc: e.to_string() }

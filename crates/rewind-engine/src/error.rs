@@ -46,6 +46,9 @@ pub enum Error {
     #[error("no marker named {0:?}")]
     UnknownMarker(String),
 
+    #[error("the store can no longer make writes durable ({0}); restart the daemon (reopen the store) to go on from what the disk holds")]
+    NotDurable(String),
+
     #[error("guest marker refused: {0}")]
     GuestMarkerLimit(String),
 

@@ -251,6 +251,10 @@ pub struct Store {
     writer: Mutex<Writer>,
     applying: Arc<Applying>,
     durable: Mutex<Seq>,
+    /// Set for good when a sync failed. The kernel may have dropped the dirty pages it could
+    /// not write and will not report that again, so a later sync that succeeds proves nothing:
+    /// writes and flushes fail from then on, and so do reads when it was the volume's sync.
+    sync_failure: Mutex<Option<SyncFailure>>,
     recoverability: Mutex<Recoverability>,
     _spares: SparePreparer,
     _uncache: CacheDropper,
@@ -261,6 +265,13 @@ pub fn default_store_dir(image: &Path) -> PathBuf {
     let mut name = image.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".rewind");
     image.with_file_name(name)
+}
+
+#[derive(Debug, Clone)]
+struct SyncFailure {
+    what: String,
+    /// The volume's sync failed: what it holds may not be what was written.
+    volume: bool,
 }
 
 fn lock_poisoned<T>(guard: std::sync::LockResult<MutexGuard<'_, T>>) -> MutexGuard<'_, T> {
@@ -517,6 +528,7 @@ impl Store {
             }),
             applying: Arc::default(),
             durable: Mutex::new(0),
+            sync_failure: Mutex::new(None),
             _spares: spares,
             _uncache: uncache,
         };
@@ -575,6 +587,7 @@ impl Store {
             let (offset, len) = op.range();
             check_range(offset, len, self.volume_size)?;
         }
+        self.check_durable(false)?;
         let mut writer = lock_poisoned(self.writer.lock());
         self.catch_up_volume(&writer)?;
         let records: Vec<NewRecord<'_>> = ops.iter().map(VolumeOp::record).collect();
@@ -661,6 +674,7 @@ impl Store {
     /// Reads the volume as [`read`](Self::read) would have when `fence` was taken (or newer).
     pub fn read_after(&self, fence: ReadFence, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.volume_size)?;
+        self.check_durable(true)?;
         self.applying.wait_for_range(offset, offset + buf.len() as u64, fence.0);
         self.volume.read_exact_at(buf, offset).context(|| format!("reading {} at {offset}", self.image.display()))
     }
@@ -673,9 +687,14 @@ impl Store {
         };
         let durable_now = {
             let mut durable = lock_poisoned(self.durable.lock());
+            self.check_durable(false)?;
             if *durable < target {
                 for file in &files {
-                    file.sync_data().context(|| "syncing the journal".to_string())?;
+                    if let Err(cause) = file.sync_data() {
+                        let what =
+                            format!("syncing the journal failed: {cause}; records after seq {durable} may be lost");
+                        return Err(self.sync_failed(what, false));
+                    }
                 }
                 *durable = target;
             }
@@ -697,9 +716,29 @@ impl Store {
         self.catch_up_volume(&lock_poisoned(self.writer.lock()))?;
         // The journal first: the volume must never durably hold a record the journal could lose.
         self.sync()?;
-        self.volume.sync_data().context(|| format!("syncing {}", self.image.display()))?;
+        if let Err(cause) = self.volume.sync_data() {
+            let what = format!("syncing {} failed: {cause}", self.image.display());
+            return Err(self.sync_failed(what, true));
+        }
         maintenance.meta.applied_seq = head;
         write_meta(&self.dir, &maintenance.meta)
+    }
+
+    /// Latches a failed sync (see `sync_failure`) and returns the error to report.
+    fn sync_failed(&self, what: String, volume: bool) -> Error {
+        log::error!("{what}: writes and flushes fail from now on{}", if volume { ", and reads" } else { "" });
+        let mut failure = lock_poisoned(self.sync_failure.lock());
+        let failure = failure.get_or_insert(SyncFailure { what, volume: false });
+        failure.volume |= volume;
+        Error::NotDurable(failure.what.clone())
+    }
+
+    /// Fails once a sync has failed: always for writes, for reads when it was the volume's.
+    fn check_durable(&self, reading: bool) -> Result<()> {
+        match &*lock_poisoned(self.sync_failure.lock()) {
+            Some(failure) if !reading || failure.volume => Err(Error::NotDurable(failure.what.clone())),
+            _ => Ok(()),
+        }
     }
 
     /// Makes the volume durable up to the head, so a later open has little to replay.
@@ -715,6 +754,7 @@ impl Store {
         if let Some(note) = note {
             marker::validate_note(note)?;
         }
+        self.check_durable(false)?;
         let marker = {
             let mut writer = lock_poisoned(self.writer.lock());
             if writer.markers.contains(name) {
