@@ -1,0 +1,349 @@
+//! Crash torture: a libblkio frontend writes blocks that name their write, flushes, adds
+//! markers and keeps unflushed writes in flight while `rewind serve` is killed at random
+//! instants (kill -9), optionally with retention working hard (small segments, a journal limit,
+//! a snapshot every second). After each crash: `rewind verify` passes offline; every block
+//! holds a write no older than the last one a completed FLUSH covered (or a write issued after
+//! it), whole; every marker the store still lists recovers to exactly the blocks it named; the
+//! daemon serves again.
+//!
+//! `cargo test --test torture` runs a short version. `scripts/torture` runs the soak:
+//! TORTURE_CYCLES (default 8) and TORTURE_SEED.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use common::{rewind_bin, Daemon, Rng};
+
+const BLOCK: u64 = 4096;
+const BLOCKS: u64 = 2048;
+const SIZE: u64 = BLOCK * BLOCKS;
+const DEPTH: usize = 16;
+/// user_data of a FLUSH; writes use their slot index.
+const FLUSH: usize = usize::MAX;
+
+/// The bytes of block `block` as write `id` leaves them: the id, the block, then filler that
+/// depends on both, so a torn or misplaced block never passes for a whole one.
+fn block_bytes(id: u64, block: u64) -> Vec<u8> {
+    let mut rng = Rng(id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ block.wrapping_add(1));
+    let mut bytes = rng.bytes(BLOCK as usize);
+    bytes[0..8].copy_from_slice(&id.to_le_bytes());
+    bytes[8..16].copy_from_slice(&block.to_le_bytes());
+    bytes
+}
+
+/// Which write a block holds: 0 for never written, None when it is no whole write at all.
+fn write_in(bytes: &[u8], block: u64) -> Option<u64> {
+    if bytes.iter().all(|&b| b == 0) {
+        return Some(0);
+    }
+    let id = u64::from_le_bytes(bytes[0..8].try_into().unwrap());
+    (id != 0 && bytes == block_bytes(id, block)).then_some(id)
+}
+
+/// What the frontend knows: per block, the writes issued to it in order (never two in flight
+/// at once) and the newest one a completed FLUSH covers.
+#[derive(Default)]
+struct Model {
+    issued: HashMap<u64, Vec<u64>>,
+    durable: HashMap<u64, u64>,
+    /// Per block, the newest write completed.
+    acked: HashMap<u64, u64>,
+    /// Markers with the blocks' writes when they were added (nothing in flight then).
+    markers: Vec<(String, HashMap<u64, u64>)>,
+    /// How many of `markers` a completed FLUSH covers.
+    durable_markers: usize,
+    next_id: u64,
+}
+
+impl Model {
+    /// Checks what a block holds after a crash; returns the write it holds.
+    fn check(&self, block: u64, bytes: &[u8], cycle: usize) -> u64 {
+        let found = write_in(bytes, block).unwrap_or_else(|| panic!("cycle {cycle}: block {block} is torn"));
+        let floor = self.durable.get(&block).copied().unwrap_or(0);
+        let issued = self.issued.get(&block).map_or(&[][..], Vec::as_slice);
+        let possible = (found == floor) || issued.iter().any(|&id| id == found && id > floor);
+        assert!(possible, "cycle {cycle}: block {block} holds write {found}; durable was {floor}, issued {issued:?}");
+        found
+    }
+}
+
+struct Frontend {
+    /// Owns the connection the queue uses.
+    _blkio: Blkio,
+    queue: Blkioq,
+    region: MemoryRegion,
+}
+
+impl Frontend {
+    fn connect(socket: &Path) -> Self {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
+        blkio.set_str("path", socket.to_str().unwrap()).unwrap();
+        blkio.connect().unwrap();
+        blkio.set_i32("num-queues", 1).unwrap();
+        let region = blkio.alloc_mem_region(DEPTH * BLOCK as usize * 2).unwrap();
+        let mut outcome = blkio.start().unwrap();
+        blkio.map_mem_region(&region).unwrap();
+        Self { queue: outcome.queues.remove(0), _blkio: blkio, region }
+    }
+
+    fn slot(&self, slot: usize) -> *mut u8 {
+        (self.region.addr + slot * BLOCK as usize) as *mut u8
+    }
+
+    /// Completions within `wait`, or None when the daemon is gone (an error or silence).
+    fn complete(&mut self, min: usize, wait: Duration) -> Option<Vec<(usize, i32)>> {
+        let mut completions: Vec<std::mem::MaybeUninit<Completion>> =
+            (0..DEPTH + 1).map(|_| std::mem::MaybeUninit::uninit()).collect();
+        let mut timeout = wait;
+        let n = self.queue.do_io(&mut completions, min, Some(&mut timeout), None).ok()?;
+        if n < min {
+            return None;
+        }
+        // SAFETY: do_io initialised the first n entries.
+        Some(completions[..n].iter().map(|c| unsafe { c.assume_init_ref() }).map(|c| (c.user_data, c.ret)).collect())
+    }
+
+    /// Reads every block (nothing else in flight).
+    fn read_all(&mut self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(SIZE as usize);
+        for block in 0..BLOCKS {
+            self.queue.read(block * BLOCK, self.slot(0), BLOCK as usize, 0, ReqFlags::empty());
+            let done = self.complete(1, Duration::from_secs(30)).expect("a read completes");
+            assert_eq!(done[0].1, 0, "read of block {block}");
+            // SAFETY: the region is ours and the read has completed.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(self.slot(0), BLOCK as usize) });
+        }
+        out
+    }
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    socket: PathBuf,
+    control: PathBuf,
+    serve_args: Vec<String>,
+}
+
+impl Setup {
+    fn new(retention: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        let mut init = vec!["init".to_string(), image.to_str().unwrap().into(), "--size".into(), SIZE.to_string()];
+        let mut serve_args = vec![];
+        if retention {
+            init.extend(["--segment-size".into(), "262144".into(), "--journal-max".into(), "2M".into()]);
+            serve_args.extend(["--snapshot-every".into(), "1s".into()]);
+        }
+        rewind(&init.iter().map(String::as_str).collect::<Vec<_>>());
+        let socket = dir.path().join("vhost.sock");
+        let control = dir.path().join("control.sock");
+        serve_args.extend(["--control".into(), control.to_str().unwrap().into()]);
+        Self { dir, image, socket, control, serve_args }
+    }
+
+    fn serve(&self) -> Daemon {
+        let args: Vec<&str> = self.serve_args.iter().map(String::as_str).collect();
+        Daemon::start(&self.image, &self.socket, &args)
+    }
+}
+
+fn rewind(args: &[&str]) -> std::process::Output {
+    let out = Command::new(rewind_bin()).args(args).env("RUST_LOG", "error").output().unwrap();
+    assert!(out.status.success(), "rewind {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// One cycle's workload until the daemon dies under it (`dead` says when it has been killed).
+/// Returns the writes completed.
+fn run_until_killed(
+    frontend: &mut Frontend,
+    model: &mut Model,
+    rng: &mut Rng,
+    control: &Path,
+    cycle: usize,
+    dead: &AtomicBool,
+) -> usize {
+    // Completions, or None once the daemon is gone: silence from a live daemon is waited out.
+    let complete = |frontend: &mut Frontend| loop {
+        match frontend.complete(1, Duration::from_millis(50)) {
+            Some(done) => return Some(done),
+            None if dead.load(Ordering::SeqCst) => return None,
+            None => {}
+        }
+    };
+    let mut slots: Vec<Option<(u64, u64)>> = vec![None; DEPTH];
+    // The blocks' completed writes and the markers made when the FLUSH in flight was issued.
+    let mut flush_in_flight: Option<(HashMap<u64, u64>, usize)> = None;
+    let mut completed = 0;
+    let mut next_marker = 40 + rng.next() % 80;
+    loop {
+        // Keep the queue full with writes to blocks not already in flight.
+        for slot in 0..DEPTH {
+            if slots[slot].is_some() {
+                continue;
+            }
+            let block = loop {
+                let block = rng.next() % BLOCKS;
+                if !slots.iter().flatten().any(|&(b, _)| b == block) {
+                    break block;
+                }
+            };
+            model.next_id += 1;
+            let id = model.next_id;
+            let bytes = block_bytes(id, block);
+            // SAFETY: the slot's buffer is ours while no request uses it.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), frontend.slot(slot), bytes.len()) };
+            frontend.queue.write(block * BLOCK, frontend.slot(slot), BLOCK as usize, slot, ReqFlags::empty());
+            model.issued.entry(block).or_default().push(id);
+            slots[slot] = Some((block, id));
+        }
+        if flush_in_flight.is_none() && rng.next() % 8 == 0 {
+            frontend.queue.flush(FLUSH, ReqFlags::empty());
+            flush_in_flight = Some((model.acked.clone(), model.markers.len()));
+        }
+        let Some(done) = complete(frontend) else { return completed };
+        for (user_data, ret) in done {
+            if ret != 0 {
+                return completed;
+            }
+            if user_data == FLUSH {
+                let (blocks, markers) = flush_in_flight.take().expect("a flush was in flight");
+                model.durable.extend(blocks);
+                model.durable_markers = model.durable_markers.max(markers);
+                continue;
+            }
+            let (block, id) = slots[user_data].take().expect("a write was in that slot");
+            model.acked.insert(block, id);
+            completed += 1;
+        }
+        if completed as u64 >= next_marker && flush_in_flight.is_none() {
+            // A marker names a known state: wait for what is in flight first.
+            while slots.iter().any(Option::is_some) {
+                let Some(done) = complete(frontend) else { return completed };
+                for (user_data, ret) in done {
+                    if ret != 0 {
+                        return completed;
+                    }
+                    let (block, id) = slots[user_data].take().expect("a write was in that slot");
+                    model.acked.insert(block, id);
+                    completed += 1;
+                }
+            }
+            let name = format!("c{cycle}-w{completed}");
+            let added = rewind::qmp_client::QmpClient::connect(control).and_then(|mut c| {
+                c.execute::<serde_json::Value>(rewind::control::AgentCommand::MarkerAdd {
+                    name: name.clone(),
+                    note: None,
+                })
+            });
+            if added.is_err() {
+                return completed;
+            }
+            model.markers.push((name, model.acked.clone()));
+            next_marker += 40 + rng.next() % 80;
+        }
+    }
+}
+
+/// After a crash, offline: the store opens and verifies; every marker it lists that the
+/// frontend made recovers exactly (one at random each cycle, and the newest).
+fn check_store(setup: &Setup, model: &Model, rng: &mut Rng, cycle: usize) -> usize {
+    let image = setup.image.to_str().unwrap();
+    rewind(&["verify", image]);
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_slice(&rewind(&["marker", "list", image, "--json"]).stdout).unwrap();
+    for (name, _) in &model.markers[..model.durable_markers] {
+        assert!(listed.iter().any(|m| m["name"] == name.as_str()), "cycle {cycle}: durable marker {name} is gone");
+    }
+    let recoverable: Vec<&(String, HashMap<u64, u64>)> = model
+        .markers
+        .iter()
+        .filter(|(name, _)| listed.iter().any(|m| m["name"] == name.as_str() && m["expired"] == false))
+        .collect();
+    let picks = [recoverable.last(), recoverable.get((rng.next() as usize) % recoverable.len().max(1))];
+    let mut checked = 0;
+    for (name, blocks) in picks.into_iter().flatten() {
+        let output = setup.dir.path().join(format!("recovered-{cycle}-{checked}.img"));
+        rewind(&["recover", image, "--marker", name, "--output", output.to_str().unwrap()]);
+        let bytes = std::fs::read(&output).unwrap();
+        for block in 0..BLOCKS {
+            let expected = blocks.get(&block).copied().unwrap_or(0);
+            let got = write_in(&bytes[(block * BLOCK) as usize..][..BLOCK as usize], block);
+            assert_eq!(got, Some(expected), "cycle {cycle}: marker {name} block {block}");
+        }
+        std::fs::remove_file(output).unwrap();
+        checked += 1;
+    }
+    checked
+}
+
+fn torture(retention: bool) {
+    let cycles: usize = std::env::var("TORTURE_CYCLES").map_or(8, |v| v.parse().unwrap());
+    let seed: u64 = std::env::var("TORTURE_SEED").map_or(0x7047_7572, |v| v.parse().unwrap());
+    let setup = Setup::new(retention);
+    let mut rng = Rng(seed);
+    let mut model = Model::default();
+    let (mut writes, mut markers_checked) = (0, 0);
+    let started = Instant::now();
+    for cycle in 0..cycles {
+        let daemon = setup.serve();
+        let mut frontend = Frontend::connect(&daemon.socket);
+        if cycle > 0 {
+            let bytes = frontend.read_all();
+            for block in 0..BLOCKS {
+                let found = model.check(block, &bytes[(block * BLOCK) as usize..][..BLOCK as usize], cycle);
+                model.issued.insert(block, vec![found]);
+                model.acked.insert(block, found);
+            }
+        }
+        // What survived becomes the durable floor once a FLUSH covers it.
+        frontend.queue.flush(FLUSH, ReqFlags::empty());
+        assert_eq!(frontend.complete(1, Duration::from_secs(30)).expect("flush")[0].1, 0);
+        model.durable = model.acked.clone();
+        model.durable_markers = model.markers.len();
+
+        let dead = Arc::new(AtomicBool::new(false));
+        let pid = daemon.child.id() as i32;
+        let delay = Duration::from_millis(100 + rng.next() % 700);
+        let killer = {
+            let dead = Arc::clone(&dead);
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                dead.store(true, Ordering::SeqCst);
+            })
+        };
+        writes += run_until_killed(&mut frontend, &mut model, &mut rng, &setup.control, cycle, &dead);
+        killer.join().unwrap();
+        assert!(dead.load(Ordering::SeqCst), "cycle {cycle}: the workload stopped before the kill");
+        drop(frontend);
+        daemon.kill();
+        markers_checked += check_store(&setup, &model, &mut rng, cycle);
+    }
+    println!(
+        "torture: {cycles} kill -9 cycles{}, {writes} writes, {} markers made, {markers_checked} recovered and \
+         compared, in {:.0?}",
+        if retention { " with retention" } else { "" },
+        model.markers.len(),
+        started.elapsed()
+    );
+}
+
+#[test]
+fn kill_at_random_instants() {
+    torture(false);
+}
+
+#[test]
+fn kill_at_random_instants_with_retention_working_hard() {
+    torture(true);
+}
