@@ -210,7 +210,15 @@ impl CrashFs {
         Ok(())
     }
 
-    fn copy_inner(&self, fh_in: u64, offset_in: u64, ino_out: u64, fh_out: u64, offset_out: u64, len: u64) -> io::Result<u32> {
+    fn copy_inner(
+        &self,
+        fh_in: u64,
+        offset_in: u64,
+        ino_out: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+    ) -> io::Result<u32> {
         let len = len.min(1 << 30);
         let mut state = self.lock();
         let (src, dst) = (state.file(fh_in)?, state.file(fh_out)?);

@@ -212,10 +212,8 @@ impl State {
         let path = self.path(dir)?;
         let parent = self.nodes.get(&dir).and_then(|n| n.cur.as_ref()).map_or(ROOT, |loc| loc.parent);
         let kind = fs::symlink_metadata(&path)?.file_type();
-        let mut entries = vec![
-            DirEntry { ino: dir, kind, name: ".".into() },
-            DirEntry { ino: parent, kind, name: "..".into() },
-        ];
+        let mut entries =
+            vec![DirEntry { ino: dir, kind, name: ".".into() }, DirEntry { ino: parent, kind, name: "..".into() }];
         for entry in fs::read_dir(&path)? {
             let entry = entry?;
             let name = entry.file_name();
@@ -396,7 +394,8 @@ impl State {
     }
 
     pub(crate) fn stats(&self) -> io::Result<Stats> {
-        let mut stats = Stats { unsynced_files: self.dirty.len(), pending_entries: self.pending.len(), unsynced_bytes: 0 };
+        let mut stats =
+            Stats { unsynced_files: self.dirty.len(), pending_entries: self.pending.len(), unsynced_bytes: 0 };
         for (&ino, dirty) in &self.dirty {
             let size = fs::symlink_metadata(self.path(ino)?)?.len();
             stats.unsynced_bytes += dirty.saved_bytes() + size.saturating_sub(dirty.durable_size());
@@ -440,10 +439,8 @@ impl State {
         report.entries_reverted = pending.len() as u64;
 
         // Out of the tree into the trash, deepest first so that no move carries another away.
-        let mut out: Vec<(usize, u64)> = pending
-            .iter()
-            .filter_map(|&ino| Some((self.chain_path(ino, false)?.components().count(), ino)))
-            .collect();
+        let mut out: Vec<(usize, u64)> =
+            pending.iter().filter_map(|&ino| Some((self.chain_path(ino, false)?.components().count(), ino))).collect();
         out.sort_unstable_by(|a, b| b.cmp(a));
         for (_, ino) in out {
             fs::rename(self.path(ino)?, self.trash_path(ino))?;

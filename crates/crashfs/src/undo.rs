@@ -87,6 +87,9 @@ impl Dirty {
     /// the file changes there. `undo_name` names the undo file for the moment it is created.
     pub(crate) fn save(&mut self, file: &File, start: u64, end: u64, undo_name: &Path) -> io::Result<()> {
         let end = end.min(self.durable_size);
+        if start >= end {
+            return Ok(());
+        }
         let gaps = self.saved.gaps(start / PAGE, end.div_ceil(PAGE));
         if gaps.is_empty() {
             return Ok(());
@@ -189,7 +192,8 @@ fn copy_range(src: &File, dst: &File, from: u64, to: u64) -> io::Result<()> {
     while left > 0 {
         let chunk = left.min(1 << 30) as usize;
         // SAFETY: both fds stay open for the call; the offsets are ours, passed by pointer.
-        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut src_off, dst.as_raw_fd(), &mut dst_off, chunk, 0) };
+        let n =
+            unsafe { libc::copy_file_range(src.as_raw_fd(), &mut src_off, dst.as_raw_fd(), &mut dst_off, chunk, 0) };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {

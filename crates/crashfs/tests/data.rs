@@ -138,7 +138,8 @@ fn copy_file_range_into_a_file_is_reverted() {
         let (from, to) = (File::open(&src).unwrap(), OpenOptions::new().write(true).open(&path).unwrap());
         let (mut off_in, mut off_out): (i64, i64) = (0, 5000);
         // SAFETY: both fds are open; the offsets are ours.
-        let n = unsafe { libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), &mut off_out, 10_000, 0) };
+        let n =
+            unsafe { libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), &mut off_out, 10_000, 0) };
         assert_eq!(n, 10_000);
         drop((from, to));
         assert_eq!(fs::read(&path).unwrap()[5000..15_000], pattern(10, 10_000)[..]);
