@@ -136,7 +136,7 @@ pub enum Error {
     Crash(io::Error),
     #[error("telling the kernel to drop its cache: {0}")]
     Invalidate(io::Error),
-    #[error("{0}")]
+    #[error("reading or updating crashfs's record: {0}")]
     State(io::Error),
 }
 

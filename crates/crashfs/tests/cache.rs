@@ -86,3 +86,27 @@ fn cached_names_are_dropped_by_a_crash() {
     assert!(!fx.path("renamed").exists());
     assert_eq!(fs::read(fx.path("durable")).unwrap(), b"");
 }
+
+#[test]
+fn unsynced_writes_through_a_mapping_are_dropped_too() {
+    // Dirty pages of a shared mapping reach crashfs when the kernel writes them back, at the
+    // latest when the mapping goes away (as it does when the workload is killed).
+    let Some(fx) = Fixture::new(Model::DataAndMetadata) else { return };
+    let path = fx.path("f");
+    fs::write(&path, pattern(4, LEN)).unwrap();
+    fsync(&path);
+    fsync_dir(&fx.path(""));
+    let file = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a fresh shared mapping of an open file; unmapped below, written only inside its length.
+    let map = unsafe { libc::mmap(std::ptr::null_mut(), LEN, prot, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+    assert_ne!(map, libc::MAP_FAILED);
+    // Closed before the writes: close(2) would flush them to crashfs.
+    drop(file);
+    // SAFETY: `map` is LEN writable bytes until munmap.
+    unsafe { std::slice::from_raw_parts_mut(map as *mut u8, LEN) }.copy_from_slice(&pattern(5, LEN));
+    // SAFETY: mapped above with this length, not used after.
+    assert_eq!(unsafe { libc::munmap(map, LEN) }, 0);
+    fx.mount.crash().unwrap();
+    assert!(fs::read(&path).unwrap() == pattern(4, LEN), "the mapping's writes came back after the crash");
+}

@@ -5,7 +5,7 @@ mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use common::*;
 use crashfs::Model;
@@ -125,6 +125,19 @@ fn open_with_o_trunc_is_reverted() {
         assert_eq!(fs::read(&path).unwrap(), b"short");
         fx.mount.crash().unwrap();
         assert_eq!(fs::read(&path).unwrap(), pattern(8, 9000), "{model}");
+    }
+}
+
+#[test]
+fn o_dsync_writes_are_durable_when_they_return() {
+    for model in MODELS {
+        let Some(fx) = Fixture::new(model) else { return };
+        let path = durable_file(&fx, b"old");
+        let file = OpenOptions::new().write(true).custom_flags(libc::O_DSYNC).open(&path).unwrap();
+        file.write_all_at(b"synchronous", 0).unwrap();
+        drop(file);
+        fx.mount.crash().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"synchronous", "{model}");
     }
 }
 
