@@ -179,7 +179,7 @@ impl Control {
     }
 }
 
-/// A mounted crashfs. Dropping it unmounts (lazily if files are still open).
+/// A mounted crashfs. Dropping it unmounts; files still open on it then fail with ENOTCONN.
 pub struct Mount {
     control: Arc<Control>,
     session: Option<BackgroundSession>,
@@ -199,7 +199,7 @@ impl Mount {
             if e.raw_os_error() != Some(libc::ENOTCONN) {
                 return Err(io_err("mount point", mountpoint)(e));
             }
-            detach(mountpoint).map_err(io_err("detaching the dead mount on", mountpoint))?;
+            umount2(mountpoint, libc::MNT_DETACH).map_err(io_err("detaching the dead mount on", mountpoint))?;
         }
         let backing = backing.as_ref().canonicalize().map_err(io_err("backing directory", backing.as_ref()))?;
         let mountpoint = mountpoint.canonicalize().map_err(io_err("mount point", mountpoint))?;
@@ -275,9 +275,14 @@ impl Mount {
         if session.umount_and_join().is_ok() {
             return Ok(());
         }
-        // Busy (files still open) or already gone: detach it so that nothing is left behind;
-        // it goes away when the last file on it is closed.
-        match detach(&self.mountpoint) {
+        // Busy: files are still open on it. A forced unmount makes FUSE abort the connection,
+        // so that those files fail (ENOTCONN) instead of waiting forever for a server that is
+        // going away; that includes this very process, whose exit would otherwise hang closing
+        // them. It stays busy, so it is then detached.
+        if let Err(e) = umount2(&self.mountpoint, libc::MNT_FORCE) {
+            log::debug!("forced unmount of {}: {e}", self.mountpoint.display());
+        }
+        match umount2(&self.mountpoint, libc::MNT_DETACH) {
             Err(e) if e.raw_os_error() != Some(libc::EINVAL) => Err(io_err("unmounting", &self.mountpoint)(e)),
             _ => Ok(()),
         }
@@ -292,11 +297,10 @@ impl Drop for Mount {
     }
 }
 
-/// A lazy unmount, `umount -l`.
-fn detach(mountpoint: &Path) -> io::Result<()> {
+fn umount2(mountpoint: &Path, flags: i32) -> io::Result<()> {
     let path = CString::new(mountpoint.as_os_str().as_bytes())?;
     // SAFETY: `path` is NUL-terminated and outlives the call.
-    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+    if unsafe { libc::umount2(path.as_ptr(), flags) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -147,6 +147,26 @@ fn sigterm_unmounts_and_leaves_a_plain_directory() {
 }
 
 #[test]
+fn sigterm_with_files_still_open_unmounts_too() {
+    let Some(mut daemon) = Daemon::start("data") else { return };
+    let mnt = daemon.mnt();
+    fs::write(mnt.join("f"), b"open").unwrap();
+    let holder = Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec 3<"$M/f"; touch "$M/ready"; exec sleep 100"#)
+        .env("M", &mnt)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _holder = Killed(holder);
+    wait_for("the holder", || mnt.join("ready").exists());
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.child.wait().unwrap().success());
+    assert!(!mounted(&mnt));
+}
+
+#[test]
 fn a_dead_mount_is_detached_by_the_next_start() {
     let Some(mut daemon) = Daemon::start("data") else { return };
     let mnt = daemon.mnt();
