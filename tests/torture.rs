@@ -1,7 +1,9 @@
 //! Crash torture: a libblkio frontend writes blocks that name their write, flushes, adds
 //! markers and keeps unflushed writes in flight while `rewind serve` is killed at random
-//! instants (kill -9), optionally with retention working hard (small segments, a journal limit,
-//! a snapshot every second). After each crash: `rewind verify` passes offline; every block
+//! instants (kill -9), or loses power: the store lives on a crashfs mount, which after the kill
+//! drops whatever was not made durable (its `data` and `data-and-metadata` models, taken in
+//! turn). Each runs with default settings and with retention working hard (small segments, a
+//! journal limit, a snapshot every second). After each crash: `rewind verify` passes offline; every block
 //! holds a write no older than the last one a completed FLUSH covered (or a write issued after
 //! it), whole; every marker the store still lists recovers to exactly the blocks it named; the
 //! daemon serves again.
@@ -124,7 +126,16 @@ impl Frontend {
     }
 }
 
+/// Kill -9 only, or a power loss after it.
+#[derive(Clone, Copy, PartialEq)]
+enum Crash {
+    Kill,
+    PowerLoss,
+}
+
 struct Setup {
+    /// Where the store lives for power losses; dropped (unmounted) before `dir` goes.
+    mount: Option<crashfs::Mount>,
     dir: tempfile::TempDir,
     image: PathBuf,
     socket: PathBuf,
@@ -133,9 +144,17 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(retention: bool) -> Self {
+    fn new(retention: bool, crash: Crash) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("disk.img");
+        let mount = (crash == Crash::PowerLoss).then(|| {
+            let (backing, mountpoint) = (dir.path().join("backing"), dir.path().join("mnt"));
+            std::fs::create_dir(&backing).unwrap();
+            std::fs::create_dir(&mountpoint).unwrap();
+            crashfs::Mount::start(&backing, &mountpoint, crashfs::Model::DataAndMetadata).unwrap()
+        });
+        // Sockets stay outside the mount.
+        let image = mount.as_ref().map_or_else(|| dir.path().to_path_buf(), |m| m.mountpoint().to_path_buf());
+        let image = image.join("disk.img");
         let mut init = vec!["init".to_string(), image.to_str().unwrap().into(), "--size".into(), SIZE.to_string()];
         let mut serve_args = vec![];
         if retention {
@@ -146,7 +165,7 @@ impl Setup {
         let socket = dir.path().join("vhost.sock");
         let control = dir.path().join("control.sock");
         serve_args.extend(["--control".into(), control.to_str().unwrap().into()]);
-        Self { dir, image, socket, control, serve_args }
+        Self { mount, dir, image, socket, control, serve_args }
     }
 
     fn serve(&self) -> Daemon {
@@ -171,6 +190,9 @@ fn run_until_killed(
     cycle: usize,
     dead: &AtomicBool,
 ) -> usize {
+    // Some cycles flush often, others leave long bursts unflushed (several segments' worth
+    // with small segments), which is where a crash leaves the most behind.
+    let flush_one_in = [4, 32, 256][cycle % 3];
     // Completions, or None once the daemon is gone: silence from a live daemon is waited out.
     let complete = |frontend: &mut Frontend| loop {
         match frontend.complete(1, Duration::from_millis(50)) {
@@ -205,7 +227,7 @@ fn run_until_killed(
             model.issued.entry(block).or_default().push(id);
             slots[slot] = Some((block, id));
         }
-        if flush_in_flight.is_none() && rng.next() % 8 == 0 {
+        if flush_in_flight.is_none() && rng.next() % flush_one_in == 0 {
             frontend.queue.flush(FLUSH, ReqFlags::empty());
             flush_in_flight = Some((model.acked.clone(), model.markers.len()));
         }
@@ -255,14 +277,17 @@ fn run_until_killed(
 
 /// After a crash, offline: the store opens and verifies; every marker it lists that the
 /// frontend made recovers exactly (one at random each cycle, and the newest).
-fn check_store(setup: &Setup, model: &Model, rng: &mut Rng, cycle: usize) -> usize {
+fn check_store(setup: &Setup, model: &mut Model, rng: &mut Rng, cycle: usize) -> usize {
     let image = setup.image.to_str().unwrap();
     rewind(&["verify", image]);
     let listed: Vec<serde_json::Value> =
         serde_json::from_slice(&rewind(&["marker", "list", image, "--json"]).stdout).unwrap();
+    let is_listed = |name: &str| listed.iter().any(|m| m["name"] == name);
     for (name, _) in &model.markers[..model.durable_markers] {
-        assert!(listed.iter().any(|m| m["name"] == name.as_str()), "cycle {cycle}: durable marker {name} is gone");
+        assert!(is_listed(name), "cycle {cycle}: durable marker {name} is gone");
     }
+    // Markers no FLUSH covered may be gone; those are forgotten.
+    model.markers.retain(|(name, _)| is_listed(name));
     let recoverable: Vec<&(String, HashMap<u64, u64>)> = model
         .markers
         .iter()
@@ -285,10 +310,13 @@ fn check_store(setup: &Setup, model: &Model, rng: &mut Rng, cycle: usize) -> usi
     checked
 }
 
-fn torture(retention: bool) {
+/// What a power loss keeps, taken in turn.
+const POWER_LOSS_MODELS: [crashfs::Model; 2] = [crashfs::Model::Data, crashfs::Model::DataAndMetadata];
+
+fn torture(crash: Crash, retention: bool) {
     let cycles: usize = std::env::var("TORTURE_CYCLES").map_or(8, |v| v.parse().unwrap());
     let seed: u64 = std::env::var("TORTURE_SEED").map_or(0x7047_7572, |v| v.parse().unwrap());
-    let setup = Setup::new(retention);
+    let setup = Setup::new(retention, crash);
     let mut rng = Rng(seed);
     let mut model = Model::default();
     let (mut writes, mut markers_checked) = (0, 0);
@@ -327,11 +355,15 @@ fn torture(retention: bool) {
         assert!(dead.load(Ordering::SeqCst), "cycle {cycle}: the workload stopped before the kill");
         drop(frontend);
         daemon.kill();
-        markers_checked += check_store(&setup, &model, &mut rng, cycle);
+        if let Some(mount) = &setup.mount {
+            mount.crash_with(POWER_LOSS_MODELS[cycle % POWER_LOSS_MODELS.len()]).unwrap();
+        }
+        markers_checked += check_store(&setup, &mut model, &mut rng, cycle);
     }
     println!(
-        "torture: {cycles} kill -9 cycles{}, {writes} writes, {} markers made, {markers_checked} recovered and \
+        "torture: {cycles} {} cycles{}, {writes} writes, {} markers made, {markers_checked} recovered and \
          compared, in {:.0?}",
+        if crash == Crash::Kill { "kill -9" } else { "power-loss" },
         if retention { " with retention" } else { "" },
         model.markers.len(),
         started.elapsed()
@@ -340,10 +372,20 @@ fn torture(retention: bool) {
 
 #[test]
 fn kill_at_random_instants() {
-    torture(false);
+    torture(Crash::Kill, false);
 }
 
 #[test]
 fn kill_at_random_instants_with_retention_working_hard() {
-    torture(true);
+    torture(Crash::Kill, true);
+}
+
+#[test]
+fn power_loss_at_random_instants() {
+    torture(Crash::PowerLoss, false);
+}
+
+#[test]
+fn power_loss_at_random_instants_with_retention_working_hard() {
+    torture(Crash::PowerLoss, true);
 }
