@@ -20,34 +20,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use blkio::ReqFlags;
+use common::blocks::{write_in, Frontend, BLOCK, DEPTH, FLUSH};
 use common::{rewind_bin, Daemon, Rng};
 
-const BLOCK: u64 = 4096;
 const BLOCKS: u64 = 2048;
 const SIZE: u64 = BLOCK * BLOCKS;
-const DEPTH: usize = 16;
-/// user_data of a FLUSH; writes use their slot index.
-const FLUSH: usize = usize::MAX;
-
-/// The bytes of block `block` as write `id` leaves them: the id, the block, then filler that
-/// depends on both, so a torn or misplaced block never passes for a whole one.
-fn block_bytes(id: u64, block: u64) -> Vec<u8> {
-    let mut rng = Rng(id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ block.wrapping_add(1));
-    let mut bytes = rng.bytes(BLOCK as usize);
-    bytes[0..8].copy_from_slice(&id.to_le_bytes());
-    bytes[8..16].copy_from_slice(&block.to_le_bytes());
-    bytes
-}
-
-/// Which write a block holds: 0 for never written, None when it is no whole write at all.
-fn write_in(bytes: &[u8], block: u64) -> Option<u64> {
-    if bytes.iter().all(|&b| b == 0) {
-        return Some(0);
-    }
-    let id = u64::from_le_bytes(bytes[0..8].try_into().unwrap());
-    (id != 0 && bytes == block_bytes(id, block)).then_some(id)
-}
 
 /// What the frontend knows: per block, the writes issued to it in order (never two in flight
 /// at once) and the newest one a completed FLUSH covers.
@@ -73,56 +51,6 @@ impl Model {
         let possible = (found == floor) || issued.iter().any(|&id| id == found && id > floor);
         assert!(possible, "cycle {cycle}: block {block} holds write {found}; durable was {floor}, issued {issued:?}");
         found
-    }
-}
-
-struct Frontend {
-    /// Owns the connection the queue uses.
-    _blkio: Blkio,
-    queue: Blkioq,
-    region: MemoryRegion,
-}
-
-impl Frontend {
-    fn connect(socket: &Path) -> Self {
-        let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
-        blkio.set_str("path", socket.to_str().unwrap()).unwrap();
-        blkio.connect().unwrap();
-        blkio.set_i32("num-queues", 1).unwrap();
-        let region = blkio.alloc_mem_region(DEPTH * BLOCK as usize * 2).unwrap();
-        let mut outcome = blkio.start().unwrap();
-        blkio.map_mem_region(&region).unwrap();
-        Self { queue: outcome.queues.remove(0), _blkio: blkio, region }
-    }
-
-    fn slot(&self, slot: usize) -> *mut u8 {
-        (self.region.addr + slot * BLOCK as usize) as *mut u8
-    }
-
-    /// Completions within `wait`, or None when the daemon is gone (an error or silence).
-    fn complete(&mut self, min: usize, wait: Duration) -> Option<Vec<(usize, i32)>> {
-        let mut completions: Vec<std::mem::MaybeUninit<Completion>> =
-            (0..DEPTH + 1).map(|_| std::mem::MaybeUninit::uninit()).collect();
-        let mut timeout = wait;
-        let n = self.queue.do_io(&mut completions, min, Some(&mut timeout), None).ok()?;
-        if n < min {
-            return None;
-        }
-        // SAFETY: do_io initialised the first n entries.
-        Some(completions[..n].iter().map(|c| unsafe { c.assume_init_ref() }).map(|c| (c.user_data, c.ret)).collect())
-    }
-
-    /// Reads every block (nothing else in flight).
-    fn read_all(&mut self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(SIZE as usize);
-        for block in 0..BLOCKS {
-            self.queue.read(block * BLOCK, self.slot(0), BLOCK as usize, 0, ReqFlags::empty());
-            let done = self.complete(1, Duration::from_secs(30)).expect("a read completes");
-            assert_eq!(done[0].1, 0, "read of block {block}");
-            // SAFETY: the region is ours and the read has completed.
-            out.extend_from_slice(unsafe { std::slice::from_raw_parts(self.slot(0), BLOCK as usize) });
-        }
-        out
     }
 }
 
@@ -220,10 +148,7 @@ fn run_until_killed(
             };
             model.next_id += 1;
             let id = model.next_id;
-            let bytes = block_bytes(id, block);
-            // SAFETY: the slot's buffer is ours while no request uses it.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), frontend.slot(slot), bytes.len()) };
-            frontend.queue.write(block * BLOCK, frontend.slot(slot), BLOCK as usize, slot, ReqFlags::empty());
+            frontend.start_write(slot, block, id);
             model.issued.entry(block).or_default().push(id);
             slots[slot] = Some((block, id));
         }
@@ -325,7 +250,7 @@ fn torture(crash: Crash, retention: bool) {
         let daemon = setup.serve();
         let mut frontend = Frontend::connect(&daemon.socket);
         if cycle > 0 {
-            let bytes = frontend.read_all();
+            let bytes = frontend.read_all(BLOCKS);
             for block in 0..BLOCKS {
                 let found = model.check(block, &bytes[(block * BLOCK) as usize..][..BLOCK as usize], cycle);
                 model.issued.insert(block, vec![found]);
@@ -333,8 +258,7 @@ fn torture(crash: Crash, retention: bool) {
             }
         }
         // What survived becomes the durable floor once a FLUSH covers it.
-        frontend.queue.flush(FLUSH, ReqFlags::empty());
-        assert_eq!(frontend.complete(1, Duration::from_secs(30)).expect("flush")[0].1, 0);
+        assert_eq!(frontend.flush(), 0);
         model.durable = model.acked.clone();
         model.durable_markers = model.markers.len();
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
+pub mod blocks;
 #[path = "../../crates/rewind-engine/tests/common/rng.rs"]
 mod rng;
 #[allow(unused_imports)] // not every test binary uses it
