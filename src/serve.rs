@@ -2,7 +2,6 @@
 //! periodic snapshots, retention and checkpoints in the background, and a clean exit on
 //! SIGINT/SIGTERM (in-flight requests finish, the journal is synced).
 
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -190,7 +189,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
                 stopping.store(true, Ordering::SeqCst);
                 match connection.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                     Some(handle) => handle.shutdown(),
-                    None => wake_accept(&waker),
+                    None => crate::control::wake_accept(&waker),
                 }
             }
         })
@@ -216,16 +215,6 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     let _ = std::fs::remove_file(&config.socket);
     log::info!("rewind serve: stopped cleanly");
     result
-}
-
-/// Makes a blocked `accept` on the listening socket return (with EINVAL), whatever became of
-/// the socket's path: shutting the socket down needs no path, unlike connecting to it.
-fn wake_accept(listener: &UnixListener) {
-    // SAFETY: shutdown(2) on a socket descriptor this thread owns (a clone of the listener);
-    // it changes no memory.
-    if unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
-        log::error!("cannot wake the vhost-user listener: {}", std::io::Error::last_os_error());
-    }
 }
 
 fn accept_loop(

@@ -1,6 +1,7 @@
 //! SIGTERM and SIGINT stop `rewind serve` cleanly within seconds whatever it is doing: waiting
 //! for a frontend with its socket path removed, serving a frontend with requests in flight,
-//! or signalled twice. Each case runs several times, so a race shows.
+//! signalled twice, with its control sockets' paths removed, or running a recovery (which stops
+//! and leaves no output). Each case runs several times, so a race shows.
 
 mod common;
 
@@ -72,5 +73,46 @@ fn a_signal_stops_a_daemon_with_requests_in_flight_and_a_second_signal_changes_n
             signal(&daemon, libc::SIGTERM);
         }
         expect_clean_exit(daemon, &format!("round {round}"));
+    }
+}
+
+#[test]
+fn a_signal_stops_a_daemon_whose_control_sockets_were_removed_or_that_is_recovering() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    // An adopted image with data, so a recovery has something to copy.
+    std::fs::write(&image, vec![0xa5u8; 128 << 20]).unwrap();
+    let original = std::fs::read(&image).unwrap();
+    let (control, agent) = (dir.path().join("control.sock"), dir.path().join("agent.sock"));
+    let args = ["--control", control.to_str().unwrap(), "--agent-socket", agent.to_str().unwrap()];
+    for round in 0..ROUNDS {
+        let daemon = Daemon::start(&image, &dir.path().join("vhost.sock"), &args);
+        wait_for(&control);
+        wait_for(&agent);
+        let output = dir.path().join(format!("recovered-{round}.img"));
+        if round % 2 == 0 {
+            std::fs::remove_file(&control).unwrap();
+            std::fs::remove_file(&agent).unwrap();
+        } else {
+            let mut client = rewind::qmp_client::QmpClient::connect(&control).unwrap();
+            let target = rewind::recovery::RecoveryTarget::Seq(0);
+            let recover = rewind::control::protocol::RecoverArgs::new(&target, output.clone());
+            let _: serde_json::Value = client.execute(rewind::control::HostCommand::Recover(recover)).unwrap();
+        }
+        signal(&daemon, libc::SIGTERM);
+        expect_clean_exit(daemon, &format!("round {round}"));
+        // A recovery the signal stopped leaves nothing; one that finished first is whole.
+        if output.exists() {
+            assert!(std::fs::read(&output).unwrap() == original, "round {round}: a whole recovery");
+            std::fs::remove_file(&output).unwrap();
+        }
+    }
+}
+
+fn wait_for(path: &Path) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "{} did not appear", path.display());
+        std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -146,16 +146,22 @@ impl Shared {
     fn run_recovery(&self, number: u64, seq: Seq, output: &Path) {
         let Some(id) = self.jobs.update(number, |job| job.id.clone()) else { return };
         let mut last_event = Instant::now();
-        let result = self.store.recover(&RecoveryTarget::Seq(seq), output, &mut |done, total| {
-            self.jobs.update(number, |job| {
-                job.done = done;
-                job.total = total;
-            });
-            if last_event.elapsed() >= PROGRESS_EVENT_INTERVAL {
-                last_event = Instant::now();
-                self.emit(Event::JobProgress(JobProgress { id: id.clone(), done, total }));
-            }
-        });
+        let target = RecoveryTarget::Seq(seq);
+        let result = self.store.recover_unless_stopped(
+            &target,
+            output,
+            &mut |done, total| {
+                self.jobs.update(number, |job| {
+                    job.done = done;
+                    job.total = total;
+                });
+                if last_event.elapsed() >= PROGRESS_EVENT_INTERVAL {
+                    last_event = Instant::now();
+                    self.emit(Event::JobProgress(JobProgress { id: id.clone(), done, total }));
+                }
+            },
+            &self.stopping,
+        );
         match &result {
             Ok(report) => log::info!("{id}: recovered seq {} into {}", report.seq, report.output.display()),
             Err(e) => log::error!("{id} failed: {e}"),

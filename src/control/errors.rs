@@ -85,6 +85,7 @@ impl From<crate::Error> for QmpError {
             | E::OutputExists(_)
             | E::VolumeBehind(_)
             | E::NotDurable(_)
+            | E::Cancelled
             | E::VerifyFailed(_) => ErrorClass::GenericError,
         };
         Self { class, desc: e.to_string() }

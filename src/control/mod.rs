@@ -22,4 +22,4 @@ pub use arguments::CommandError;
 pub use device::DeviceStatus;
 pub use errors::{ErrorClass, QmpError};
 pub use protocol::{AgentCommand, Channel, Command, HostCommand};
-pub use server::{bind_private, ControlServer};
+pub use server::{bind_private, wake_accept, ControlServer};

@@ -2,6 +2,7 @@
 
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,13 +41,15 @@ pub(super) struct Shared {
     /// Every open client stream, to close them all at shutdown.
     open: Mutex<Vec<(u64, UnixStream)>>,
     next_client: AtomicU64,
-    stopping: AtomicBool,
+    /// Set by `shutdown`: accept loops, clients and recoveries end.
+    pub(super) stopping: AtomicBool,
 }
 
 /// The control sockets of one daemon.
 pub struct ControlServer {
     shared: Arc<Shared>,
-    listeners: Vec<(PathBuf, JoinHandle<()>)>,
+    /// Each listener's path, a handle on its socket to wake its accept, and its thread.
+    listeners: Vec<(PathBuf, UnixListener, JoinHandle<()>)>,
 }
 
 /// Binds `path` with mode 0600 before anyone can connect: the socket is bound under a temporary
@@ -81,6 +84,15 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
     std::fs::rename(&tmp, path)?;
     Ok(listener)
+}
+
+/// Makes a blocked `accept` on `listener` return (with EINVAL), whatever became of the socket's
+/// path: shutting the socket down needs no path, unlike connecting to it.
+pub fn wake_accept(listener: &UnixListener) {
+    // SAFETY: shutdown(2) on a socket descriptor the caller owns; it changes no memory.
+    if unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
+        log::error!("cannot wake a listener: {}", io::Error::last_os_error());
+    }
 }
 
 fn send(writer: &ClientWriter, message: &impl Serialize) -> io::Result<()> {
@@ -207,6 +219,7 @@ impl ControlServer {
     /// Starts accepting clients of `channel` on `path`.
     pub fn listen(&mut self, path: &Path, channel: Channel) -> io::Result<()> {
         let listener = bind_private(path)?;
+        let waker = listener.try_clone()?;
         let shared = Arc::clone(&self.shared);
         let handle = thread::spawn(move || {
             for stream in listener.incoming() {
@@ -233,16 +246,16 @@ impl ControlServer {
                 threads.push(handle);
             }
         });
-        self.listeners.push((path.to_path_buf(), handle));
+        self.listeners.push((path.to_path_buf(), waker, handle));
         Ok(())
     }
 
-    /// Stops accepting, closes every client, waits for running recoveries, removes the sockets.
+    /// Stops accepting, closes every client, stops running recoveries (their outputs are
+    /// removed), removes the sockets.
     pub fn shutdown(self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        for (path, handle) in self.listeners {
-            // A connection of our own wakes the accept loop so it sees `stopping`.
-            drop(UnixStream::connect(&path));
+        for (path, waker, handle) in self.listeners {
+            wake_accept(&waker);
             let _ = handle.join();
             let _ = std::fs::remove_file(&path);
         }

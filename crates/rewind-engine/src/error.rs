@@ -49,6 +49,9 @@ pub enum Error {
     #[error("the store can no longer make writes durable ({0}); restart the daemon (reopen the store) to go on from what the disk holds")]
     NotDurable(String),
 
+    #[error("cancelled: the daemon is stopping")]
+    Cancelled,
+
     #[error("guest marker refused: {0}")]
     GuestMarkerLimit(String),
 

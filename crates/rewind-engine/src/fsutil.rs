@@ -256,13 +256,26 @@ fn copy_range_by_reading(src: &File, src_offset: u64, dst: &File, dst_offset: u6
 }
 
 /// Copies the data ranges of `src` into `dst` (already sized), leaving holes as holes.
-/// `progress` is told the bytes copied so far.
-pub fn copy_sparse(src: &File, dst: &File, len: u64, mut progress: impl FnMut(u64)) -> io::Result<u64> {
+/// `progress` is told the offset reached at least every 64 MiB copied; an error from it stops
+/// the copy (that is how a long copy is cancelled).
+pub fn copy_sparse(
+    src: &File,
+    dst: &File,
+    len: u64,
+    mut progress: impl FnMut(u64) -> io::Result<()>,
+) -> io::Result<u64> {
+    const PIECE: u64 = 64 << 20;
     let mut copied = 0;
     for (start, range_len) in data_ranges(src, len)? {
-        copy_range(src, start, dst, start, range_len)?;
-        copied += range_len;
-        progress(start + range_len);
+        let end = start + range_len;
+        let mut at = start;
+        while at < end {
+            let piece = (end - at).min(PIECE);
+            copy_range(src, at, dst, at, piece)?;
+            copied += piece;
+            at += piece;
+            progress(at)?;
+        }
     }
     Ok(copied)
 }
@@ -326,7 +339,7 @@ mod tests {
         let dst_path = dir.path().join("dst");
         let dst = File::create(&dst_path).unwrap();
         dst.set_len(len).unwrap();
-        copy_sparse(&src, &dst, len, |_| {}).unwrap();
+        copy_sparse(&src, &dst, len, |_| Ok(())).unwrap();
         assert_eq!(fs::read(&src_path).unwrap(), fs::read(&dst_path).unwrap());
         let copied: u64 = data_ranges(&dst, len).unwrap().iter().map(|r| r.1).sum();
         assert!(copied < len / 2, "destination is not sparse: {copied} bytes of data");

@@ -7,6 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -101,6 +102,7 @@ pub fn recover_to(
     seq: Seq,
     output: &Path,
     progress: Progress<'_>,
+    stop: &AtomicBool,
 ) -> Result<RecoveryReport> {
     let file = OpenOptions::new().read(true).write(true).create_new(true).open(output).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -111,7 +113,10 @@ pub fn recover_to(
     })?;
     let mut build = || -> Result<RecoveryReport> {
         file.set_len(volume_size).context(|| format!("sizing {}", output.display()))?;
-        let from_snapshot = snapshots.materialize(snapshot_seq, &file, progress)?;
+        let from_snapshot = snapshots.materialize(snapshot_seq, &file, progress, stop)?;
+        if stop.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
         let (records_replayed, replayed_bytes) = replay(view, snapshot_seq + 1, seq, &file)?;
         file.sync_all().context(|| format!("syncing {}", output.display()))?;
         progress(volume_size, volume_size);

@@ -14,6 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -117,8 +118,11 @@ impl SnapshotStore {
         let base = File::create(&base_path).context(|| format!("creating {}", base_path.display()))?;
         base.set_len(volume_size).context(|| format!("sizing {}", base_path.display()))?;
         let data_bytes = match initial {
-            Some(image) => fsutil::copy_sparse(image, &base, volume_size, |done| progress(done, volume_size))
-                .context(|| format!("copying the image into {}", base_path.display()))?,
+            Some(image) => fsutil::copy_sparse(image, &base, volume_size, |done| {
+                progress(done, volume_size);
+                Ok(())
+            })
+            .context(|| format!("copying the image into {}", base_path.display()))?,
             None => 0,
         };
         base.sync_all().context(|| format!("syncing {}", base_path.display()))?;
@@ -269,13 +273,32 @@ impl SnapshotStore {
 
     /// Writes the volume at snapshot `seq` into `output` (sized to the volume, empty): the base
     /// copied with its holes, then each delta up to `seq`. Returns the data bytes written.
-    pub fn materialize(&self, seq: Seq, output: &File, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+    /// Stops with [`Error::Cancelled`] soon after `stop` is set.
+    pub fn materialize(
+        &self,
+        seq: Seq,
+        output: &File,
+        progress: &mut dyn FnMut(u64, u64),
+        stop: &AtomicBool,
+    ) -> Result<u64> {
         let base_path = self.dir.join(BASE_FILE);
         let base = File::open(&base_path).context(|| format!("opening {}", base_path.display()))?;
         let total = self.volume_size;
-        let mut written = fsutil::copy_sparse(&base, output, self.volume_size, |done| progress(done, total))
-            .context(|| format!("copying {}", base_path.display()))?;
+        let copied = fsutil::copy_sparse(&base, output, self.volume_size, |done| {
+            progress(done, total);
+            match stop.load(Ordering::Relaxed) {
+                true => Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "stopped")),
+                false => Ok(()),
+            }
+        });
+        let mut written = match copied {
+            Err(_) if stop.load(Ordering::Relaxed) => return Err(Error::Cancelled),
+            copied => copied.context(|| format!("copying {}", base_path.display()))?,
+        };
         for delta in self.manifest.deltas.iter().take_while(|d| d.seq <= seq) {
+            if stop.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
             written += self.apply_delta(delta.seq, output)?;
         }
         Ok(written)

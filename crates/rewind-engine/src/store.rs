@@ -12,6 +12,7 @@ use std::io::{Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -499,7 +500,7 @@ impl Store {
             log::warn!("store {}: {reason}; rebuilding the volume at seq {head}", dir.display());
             fsutil::zero_range(&volume, 0, meta.volume_size).context(|| format!("clearing {}", image.display()))?;
             let newest = snapshots.newest_seq();
-            snapshots.materialize(newest, &volume, &mut |_, _| {})?;
+            snapshots.materialize(newest, &volume, &mut |_, _| {}, &AtomicBool::new(false))?;
             let (replayed, _) = recovery::replay(&journal.view(), newest + 1, head, &volume)?;
             report.records_replayed = replayed;
             volume.sync_data().context(|| format!("syncing {}", image.display()))?;
@@ -948,11 +949,24 @@ impl Store {
     /// Writes the volume as it was at `target` into a new image at `output`. The store and the
     /// live volume are not changed, and writes may continue meanwhile.
     pub fn recover(&self, target: &RecoveryTarget, output: &Path, progress: Progress<'_>) -> Result<RecoveryReport> {
+        self.recover_unless_stopped(target, output, progress, &AtomicBool::new(false))
+    }
+
+    /// [`recover`](Self::recover) that gives up with [`Error::Cancelled`] (removing the output)
+    /// soon after `stop` is set: a daemon that is asked to stop does not wait for a recovery of
+    /// a large volume.
+    pub fn recover_unless_stopped(
+        &self,
+        target: &RecoveryTarget,
+        output: &Path,
+        progress: Progress<'_>,
+        stop: &AtomicBool,
+    ) -> Result<RecoveryReport> {
         let maintenance = lock_poisoned(self.maintenance.lock());
         let view = lock_poisoned(self.writer.lock()).journal.view();
         let seq = self.resolve_in(target, &view)?;
         let snapshot_seq = maintenance.snapshots.newest_at_or_before(seq).expect("the base precedes every point");
-        recovery::recover_to(&maintenance.snapshots, &view, self.volume_size, snapshot_seq, seq, output, progress)
+        recovery::recover_to(&maintenance.snapshots, &view, self.volume_size, snapshot_seq, seq, output, progress, stop)
     }
 
     /// Checks every journal and snapshot checksum, and that the volume holds exactly what the
@@ -982,6 +996,7 @@ impl Store {
                 head,
                 &expected_path,
                 progress,
+                &AtomicBool::new(false),
             )?;
             let expected = File::open(&expected_path).context(|| format!("opening {}", expected_path.display()))?;
             compare_files(&expected, &self.volume, self.volume_size)

@@ -211,3 +211,30 @@ fn markers_read_back_are_validated_and_ids_cannot_overflow() {
     std::fs::write(store_dir.join("markers.json"), archive).unwrap();
     assert!(matches!(Store::open(&dir.path().join("disk.img"), None), Err(Error::BadMetadata { .. })));
 }
+
+#[test]
+fn a_recovery_stops_soon_after_it_is_asked_to_and_leaves_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    // An adopted image full of data: the base snapshot is 192 MiB to copy, three pieces.
+    std::fs::write(&image, vec![0x5au8; 192 << 20]).unwrap();
+    let (store, _) = Store::create(&image, None, &CreateOptions::default(), &mut |_, _| {}).unwrap();
+    let output = dir.path().join("recovered.img");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut reports = 0;
+    let recovered = store.recover_unless_stopped(
+        &RecoveryTarget::Seq(0),
+        &output,
+        &mut |_, _| {
+            reports += 1;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        },
+        &stop,
+    );
+    assert!(matches!(recovered, Err(Error::Cancelled)), "{recovered:?}");
+    assert_eq!(reports, 1, "it stopped after the first piece");
+    assert!(!output.exists(), "the partial output is removed");
+    // Not asked to stop, the same recovery completes.
+    store.recover(&RecoveryTarget::Seq(0), &output, &mut |_, _| {}).unwrap();
+    assert_eq!(std::fs::read(&output).unwrap(), std::fs::read(&image).unwrap());
+}
