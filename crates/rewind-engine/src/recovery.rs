@@ -97,7 +97,6 @@ pub fn replay(view: &JournalView, from: Seq, to: Seq, target: &File) -> Result<(
 pub fn recover_to(
     snapshots: &SnapshotStore,
     view: &JournalView,
-    volume_size: u64,
     snapshot_seq: Seq,
     seq: Seq,
     output: &Path,
@@ -111,6 +110,7 @@ pub fn recover_to(
             Error::Io { context: format!("creating {}", output.display()), cause: e }
         }
     })?;
+    let volume_size = snapshots.volume_size();
     let mut build = || -> Result<RecoveryReport> {
         file.set_len(volume_size).context(|| format!("sizing {}", output.display()))?;
         let from_snapshot = snapshots.materialize(snapshot_seq, &file, progress, stop)?;

@@ -142,6 +142,11 @@ impl SnapshotStore {
         Ok(store)
     }
 
+    /// Bytes of the volume the snapshots are of.
+    pub fn volume_size(&self) -> u64 {
+        self.volume_size
+    }
+
     pub fn open(dir: &Path, volume_size: u64) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = fs::read(&path).context(|| format!("reading {}", path.display()))?;

@@ -966,7 +966,7 @@ impl Store {
         let view = lock_poisoned(self.writer.lock()).journal.view();
         let seq = self.resolve_in(target, &view)?;
         let snapshot_seq = maintenance.snapshots.newest_at_or_before(seq).expect("the base precedes every point");
-        recovery::recover_to(&maintenance.snapshots, &view, self.volume_size, snapshot_seq, seq, output, progress, stop)
+        recovery::recover_to(&maintenance.snapshots, &view, snapshot_seq, seq, output, progress, stop)
     }
 
     /// Checks every journal and snapshot checksum, and that the volume holds exactly what the
@@ -991,7 +991,6 @@ impl Store {
             recovery::recover_to(
                 &maintenance.snapshots,
                 &view,
-                self.volume_size,
                 newest,
                 head,
                 &expected_path,
