@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
-use crate::{Control, Model};
+use crate::{Control, Fault, Model};
 
 pub(crate) struct Listener {
     path: PathBuf,
@@ -74,6 +74,8 @@ fn serve(stream: UnixStream, control: &Control) {
     }
 }
 
+const COMMANDS: &str = "crash [MODEL], stats, sync-all, fail OP NTH ERRNO once|forever, clear, counts";
+
 fn answer(control: &Control, line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     let result = match words.as_slice() {
@@ -81,7 +83,16 @@ fn answer(control: &Control, line: &str) -> String {
         ["crash", model] => model.parse::<Model>().and_then(|model| control.crash(model)).map(|r| r.to_string()),
         ["stats"] => control.stats().map(|stats| stats.to_string()),
         ["sync-all"] => control.sync_all().map(|()| String::new()),
-        _ => return format!("err unknown command {line:?} (crash [MODEL], stats, sync-all)"),
+        ["fail", fault @ ..] => {
+            let fault = fault.join(" ").parse::<Fault>();
+            fault.and_then(|fault| control.inject(fault)).map(|()| String::new())
+        }
+        ["clear"] => {
+            control.clear_faults();
+            Ok(String::new())
+        }
+        ["counts"] => Ok(control.op_counts().to_string()),
+        _ => return format!("err unknown command {line:?} ({COMMANDS})"),
     };
     match result {
         Ok(text) if text.is_empty() => "ok".to_string(),

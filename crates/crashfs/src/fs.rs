@@ -15,6 +15,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::faults::{Faults, Op};
 use crate::state::{Handle, State};
 
 /// No attribute or name is cached by the kernel: after a crash, what it would have cached
@@ -23,15 +24,22 @@ const TTL: Duration = Duration::ZERO;
 
 pub(crate) struct CrashFs {
     state: Arc<Mutex<State>>,
+    faults: Arc<Mutex<Faults>>,
 }
 
 impl CrashFs {
-    pub(crate) fn new(state: Arc<Mutex<State>>) -> CrashFs {
-        CrashFs { state }
+    pub(crate) fn new(state: Arc<Mutex<State>>, faults: Arc<Mutex<Faults>>) -> CrashFs {
+        CrashFs { state, faults }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         crate::lock(&self.state)
+    }
+
+    /// Counts an operation of kind `op`; an error if an injected fault fails it. Called before
+    /// anything is changed, so that a failed operation changes nothing.
+    fn fault(&self, op: Op) -> io::Result<()> {
+        crate::lock(&self.faults).hit(op)
     }
 }
 
@@ -101,6 +109,9 @@ impl CrashFs {
         times: (Option<TimeOrNow>, Option<TimeOrNow>),
         fh: Option<FileHandle>,
     ) -> io::Result<FileAttr> {
+        if size.is_some() {
+            self.fault(Op::Truncate)?;
+        }
         let mut state = self.lock();
         let path = state.path(ino)?;
         if let Some(size) = size {
@@ -150,6 +161,7 @@ impl CrashFs {
                 let (ino, _) = state.lookup(parent, name)?;
                 let file = open_rw(&path)?;
                 if flags & libc::O_TRUNC != 0 {
+                    self.fault(Op::Truncate)?;
                     state.track(ino, &file, 0, u64::MAX)?;
                     file.set_len(0)?;
                 }
@@ -179,6 +191,7 @@ impl CrashFs {
     }
 
     fn write_inner(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
+        self.fault(Op::Write)?;
         let len = u32::try_from(data.len()).map_err(|_| einval())?;
         // The lock covers the write too: a crash must never see a change without its undo.
         let mut state = self.lock();
@@ -189,6 +202,7 @@ impl CrashFs {
     }
 
     fn fallocate_inner(&self, ino: u64, fh: u64, offset: u64, length: u64, mode: i32) -> io::Result<()> {
+        self.fault(Op::Fallocate)?;
         let end = offset.checked_add(length).ok_or_else(einval)?;
         let changes_bytes = match mode & !libc::FALLOC_FL_KEEP_SIZE {
             0 => false,
@@ -219,6 +233,8 @@ impl CrashFs {
         offset_out: u64,
         len: u64,
     ) -> io::Result<u32> {
+        // It writes, so it counts as a write: a workload using it would otherwise escape.
+        self.fault(Op::Write)?;
         let len = len.min(1 << 30);
         let mut state = self.lock();
         let (src, dst) = (state.file(fh_in)?, state.file(fh_out)?);
@@ -340,6 +356,9 @@ impl Filesystem for CrashFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        if let Err(e) = self.fault(Op::Rename) {
+            return reply.error(errno(e));
+        }
         if !(flags - RenameFlags::RENAME_NOREPLACE).is_empty() {
             return reply.error(Errno::EINVAL);
         }
@@ -433,7 +452,11 @@ impl Filesystem for CrashFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        // A failed fsync leaves what was not durable as it was.
+        if let Err(e) = self.fault(Op::sync(datasync)) {
+            return reply.error(errno(e));
+        }
         // fdatasync also makes the size durable (it is needed to read the data back); neither
         // makes the file's name durable. The backing file is not synced: crashfs is the model.
         self.lock().fsync_file(ino.0);
@@ -473,7 +496,10 @@ impl Filesystem for CrashFs {
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        if let Err(e) = self.fault(Op::sync(datasync)) {
+            return reply.error(errno(e));
+        }
         match self.lock().fsync_dir(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),

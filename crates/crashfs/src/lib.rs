@@ -1,6 +1,7 @@
 //! crashfs: a FUSE pass-through file system that remembers what was written since the last
-//! fsync and, on command, drops what a power loss would have lost. See README.md for the
-//! models and their exact rules.
+//! fsync and, on command, drops what a power loss would have lost. It can also fail the n-th
+//! write, fsync, fdatasync, fallocate, rename or truncation with a chosen errno
+//! ([`Mount::inject`]). See README.md for the models, the faults and their exact rules.
 //!
 //! ```no_run
 //! use crashfs::{Model, Mount};
@@ -12,6 +13,7 @@
 //! ```
 
 mod control;
+mod faults;
 mod fs;
 mod state;
 mod undo;
@@ -27,6 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier};
 
 pub use control::request;
+use faults::Faults;
+pub use faults::{Fault, Op, OpCounts, Persist};
 use state::State;
 
 /// What a crash keeps of the changes not yet made durable.
@@ -138,6 +142,12 @@ pub enum Error {
     Invalidate(io::Error),
     #[error("reading or updating crashfs's record: {0}")]
     State(io::Error),
+    #[error("unknown operation {0:?} (write, fsync, fdatasync, fallocate, rename or truncate)")]
+    UnknownOp(String),
+    #[error("invalid fault: {0}")]
+    BadFault(String),
+    #[error("invalid operation counts {0:?}")]
+    BadCounts(String),
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
@@ -145,14 +155,15 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
     move |source| Error::Io { what, path, source }
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic in one request must not take every later request down with it.
-    state.lock().unwrap_or_else(PoisonError::into_inner)
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What the control socket and the library API act on.
 struct Control {
     state: Arc<Mutex<State>>,
+    faults: Arc<Mutex<Faults>>,
     notifier: Notifier,
     model: Model,
 }
@@ -176,6 +187,18 @@ impl Control {
 
     fn sync_all(&self) -> Result<(), Error> {
         lock(&self.state).sync_all().map_err(Error::State)
+    }
+
+    fn inject(&self, fault: Fault) -> Result<(), Error> {
+        lock(&self.faults).inject(fault)
+    }
+
+    fn clear_faults(&self) {
+        lock(&self.faults).clear();
+    }
+
+    fn op_counts(&self) -> OpCounts {
+        lock(&self.faults).counts()
     }
 }
 
@@ -216,12 +239,13 @@ impl Mount {
         ];
         config.n_threads = Some(4);
         config.clone_fd = true;
-        let session = fuser::Session::new(fs::CrashFs::new(state.clone()), &mountpoint, &config)
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let session = fuser::Session::new(fs::CrashFs::new(state.clone(), faults.clone()), &mountpoint, &config)
             .map_err(io_err("mounting on", &mountpoint))?;
         let notifier = session.notifier();
         let session = session.spawn().map_err(io_err("serving", &mountpoint))?;
         Ok(Mount {
-            control: Arc::new(Control { state, notifier, model }),
+            control: Arc::new(Control { state, faults, notifier, model }),
             session: Some(session),
             listener: None,
             mountpoint,
@@ -252,6 +276,25 @@ impl Mount {
     /// Makes everything durable, as if every file and directory had been synced.
     pub fn sync_all(&self) -> Result<(), Error> {
         self.control.sync_all()
+    }
+
+    /// Arms `fault`: the `nth` operation of its kind from now on (1 = the next one) fails with
+    /// `errno` without being carried out; with `Persist::Forever`, every one after it fails
+    /// too, until `clear_faults`. Replaces any fault armed before. Fails for `nth` 0, an errno
+    /// outside 1..512, and ENOSYS (the kernel would stop sending the operation for good).
+    pub fn inject(&self, fault: Fault) -> Result<(), Error> {
+        self.control.inject(fault)
+    }
+
+    /// Disarms the fault, if any: every operation is carried out again.
+    pub fn clear_faults(&self) -> Result<(), Error> {
+        self.control.clear_faults();
+        Ok(())
+    }
+
+    /// The operations counted since the mount, whether they were carried out or failed.
+    pub fn op_counts(&self) -> Result<OpCounts, Error> {
+        Ok(self.control.op_counts())
     }
 
     pub fn mountpoint(&self) -> &Path {

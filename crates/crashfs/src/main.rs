@@ -12,8 +12,9 @@ const USAGE: &str = "usage:
       serves until SIGTERM, SIGINT or SIGHUP, then unmounts; MODEL is data,
       data-and-metadata (the default), torn or torn:SEED
   crashfs ctl SOCKET COMMAND...
-      sends one command (crash [MODEL], stats, sync-all) and prints the answer;
-      exits 1 if the answer is an error
+      sends one command (crash [MODEL], stats, sync-all, fail OP NTH ERRNO
+      once|forever, clear, counts) and prints the answer; exits 1 if the answer
+      is an error
 environment: CRASHFS_LOG=error|warn|info|debug (default warn)";
 
 fn main() -> ExitCode {
