@@ -188,6 +188,31 @@ fn a_failed_flush_is_never_retried_into_a_false_success() {
     check_after(&mut served, &seen, "after a failed fdatasync");
 }
 
+#[test]
+fn a_full_disk_fails_writes_keeps_reads_and_writes_resume_when_space_returns() {
+    let mounted = mount();
+    let mut served = serve(&mounted, "full");
+    let mut frontend = Frontend::connect(&served.socket);
+    assert_eq!(frontend.write(1, 1), 0);
+    let fault = Fault { op: Op::Write, nth: 1, errno: libc::ENOSPC, persist: Persist::Forever };
+    mounted.mount.inject(fault).unwrap();
+    for id in 2..6 {
+        assert_ne!(frontend.write(id, id), 0, "write {id} on a full disk");
+    }
+    let (ret, bytes) = frontend.read(1);
+    assert_eq!((ret, write_in(&bytes, 1)), (0, Some(1)), "reads go on");
+    mounted.mount.clear_faults().unwrap();
+    // Space is back: no restart needed.
+    assert_eq!(frontend.write(6, 6), 0);
+    assert_eq!(frontend.flush(), 0);
+    let (ret, bytes) = frontend.read(6);
+    assert_eq!((ret, write_in(&bytes, 6)), (0, Some(6)));
+    drop(frontend);
+    let issued = (1..=6).map(|id| (id, vec![id])).collect();
+    let seen = Seen { issued, ok: HashMap::from([(1, 1), (6, 6)]), marker: false };
+    check_after(&mut served, &seen, "after a full disk");
+}
+
 /// How many operations of each kind the workload makes, measured on a run without faults.
 fn counts_of_a_clean_run(mounted: &Mounted) -> HashMap<Op, u64> {
     let mut served = serve(mounted, "clean");
