@@ -131,3 +131,59 @@ fn flushed_writes_survive_kill_9_and_the_next_frontend_sees_them() {
     assert!(daemon.terminate().success());
     assert_eq!(status_json(&image)["head"], 2);
 }
+
+#[test]
+fn a_flooded_queue_starves_neither_the_other_queue_nor_the_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let socket = dir.path().join("vhost.sock");
+    let control = dir.path().join("control.sock");
+    let daemon =
+        Daemon::start(&image, &socket, &["--size", "16M", "--num-queues", "2", "--control", control.to_str().unwrap()]);
+    let mut client = Client::connect(&socket, 2);
+    let mut flooded = client.queues.remove(0);
+    let flood_buffers = client.region.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // 32 writes of 64 KiB at a time, from the first 2 MiB of the region.
+                for i in 0..32usize {
+                    let ptr = (flood_buffers + i * 65536) as *const u8;
+                    flooded.write((i as u64 % 8) << 20, ptr, 65536, i, blkio::ReqFlags::empty());
+                }
+                let mut done = 0;
+                while done < 32 {
+                    let mut completions: Vec<std::mem::MaybeUninit<blkio::Completion>> =
+                        (0..32).map(|_| std::mem::MaybeUninit::uninit()).collect();
+                    let mut timeout = std::time::Duration::from_secs(30);
+                    done += flooded.do_io(&mut completions, 1, Some(&mut timeout), None).unwrap();
+                }
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    // The other queue (now index 0) and the control socket are served all along.
+    let mut qmp = rewind::qmp_client::QmpClient::connect(&control).unwrap();
+    let mut slowest = std::time::Duration::ZERO;
+    let data = Rng(3).bytes(4096);
+    for i in 0..50u64 {
+        let started = std::time::Instant::now();
+        client.buffer(3 << 20, 4096).copy_from_slice(&data);
+        let ptr = (client.region.addr + (3 << 20)) as *const u8;
+        client.queues[0].write((12 << 20) + i * 4096, ptr, 4096, 0, blkio::ReqFlags::empty());
+        assert_eq!(client.complete(0, 1)[0].1, 0);
+        let _: rewind::control::replies::Status = qmp.execute(rewind::control::AgentCommand::QueryStatus).unwrap();
+        slowest = slowest.max(started.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = flood.join().unwrap();
+    assert!(rounds > 0, "the flood ran");
+    // Starved, a request would wait for the flood to end; served, it waits for its turn.
+    assert!(slowest < std::time::Duration::from_secs(10), "a request took {slowest:?} beside the flood");
+    drop(client);
+    assert!(daemon.terminate().success());
+}
