@@ -1,14 +1,14 @@
 //! The vhost-user-blk device: features, config space and the vhost-user backend's callbacks.
 //! The work is done a layer down, each concern in its module:
 //!
-//! - [`pipeline`]: a queue's worker, one pass over the ring at a time (batching, inline apply,
+//! - `pipeline`: a queue's worker, one pass over the ring at a time (batching, inline apply,
 //!   read sharing and ring polling, each a named policy);
-//! - [`applier`]: the queue's applier thread and its jobs (journaled batches to write to the
+//! - `applier`: the queue's applier thread and its jobs (journaled batches to write to the
 //!   volume, reads shared with the worker);
-//! - [`completion`]: status bytes, the used ring, signalling, and the one mapping from a
+//! - `completion`: status bytes, the used ring, signalling, and the one mapping from a
 //!   failure to a virtio status;
-//! - [`guest_memory`]: host views of guest buffers, the only `unsafe` code here;
-//! - [`ring`]: taking chains off the ring, treating it as untrusted input.
+//! - `guest_memory`: host views of guest buffers, the only `unsafe` code here;
+//! - `ring`: taking chains off the ring, treating it as untrusted input.
 //!
 //! Parsing and validating a chain is `virtio_blk`'s (pure, no I/O). Each layer uses only those
 //! below it: mod → pipeline → applier → completion → guest_memory, ring and counters.
