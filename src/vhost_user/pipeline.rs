@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::applier::{read_request, with_volume_ops, Applier, ApplyJob, BatchOp, BatchRequest, Job, ReadJob};
 use super::completion::{Completer, Completion, ExecError};
@@ -120,14 +120,14 @@ impl BlkQueue {
         let _pass = self.applier.begin_pass();
         let queue_error = |e: virtio_queue::Error| io::Error::other(e.to_string());
         loop {
-            // A fresh view each pass: the frontend may add memory regions (ADD_MEM_REG) while
-            // this loop runs, and requests may use them as soon as it has its reply.
-            let mem = memory.memory();
             let event_idx = device.event_idx.load(Ordering::Relaxed);
             if event_idx {
                 vring.disable_notification().map_err(queue_error)?;
             }
-            let popped = ring::pop_chains(vring.get_mut().get_queue_mut(), &mem);
+            // A fresh view of guest memory each pass, loaded after the available index (see
+            // `pop_chains`): the frontend may add regions while this loop runs.
+            let popped = ring::pop_chains(vring.get_mut().get_queue_mut(), &memory);
+            let mem = popped.mem;
             let parsed: Vec<(u16, ParsedChain)> = popped
                 .chains
                 .into_iter()

@@ -7,11 +7,13 @@
 //! daemon.
 
 use std::num::Wrapping;
-use std::ops::Deref;
+
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 
 use crate::virtio_blk::Desc;
 
@@ -39,48 +41,60 @@ pub enum RingFault {
     BadChain { head: u16, size: u16 },
 }
 
-/// What one look at the available ring found: the chains before any fault, then the fault.
+/// What one look at the available ring found: the chains before any fault, then the fault,
+/// and the guest memory the chains are to be read in.
 pub struct Popped {
     /// Each chain's head index and descriptors, in ring order.
     pub chains: Vec<(u16, Vec<Desc>)>,
     pub fault: Option<RingFault>,
+    pub mem: GuestMemoryLoadGuard<GuestMemoryMmap>,
 }
 
-/// Takes every chain the driver has made available. A queue that is not set up (stopped by
-/// GET_VRING_BASE, or not yet started) yields nothing.
-pub fn pop_chains<M>(queue: &mut Queue, mem: &M) -> Popped
-where
-    M: Deref<Target = GuestMemoryMmap> + Clone,
-{
-    let mut popped = Popped { chains: Vec::new(), fault: None };
+/// Takes every chain the driver had made available when the available index was read. A queue
+/// that is not set up (stopped by GET_VRING_BASE, or not yet started) yields nothing.
+///
+/// The guest memory the chains are read in is loaded after the index: a driver may add a
+/// memory region (ADD_MEM_REG) and, once acknowledged, make requests available that use it, so
+/// a view loaded before the index was read could lack the region those requests point into.
+/// Entries made available after the index was read wait for the next look.
+pub fn pop_chains(queue: &mut Queue, memory: &GuestMemoryAtomic<GuestMemoryMmap>) -> Popped {
+    let mut popped = Popped { chains: Vec::new(), fault: None, mem: memory.memory() };
     if !queue.ready() {
         return popped;
     }
     let size = queue.size();
-    if let Err(fault) = check_ring_memory(queue, mem) {
+    if let Err(fault) = check_ring_memory(queue, &popped.mem) {
         popped.fault = Some(fault);
         return popped;
     }
     let next_avail = queue.next_avail();
-    let avail = match queue.avail_idx(&**mem, Ordering::Acquire) {
+    let avail = match queue.avail_idx(&*popped.mem, Ordering::Acquire) {
         Ok(avail) => avail.0,
         // The ring was checked to be in guest memory just now.
         Err(_) => return popped,
     };
-    if (Wrapping(avail) - Wrapping(next_avail)).0 > size {
+    let available = (Wrapping(avail) - Wrapping(next_avail)).0;
+    if available > size {
         popped.fault = Some(RingFault::AvailJump { avail, next_avail, size });
         return popped;
     }
-    let chains = match queue.iter(mem.clone()) {
+    popped.mem = memory.memory();
+    // A region may also have been removed meanwhile.
+    if let Err(fault) = check_ring_memory(queue, &popped.mem) {
+        popped.fault = Some(fault);
+        return popped;
+    }
+    let mem = popped.mem.clone();
+    let chains = match queue.iter(mem) {
         Ok(chains) => chains,
         // Only a driver that moved the index between the two reads gets here.
         Err(_) => {
-            let avail = queue.avail_idx(&**mem, Ordering::Acquire).map_or(avail, |a| a.0);
+            let avail = queue.avail_idx(&*popped.mem, Ordering::Acquire).map_or(avail, |a| a.0);
             popped.fault = Some(RingFault::AvailJump { avail, next_avail, size });
             return popped;
         }
     };
-    for (taken, chain) in chains.enumerate() {
+    for (taken, chain) in chains.take(usize::from(available)).enumerate() {
         let head = chain.head_index();
         let position = next_avail.wrapping_add(taken as u16);
         if head >= size {
