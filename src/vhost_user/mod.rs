@@ -31,7 +31,9 @@ use crate::marker::MarkerSource;
 use crate::store::{Journaled, ReadFence, Store, VolumeOp};
 use crate::virtio_blk::{self, ConfigSpace, Limits, Parsed, Request, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
-mod ring;
+// Public for the fuzz targets (fuzz/), not an API.
+#[doc(hidden)]
+pub mod ring;
 use ring::RingFault;
 
 /// Data descriptors per request: Linux's default for a 256-entry queue, less header and status.
