@@ -31,7 +31,8 @@ pub use crate::Seq;
 /// than filling fresh ones.
 const MAX_SPARE_SEGMENTS: usize = 4;
 const SPARE_PREFIX: &str = "spare-";
-/// The highest first sequence number a segment header may name (see `read_segment_header`).
+/// The highest first sequence number the oldest segment's header may name (see
+/// `read_segment_header`).
 const MAX_FIRST_SEQ: Seq = 1 << 62;
 /// A spare being zero-filled; left behind only by a crash, and removed at open.
 const PREPARING_PREFIX: &str = "preparing-";
@@ -245,9 +246,10 @@ fn read_segment_header(
     if header.index != index {
         return Ok(Err(format!("segment header names segment {:x} (a reused segment not restarted)", header.index)));
     }
-    // Far below where numbering could ever reach, and far enough above any segment's worth of
-    // records that counting on from here cannot overflow.
-    if header.first_seq == 0 || header.first_seq > MAX_FIRST_SEQ {
+    // The oldest segment's number: far below where numbering could ever reach, and far enough
+    // above any journal's worth of records that counting on from here cannot overflow. Later
+    // segments continue that count (checked below), wherever it has got to.
+    if header.first_seq == 0 || (expected.is_none() && header.first_seq > MAX_FIRST_SEQ) {
         return Ok(Err(format!("segment starts at an impossible sequence number {}", header.first_seq)));
     }
     if let Some(expected) = expected {

@@ -79,6 +79,30 @@ fn a_batch_is_one_append_and_freed_segments_are_reused() {
     assert_eq!((journal.first_seq(), journal.next_seq(), repair), (first, next, None));
 }
 
+/// Found by fuzzing (fuzz/fuzz_targets/journal_open.rs): a journal whose oldest segment starts
+/// at the highest number allowed opened, but its next segment, numbered on from there, was
+/// then refused as starting at an impossible number, and the journal no longer opened.
+#[test]
+fn segments_numbered_on_from_the_highest_first_number_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = Journal::create(dir.path(), [3; 16], 4096, MAX_FIRST_SEQ).unwrap();
+    let payload = vec![7u8; 3000];
+    let pieces: [&[u8]; 1] = [&payload];
+    for _ in 0..3 {
+        journal.append(&[NewRecord { kind: RecordKind::Write, offset: 0, length: 3000, payload: &pieces }]).unwrap();
+    }
+    assert_eq!(journal.segments().len(), 3);
+    drop(journal);
+    let (journal, repair) = Journal::open(dir.path(), [3; 16], 4096, 0, Payloads::All, |_| Ok(())).unwrap();
+    assert_eq!((journal.first_seq(), journal.next_seq(), repair), (MAX_FIRST_SEQ, MAX_FIRST_SEQ + 3, None));
+
+    // The oldest segment alone is held to the limit.
+    let dir = tempfile::tempdir().unwrap();
+    drop(Journal::create(dir.path(), [3; 16], 4096, MAX_FIRST_SEQ + 1).unwrap());
+    let refused = Journal::open(dir.path(), [3; 16], 4096, 1, Payloads::All, |_| Ok(()));
+    assert!(matches!(refused, Err(Error::JournalCorrupt { .. })));
+}
+
 #[test]
 fn a_segment_of_another_store_is_refused() {
     let dir = tempfile::tempdir().unwrap();
