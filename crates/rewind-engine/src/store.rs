@@ -782,6 +782,9 @@ impl Store {
             let seq = writer.journal.append(&[record])?;
             (seq, writer.journal.view())
         };
+        // The snapshot area makes the snapshot durable: the records it is compacted from must be
+        // durable first, or a crash could leave a snapshot past the journal's end.
+        self.sync()?;
         let info = maintenance.snapshots.insert(&view, seq, SnapshotOrigin::Requested)?;
         self.refresh_recoverability(&maintenance);
         Ok(info)
