@@ -426,7 +426,6 @@ impl Store {
                 reason: format!("image is {image_len} bytes but the store was made for {}", meta.volume_size),
             });
         }
-        let snapshots = SnapshotStore::open(&dir.join(SNAPSHOT_DIR), meta.volume_size)?;
         let mut markers = MarkerIndex::load_archive(&dir)?;
         let mut report = OpenReport::default();
         let (mut journal, tail_repair) = Journal::open(
@@ -471,6 +470,7 @@ impl Store {
             },
         )?;
         let head = journal.next_seq() - 1;
+        let snapshots = SnapshotStore::open(&dir.join(SNAPSHOT_DIR), meta.volume_size, head)?;
         let this_boot = boot_id();
         // Volume writes are ordered with the journal's only at checkpoints. If journal records
         // were lost, or the machine went down with the store open, the volume may hold writes
