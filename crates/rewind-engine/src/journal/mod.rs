@@ -194,6 +194,19 @@ fn later_valid_record(file: &File, path: &Path, from: u64, min_seq: Seq) -> Resu
     Ok(None)
 }
 
+/// Cuts the active segment's `file` back to `keep` bytes (its capacity, or the end of its
+/// records if they go further) when it is longer. An append that fills a segment leaves no
+/// zeroed header after its last record, so whatever lies past the capacity (the tail of a reused
+/// segment's oversized record, a torn write that grew the file) would be scanned as if it
+/// followed that record: a torn tail at the next open, or a stale record taken for a new one.
+fn cut_past(file: &File, path: &Path, keep: u64) -> Result<()> {
+    let len = file.metadata().context(|| format!("reading size of {}", path.display()))?.len();
+    if len > keep {
+        file.set_len(keep).context(|| format!("cutting {} to {keep} bytes", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The segment indexes in `dir`, oldest first. Only names exactly as [`Segment::file_name`]
 /// makes them count: anything else (`0.seg`, upper case, a sign) is left alone with a warning,
 /// so a stray file can never stand for a segment twice. Spares a crash left half-made are
@@ -410,6 +423,8 @@ impl Journal {
             journal.start_segment(1)?;
             journal.sync_started_segment()?;
         }
+        let active = journal.active();
+        cut_past(&active.file, &active.path, active.end.max(segment_capacity))?;
         journal.prefetch_active();
         Ok((journal, repair))
     }
@@ -618,7 +633,9 @@ impl Journal {
             .truncate(false)
             .open(&path)
             .context(|| format!("creating {}", path.display()))?;
-        if !reused {
+        if reused {
+            cut_past(&file, &path, self.segment_capacity)?;
+        } else {
             // Appends into reserved blocks cost a fraction of appends that allocate as they go.
             fsutil::preallocate(&file, self.segment_capacity);
         }
