@@ -1,8 +1,8 @@
 //! `Journal::open` over 1 to 4 fuzzed segment files (valid names mostly, headers and records
 //! valid enough to get deep). Open must return, never panic. When it succeeds, the journal it
 //! returns must be consistent (segments numbered without gaps, every record it visited still
-//! there), open again cleanly (a repair leaves nothing to repair), and take an append that a
-//! further open finds.
+//! there), and, when it read every payload, open again cleanly (a repair leaves nothing to
+//! repair) and take an append that a further open finds.
 
 #![no_main]
 
@@ -88,6 +88,15 @@ fuzz_target!(|input: Input| {
         assert_eq!(again, (first..next).collect::<Vec<_>>());
     }
     drop(journal);
+
+    // Open reads the payloads of checkpointed records in sealed segments only when asked; a
+    // segment that becomes the last one when a torn tail past it is cut is read in full only by
+    // the next open, which may find damage the first one did not look for (and cut it, or
+    // refuse). Reopening is held to the checks below when the first open read every payload.
+    if payloads != Payloads::All {
+        let _ = open(capacity, durable_through, payloads);
+        return;
+    }
 
     // Opening again finds nothing left to repair.
     let (mut journal, repair, _) = open(capacity, durable_through, payloads).expect("a repaired journal reopens");
