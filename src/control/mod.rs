@@ -23,3 +23,10 @@ pub use device::DeviceStatus;
 pub use errors::{ErrorClass, QmpError};
 pub use protocol::{AgentCommand, Channel, Command, HostCommand};
 pub use server::{bind_private, wake_accept, ControlServer};
+/// What the fuzz targets (`fuzz/`) drive directly: the message framing and the split of a
+/// message into a command name and arguments. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::reader::{MessageReader, ReadError, MAX_MESSAGE};
+    pub use super::server::split_request;
+}

@@ -11,7 +11,7 @@ use std::io::Read;
 use serde_json::Value;
 
 /// Larger messages get an error and are discarded.
-pub(super) const MAX_MESSAGE: usize = 1 << 20;
+pub const MAX_MESSAGE: usize = 1 << 20;
 /// Deeper nesting gets an error: no command needs more than a few levels.
 const MAX_DEPTH: usize = 32;
 /// More values (counted by the brackets, commas and colons that introduce them) get an error:
@@ -19,7 +19,7 @@ const MAX_DEPTH: usize = 32;
 const MAX_VALUES: usize = 4096;
 
 #[derive(Debug, PartialEq)]
-pub(super) enum ReadError {
+pub enum ReadError {
     /// The client went away or the connection broke.
     Closed,
     /// Not JSON, or over a limit: the description to send back.
@@ -37,7 +37,7 @@ struct Scan {
     escaped: bool,
 }
 
-pub(super) struct MessageReader<S> {
+pub struct MessageReader<S> {
     stream: S,
     buf: Vec<u8>,
     scan: Scan,
@@ -54,12 +54,12 @@ enum Framed {
 }
 
 impl<S: Read> MessageReader<S> {
-    pub(super) fn new(stream: S) -> Self {
+    pub fn new(stream: S) -> Self {
         Self { stream, buf: Vec::new(), scan: Scan::default(), skipping: false }
     }
 
     /// The next message; `None` once the client has closed the connection.
-    pub(super) fn next_message(&mut self) -> Result<Option<Value>, ReadError> {
+    pub fn next_message(&mut self) -> Result<Option<Value>, ReadError> {
         loop {
             if self.skipping {
                 match self.buf.iter().position(|&b| b == b'\n') {

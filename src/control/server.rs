@@ -106,7 +106,7 @@ fn error_response(error: QmpError) -> Response {
 }
 
 /// A QMP input's `execute` and `arguments` (none given: an empty map), its framing checked.
-fn split_request(message: &Value) -> Result<(&str, Map<String, Value>), QmpError> {
+pub fn split_request(message: &Value) -> Result<(&str, Map<String, Value>), QmpError> {
     let Some(object) = message.as_object() else {
         return Err(QmpError::generic("QMP input must be a JSON object"));
     };

@@ -37,7 +37,9 @@ mod completion;
 mod counters;
 mod guest_memory;
 mod pipeline;
-mod ring;
+// Public for the fuzz targets (fuzz/), not an API.
+#[doc(hidden)]
+pub mod ring;
 
 pub use counters::Counters;
 use pipeline::{BlkQueue, Device};

@@ -161,13 +161,30 @@ impl MarkerIndex {
         fsutil::write_atomically(&store_dir.join(ARCHIVE_FILE), &text)
     }
 
+    /// Adds `marker`, replacing any marker of the same name or at the same sequence number.
+    /// The same marker read twice (from the archive and from the journal) is simply kept; two
+    /// markers sharing a name or a record only come from a damaged store, and the last one read
+    /// wins, so that the index never lists a marker twice nor keeps one it cannot list.
     pub fn insert(&mut self, marker: Marker) {
         self.highest_id = self.highest_id.max(marker.id);
-        self.by_seq.insert(marker.seq, marker.name.clone());
-        if let Some(replaced) = self.by_name.insert(marker.name.clone(), marker.clone()) {
-            self.guest_markers -= usize::from(replaced.source == MarkerSource::Guest);
+        if let Some(displaced) = self.by_seq.insert(marker.seq, marker.name.clone()) {
+            if displaced != marker.name {
+                self.remove_name(&displaced);
+            }
+        }
+        if let Some(replaced) = self.remove_name(&marker.name) {
+            if replaced.seq != marker.seq {
+                self.by_seq.remove(&replaced.seq);
+            }
         }
         self.guest_markers += usize::from(marker.source == MarkerSource::Guest);
+        self.by_name.insert(marker.name.clone(), marker);
+    }
+
+    fn remove_name(&mut self, name: &str) -> Option<Marker> {
+        let removed = self.by_name.remove(name)?;
+        self.guest_markers -= usize::from(removed.source == MarkerSource::Guest);
+        Some(removed)
     }
 
     /// How many of the markers came from the guest.
@@ -234,6 +251,39 @@ mod tests {
         assert!(validate_name(b"").is_err());
         assert!(validate_name(&[0xff, 0xfe]).is_err());
         assert!(validate_name(b"line\nbreak").is_err());
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/marker_decode.rs): an archive naming a marker twice
+    /// at two points listed it twice, and saved it twice, at the later point only.
+    #[test]
+    fn markers_sharing_a_name_or_a_point_are_listed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = |id: u64, name: &str, seq: u64, source| Marker {
+            id,
+            name: name.into(),
+            seq,
+            time_ns: seq,
+            source,
+            note: None,
+        };
+        let stored = vec![
+            marker(1, "a", 5, MarkerSource::Guest),
+            marker(2, "a", 7, MarkerSource::Host),
+            marker(3, "b", 9, MarkerSource::Guest),
+            marker(4, "c", 9, MarkerSource::Guest),
+            marker(5, "c", 9, MarkerSource::Guest),
+        ];
+        std::fs::write(dir.path().join(ARCHIVE_FILE), serde_json::to_vec(&stored).unwrap()).unwrap();
+        let index = MarkerIndex::load_archive(dir.path()).unwrap();
+        let listed: Vec<Marker> = index.iter().cloned().collect();
+        assert_eq!(listed, [stored[1].clone(), stored[4].clone()]);
+        assert_eq!(index.get("a"), Some(&stored[1]));
+        assert!(!index.contains("b"));
+        assert_eq!(index.guest_markers(), 1);
+        assert_eq!(index.next_id(), 6);
+        index.save_archive(dir.path(), 100).unwrap();
+        let reloaded: Vec<Marker> = MarkerIndex::load_archive(dir.path()).unwrap().iter().cloned().collect();
+        assert_eq!(reloaded, listed);
     }
 
     #[test]

@@ -147,7 +147,9 @@ impl SnapshotStore {
         self.volume_size
     }
 
-    pub fn open(dir: &Path, volume_size: u64) -> Result<Self> {
+    /// Opens the snapshot area of a store whose journal ends at `head`. Delta files the
+    /// manifest does not name are removed, once the manifest has passed its checks.
+    pub fn open(dir: &Path, volume_size: u64, head: Seq) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = fs::read(&path).context(|| format!("reading {}", path.display()))?;
         let manifest: Manifest = serde_json::from_slice(&text)
@@ -166,6 +168,14 @@ impl SnapshotStore {
                 });
             }
             previous = delta.seq;
+        }
+        // Every snapshot is compacted from journal records: a chain reaching past the journal's
+        // last record is damaged, and nothing built on it could be trusted.
+        if previous > head {
+            return Err(Error::BadMetadata {
+                path,
+                reason: format!("the snapshot chain reaches seq {previous}, past the journal's last record {head}"),
+            });
         }
         let store = Self { dir: dir.to_path_buf(), volume_size, manifest };
         store.remove_unlisted_files()?;

@@ -438,7 +438,6 @@ impl Store {
                 reason: format!("image is {image_len} bytes but the store was made for {}", meta.volume_size),
             });
         }
-        let snapshots = SnapshotStore::open(&dir.join(SNAPSHOT_DIR), meta.volume_size)?;
         let mut markers = MarkerIndex::load_archive(&dir)?;
         let mut report = OpenReport::default();
         let (mut journal, tail_repair) = Journal::open(
@@ -483,6 +482,7 @@ impl Store {
             },
         )?;
         let head = journal.next_seq() - 1;
+        let snapshots = SnapshotStore::open(&dir.join(SNAPSHOT_DIR), meta.volume_size, head)?;
         let this_boot = boot_id();
         // Volume writes are ordered with the journal's only at checkpoints. If journal records
         // were lost, or the machine went down with the store open, the volume may hold writes
@@ -823,6 +823,9 @@ impl Store {
             let seq = writer.journal.append(&[record])?;
             (seq, writer.journal.view())
         };
+        // The snapshot area makes the snapshot durable: the records it is compacted from must be
+        // durable first, or a crash could leave a snapshot past the journal's end.
+        self.sync()?;
         let info = maintenance.snapshots.insert(&view, seq, SnapshotOrigin::Requested)?;
         self.refresh_recoverability(&maintenance);
         Ok(info)

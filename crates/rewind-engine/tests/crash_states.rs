@@ -257,3 +257,41 @@ fn a_snapshot_manifest_with_impossible_numbers_is_refused_or_summed_without_over
     fs::write(&manifest_path, serde_json::to_vec(&reordered).unwrap()).unwrap();
     assert!(matches!(Store::open(&fixture.image, None), Err(Error::BadMetadata { .. })));
 }
+
+/// Found by fuzzing (fuzz/fuzz_targets/store_open.rs): a manifest naming a snapshot past the
+/// journal's head made the volume rebuild at open count past u64::MAX (a panic in debug builds,
+/// a replay of the whole journal over the wrong snapshot in release builds).
+#[test]
+fn a_snapshot_chain_past_the_journal_head_is_refused() {
+    let fixture = Fixture::new(2);
+    let (store, _) = Store::open(&fixture.image, None).unwrap();
+    store.take_snapshot().unwrap();
+    store.close().unwrap();
+    let store_dir = rewind_engine::store::default_store_dir(&fixture.image);
+    let manifest_path = store_dir.join("snapshots/manifest.json");
+    let original: serde_json::Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    let head = original["deltas"][0]["seq"].as_u64().unwrap();
+    // The machine went down with the store open: open rebuilds the volume from the chain.
+    let meta_path = store_dir.join("meta.json");
+    let mut meta: serde_json::Value = serde_json::from_slice(&fs::read(&meta_path).unwrap()).unwrap();
+    meta["open-in-boot"] = "another boot".into();
+    fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    for (field, seq) in [("deltas", head + 1), ("deltas", u64::MAX), ("base", u64::MAX)] {
+        let mut forged = original.clone();
+        if field == "base" {
+            forged["base"]["seq"] = seq.into();
+            forged["deltas"] = serde_json::json!([]);
+        } else {
+            forged["deltas"][0]["seq"] = seq.into();
+        }
+        fs::write(&manifest_path, serde_json::to_vec(&forged).unwrap()).unwrap();
+        let opened = Store::open(&fixture.image, None);
+        assert!(matches!(opened, Err(Error::BadMetadata { .. })), "{field} at {seq}: {:?}", opened.err());
+    }
+    fs::write(&manifest_path, serde_json::to_vec(&original).unwrap()).unwrap();
+    let (store, report) = Store::open(&fixture.image, None).unwrap();
+    assert!(report.volume_rebuilt.is_some());
+    let mut volume = vec![0u8; VOLUME as usize];
+    store.read(0, &mut volume).unwrap();
+    assert!(volume == *fixture.states.last().unwrap());
+}

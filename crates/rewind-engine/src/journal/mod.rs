@@ -31,7 +31,8 @@ pub use crate::Seq;
 /// than filling fresh ones.
 const MAX_SPARE_SEGMENTS: usize = 4;
 const SPARE_PREFIX: &str = "spare-";
-/// The highest first sequence number a segment header may name (see `read_segment_header`).
+/// The highest first sequence number the oldest segment's header may name (see
+/// `read_segment_header`).
 const MAX_FIRST_SEQ: Seq = 1 << 62;
 /// A spare being zero-filled; left behind only by a crash, and removed at open.
 const PREPARING_PREFIX: &str = "preparing-";
@@ -193,6 +194,19 @@ fn later_valid_record(file: &File, path: &Path, from: u64, min_seq: Seq) -> Resu
     Ok(None)
 }
 
+/// Cuts the active segment's `file` back to `keep` bytes (its capacity, or the end of its
+/// records if they go further) when it is longer. An append that fills a segment leaves no
+/// zeroed header after its last record, so whatever lies past the capacity (the tail of a reused
+/// segment's oversized record, a torn write that grew the file) would be scanned as if it
+/// followed that record: a torn tail at the next open, or a stale record taken for a new one.
+fn cut_past(file: &File, path: &Path, keep: u64) -> Result<()> {
+    let len = file.metadata().context(|| format!("reading size of {}", path.display()))?.len();
+    if len > keep {
+        file.set_len(keep).context(|| format!("cutting {} to {keep} bytes", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The segment indexes in `dir`, oldest first. Only names exactly as [`Segment::file_name`]
 /// makes them count: anything else (`0.seg`, upper case, a sign) is left alone with a warning,
 /// so a stray file can never stand for a segment twice. Spares a crash left half-made are
@@ -245,9 +259,10 @@ fn read_segment_header(
     if header.index != index {
         return Ok(Err(format!("segment header names segment {:x} (a reused segment not restarted)", header.index)));
     }
-    // Far below where numbering could ever reach, and far enough above any segment's worth of
-    // records that counting on from here cannot overflow.
-    if header.first_seq == 0 || header.first_seq > MAX_FIRST_SEQ {
+    // The oldest segment's number: far below where numbering could ever reach, and far enough
+    // above any journal's worth of records that counting on from here cannot overflow. Later
+    // segments continue that count (checked below), wherever it has got to.
+    if header.first_seq == 0 || (expected.is_none() && header.first_seq > MAX_FIRST_SEQ) {
         return Ok(Err(format!("segment starts at an impossible sequence number {}", header.first_seq)));
     }
     if let Some(expected) = expected {
@@ -408,6 +423,8 @@ impl Journal {
             journal.start_segment(1)?;
             journal.sync_started_segment()?;
         }
+        let active = journal.active();
+        cut_past(&active.file, &active.path, active.end.max(segment_capacity))?;
         journal.prefetch_active();
         Ok((journal, repair))
     }
@@ -616,7 +633,9 @@ impl Journal {
             .truncate(false)
             .open(&path)
             .context(|| format!("creating {}", path.display()))?;
-        if !reused {
+        if reused {
+            cut_past(&file, &path, self.segment_capacity)?;
+        } else {
             // Appends into reserved blocks cost a fraction of appends that allocate as they go.
             fsutil::preallocate(&file, self.segment_capacity);
         }

@@ -79,6 +79,74 @@ fn a_batch_is_one_append_and_freed_segments_are_reused() {
     assert_eq!((journal.first_seq(), journal.next_seq(), repair), (first, next, None));
 }
 
+/// Found by fuzzing (fuzz/fuzz_targets/journal_open.rs): a journal whose oldest segment starts
+/// at the highest number allowed opened, but its next segment, numbered on from there, was
+/// then refused as starting at an impossible number, and the journal no longer opened.
+#[test]
+fn segments_numbered_on_from_the_highest_first_number_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = Journal::create(dir.path(), [3; 16], 4096, MAX_FIRST_SEQ).unwrap();
+    let payload = vec![7u8; 3000];
+    let pieces: [&[u8]; 1] = [&payload];
+    for _ in 0..3 {
+        journal.append(&[NewRecord { kind: RecordKind::Write, offset: 0, length: 3000, payload: &pieces }]).unwrap();
+    }
+    assert_eq!(journal.segments().len(), 3);
+    drop(journal);
+    let (journal, repair) = Journal::open(dir.path(), [3; 16], 4096, 0, Payloads::All, |_| Ok(())).unwrap();
+    assert_eq!((journal.first_seq(), journal.next_seq(), repair), (MAX_FIRST_SEQ, MAX_FIRST_SEQ + 3, None));
+
+    // The oldest segment alone is held to the limit.
+    let dir = tempfile::tempdir().unwrap();
+    drop(Journal::create(dir.path(), [3; 16], 4096, MAX_FIRST_SEQ + 1).unwrap());
+    let refused = Journal::open(dir.path(), [3; 16], 4096, 1, Payloads::All, |_| Ok(()));
+    assert!(matches!(refused, Err(Error::JournalCorrupt { .. })));
+}
+
+/// Found by fuzzing (fuzz/fuzz_targets/journal_open.rs): bytes past a segment's capacity and
+/// past its last record (here a torn write's, or a reused segment's oversized record's) were
+/// left in place, and an append that then filled the segment, with no room for the zeroed
+/// header that ends the records, made the next open find them after its record: a torn tail.
+#[test]
+fn bytes_past_the_capacity_never_follow_a_full_segment_s_last_record() {
+    let append_to_capacity = |journal: &mut Journal| {
+        let payload = vec![5u8; (4096 - journal.active().end - HEADER_LEN as u64) as usize];
+        let pieces: [&[u8]; 1] = [&payload];
+        let record = NewRecord { kind: RecordKind::Write, offset: 0, length: payload.len() as u64, payload: &pieces };
+        journal.append(&[record]).unwrap();
+        assert_eq!(journal.active().end, 4096);
+        journal.next_seq()
+    };
+    let reopen = |dir: &Path| Journal::open(dir, [4; 16], 4096, 0, Payloads::All, |_| Ok(())).unwrap();
+
+    // The active segment: junk past its capacity, after zeroes that end its records.
+    let dir = tempfile::tempdir().unwrap();
+    drop(Journal::create(dir.path(), [4; 16], 4096, 1).unwrap());
+    let path = dir.path().join(Segment::file_name(0));
+    let mut bytes = fs::read(&path).unwrap();
+    bytes.resize(4096, 0);
+    bytes.extend_from_slice(&[0xff; 67]);
+    fs::write(&path, &bytes).unwrap();
+    let (mut journal, repair) = reopen(dir.path());
+    assert_eq!(repair, None);
+    let next = append_to_capacity(&mut journal);
+    drop(journal);
+    let (journal, repair) = reopen(dir.path());
+    assert_eq!((journal.next_seq(), repair), (next, None));
+
+    // A spare longer than the capacity, reused for the next segment.
+    fs::write(dir.path().join(format!("{SPARE_PREFIX}0000000000000009.seg")), vec![0xee; 6000]).unwrap();
+    let mut journal = journal;
+    let payload = [1u8; 100];
+    let pieces: [&[u8]; 1] = [&payload];
+    journal.append(&[NewRecord { kind: RecordKind::Write, offset: 0, length: 100, payload: &pieces }]).unwrap();
+    assert_eq!(journal.active().index, 1, "rolled over into the spare");
+    let next = append_to_capacity(&mut journal);
+    drop(journal);
+    let (journal, repair) = reopen(dir.path());
+    assert_eq!((journal.next_seq(), repair), (next, None));
+}
+
 #[test]
 fn a_segment_of_another_store_is_refused() {
     let dir = tempfile::tempdir().unwrap();
