@@ -9,7 +9,6 @@ use std::io::Read;
 
 use libfuzzer_sys::fuzz_target;
 use rewind::control::fuzzing::{split_request, MessageReader, ReadError};
-use rewind::control::{Channel, Command, CommandError, HostCommand};
 use serde_json::Value;
 
 /// Hands out its bytes in reads of the given sizes (cycled), then end of stream.
@@ -43,27 +42,6 @@ fn messages(bytes: &[u8], sizes: Vec<usize>) -> Vec<Result<Value, ReadError>> {
     }
 }
 
-/// Parses a command as both channels would, and checks what the two make of it.
-fn check_command(name: &str, arguments: serde_json::Map<String, Value>) {
-    let host = Command::parse(name, arguments.clone(), Channel::Host);
-    let agent = Command::parse(name, arguments, Channel::Agent);
-    match (&host, &agent) {
-        (Ok(Command::Agent(_)), _) => assert_eq!(host, agent, "an agent command parsed differently per channel"),
-        (Ok(Command::Host(_)), _) => {
-            assert_eq!(agent, Err(CommandError::NotOnChannel(name.to_string())), "a host command on the agent channel")
-        }
-        (Err(_), Ok(_)) => panic!("the agent channel accepted what the host refused: {agent:?}"),
-        (Err(_), Err(_)) => {}
-    }
-    let Ok(command) = host else { return };
-    let message = command.to_message().expect("a command writes as QMP input");
-    let (name2, arguments2) = split_request(&message).expect("written QMP input splits");
-    assert_eq!(Command::parse(name2, arguments2, Channel::Host).as_ref(), Ok(&command), "{message}");
-    if let Command::Host(HostCommand::Recover(args)) = &command {
-        let _ = args.target();
-    }
-}
-
 // The input: a count n (mod 17), n read sizes (a byte each, 0 read as 1), then the stream.
 fuzz_target!(|data: &[u8]| {
     let Some((&count, rest)) = data.split_first() else { return };
@@ -75,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(cut, whole, "messages depend on how the stream was read");
     for message in whole.into_iter().flatten() {
         if let Ok((name, arguments)) = split_request(&message) {
-            check_command(name, arguments);
+            rewind_fuzz::check_command(name, arguments);
         }
     }
 });

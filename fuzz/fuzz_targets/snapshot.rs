@@ -162,7 +162,7 @@ fn materialize(store: &SnapshotStore, seq: u64, volume_size: u64, out: &Path) ->
     let _ = fs::remove_file(out);
     let file = OpenOptions::new().read(true).write(true).create_new(true).open(out).expect("output");
     file.set_len(volume_size).expect("sizing the output");
-    let result = store.materialize(seq, &file, &mut |_, _| {});
+    let result = store.materialize(seq, &file, &mut |_, _| {}, &std::sync::atomic::AtomicBool::new(false));
     let len = file.metadata().expect("output size").len();
     assert_eq!(len, volume_size, "materialize changed the output's size");
     result.ok()?;

@@ -1,15 +1,18 @@
-//! What several fuzz targets share: scratch directories in memory, and journal segment files
+//! What several fuzz targets share: scratch directories in memory, journal segment files
 //! built from fuzzer input, valid enough (magic, checksums, numbering) for the scanner to get
-//! deep, with every field open to damage.
+//! deep, with every field open to damage, and the checks on a parsed control command.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use arbitrary::Arbitrary;
+use rewind::control::fuzzing::split_request;
+use rewind::control::{Channel, Command, CommandError, HostCommand, QmpError};
 use rewind_engine::journal::record::{padded_len, RECORD_MAGIC};
 use rewind_engine::journal::segment::{Segment, SEGMENT_MAGIC};
 use rewind_engine::marker::{encode_payload, MarkerSource};
 use rewind_engine::FORMAT_VERSION;
+use serde_json::Value;
 
 /// A directory of this process's own, in memory where possible: `/dev/shm/rewind-fuzz-NAME-PID`.
 /// Created empty on first use. `scripts/fuzz` removes these after a run.
@@ -283,4 +286,28 @@ pub fn write_segments(dir: &Path, specs: &[SegmentSpec], max: usize) -> Vec<Stri
         names.push(name);
     }
     names
+}
+
+/// Parses a command as both channels would, and checks what the two make of it.
+pub fn check_command(name: &str, arguments: serde_json::Map<String, Value>) {
+    let host = Command::parse(name, arguments.clone(), Channel::Host);
+    let agent = Command::parse(name, arguments, Channel::Agent);
+    match (&host, &agent) {
+        (Ok(Command::Agent(_)), _) => assert_eq!(host, agent, "an agent command parsed differently per channel"),
+        (Ok(Command::Host(_)), _) => {
+            assert_eq!(agent, Err(CommandError::NotOnChannel(name.to_string())), "a host command on the agent channel")
+        }
+        (Err(_), Ok(_)) => panic!("the agent channel accepted what the host refused: {agent:?}"),
+        (Err(_), Err(_)) => {}
+    }
+    if let Err(e) = &host {
+        let _ = QmpError::from(e.clone());
+    }
+    let Ok(command) = host else { return };
+    let message = command.to_message().expect("a command writes as QMP input");
+    let (name2, arguments2) = split_request(&message).expect("written QMP input splits");
+    assert_eq!(Command::parse(name2, arguments2, Channel::Host).as_ref(), Ok(&command), "{message}");
+    if let Command::Host(HostCommand::Recover(args)) = &command {
+        let _ = args.target();
+    }
 }
