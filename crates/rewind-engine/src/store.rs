@@ -6,6 +6,11 @@
 //! (group commit of `sync`). The write path takes only `writer` and, to sync, `durable`.
 //! Volume applies run outside every lock, ordered by [`applying`]: a batch waits only for
 //! earlier batches that overlap it, so the volume still ends up written in sequence order.
+//!
+//! Why one long file: every public operation here takes the locks above in that order, and
+//! keeping them side by side is what lets a reader check the order. The pieces that need no
+//! lock of the store's live apart (`applying`, `recovery`, `retention`, `snapshot`); splitting
+//! the open path and the maintenance operations into their own files is the next step.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};

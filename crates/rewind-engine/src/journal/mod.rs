@@ -5,6 +5,11 @@
 //! list of segments and their ends at one instant — and walk records without holding the
 //! writer's lock. On open the journal is scanned: a torn tail past the last durable point is cut
 //! back and logged, damage anywhere else stops the open with the segment and offset.
+//!
+//! Why one long file: the append path, the open scan and the spare preparation share the
+//! segment naming and the rule for where a segment's records end, and were changed together
+//! this far. Records and segment headers live in `record` and `segment`; the writer / reader /
+//! recovery split (as in fjall's lsm-tree) is the next step.
 
 pub mod record;
 pub mod segment;
