@@ -261,6 +261,8 @@ pub struct Store {
     /// not write and will not report that again, so a later sync that succeeds proves nothing:
     /// writes and flushes fail from then on, and so do reads when it was the volume's sync.
     sync_failure: Mutex<Option<SyncFailure>>,
+    /// Whether `sync_failure` is set: what the write and read paths look at.
+    sync_failed: std::sync::atomic::AtomicBool,
     recoverability: Mutex<Recoverability>,
     _spares: SparePreparer,
     _uncache: CacheDropper,
@@ -535,6 +537,7 @@ impl Store {
             applying: Arc::default(),
             durable: Mutex::new(0),
             sync_failure: Mutex::new(None),
+            sync_failed: AtomicBool::new(false),
             _spares: spares,
             _uncache: uncache,
         };
@@ -736,11 +739,15 @@ impl Store {
         let mut failure = lock_poisoned(self.sync_failure.lock());
         let failure = failure.get_or_insert(SyncFailure { what, volume: false });
         failure.volume |= volume;
+        self.sync_failed.store(true, std::sync::atomic::Ordering::Release);
         Error::NotDurable(failure.what.clone())
     }
 
     /// Fails once a sync has failed: always for writes, for reads when it was the volume's.
     fn check_durable(&self, reading: bool) -> Result<()> {
+        if !self.sync_failed.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         match &*lock_poisoned(self.sync_failure.lock()) {
             Some(failure) if !reading || failure.volume => Err(Error::NotDurable(failure.what.clone())),
             _ => Ok(()),
