@@ -168,6 +168,12 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     }
     let served_by =
         ServedBy { pid: std::process::id(), socket: config.socket.clone(), control: config.control.clone() };
+    // Before the socket appears, which tells whoever waits for it that the daemon is ready. Only
+    // offline commands use the record (to name the control socket): a full disk does not stop
+    // the daemon here.
+    if let Err(e) = served_by.write(store.store_dir()) {
+        log::warn!("{e:#}");
+    }
     // Signals are caught before the socket appears: whoever waits for it may signal at once.
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .context("installing signal handlers")?;
@@ -176,7 +182,6 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         .with_context(|| format!("listening on {}", config.socket.display()))?;
     // The signal thread's own handle on the listening socket, to wake a waiting accept.
     let waker = listener.try_clone().context("sharing the listening socket")?;
-    served_by.write(store.store_dir())?;
 
     let stopping = Arc::new(AtomicBool::new(false));
     let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
