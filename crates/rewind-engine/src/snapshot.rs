@@ -238,17 +238,18 @@ impl SnapshotStore {
         let previous = self.newest_at_or_before(seq).expect("the base is at or before seq");
         let position = self.manifest.deltas.iter().position(|d| d.seq > seq);
         let info = self.write_delta(view, previous, seq, origin)?;
-        match position {
-            None => self.manifest.deltas.push(info.clone()),
-            Some(index) => {
-                // The delta previous→next is replaced by previous→seq and seq→next.
-                let next = self.manifest.deltas[index].clone();
-                let rest = self.write_delta(view, seq, next.seq, next.origin)?;
-                self.manifest.deltas[index] = SnapshotInfo { created_ns: next.created_ns, ..rest };
-                self.manifest.deltas.insert(index, info.clone());
-            }
-        }
+        let index = position.unwrap_or(self.manifest.deltas.len());
+        self.manifest.deltas.insert(index, info.clone());
         self.save_manifest()?;
+        if let Some(next) = self.manifest.deltas.get(index + 1).cloned() {
+            // The delta previous→next still gives the right bytes applied after the new one
+            // (it holds every block written since previous); it is only larger than it need be.
+            // So it is replaced by seq→next only now that the manifest lists the new snapshot:
+            // replaced before, a crash would leave a chain missing the records in between.
+            let rest = self.write_delta(view, seq, next.seq, next.origin)?;
+            self.manifest.deltas[index + 1] = SnapshotInfo { created_ns: next.created_ns, ..rest };
+            self.save_manifest()?;
+        }
         Ok(info)
     }
 
@@ -427,6 +428,12 @@ impl SnapshotStore {
         }
         if field(24) != seq {
             return Err(corrupt("delta is for another sequence number"));
+        }
+        // A delta may start before the snapshot it follows (it then repeats some blocks), never
+        // after it: the records in between would be missing from the chain.
+        let follows = self.list().iter().rev().map(|s| s.seq).find(|&s| s < seq);
+        if follows.is_some_and(|follows| field(16) > follows) {
+            return Err(corrupt("delta starts after the snapshot before it in the chain"));
         }
         let count = field(32);
         let file_len = file.metadata().context(|| format!("reading size of {}", path.display()))?.len();
