@@ -8,6 +8,8 @@
 //!   REWIND_BENCH_ONLY=1MiB ...       # only workloads whose name contains this (for profiling);
 //!                                    # `marker` or `memory` for only that section
 //!   REWIND_BENCH_MEMORY_GIB="1 4 16" # journal sizes for the memory section (default "1 4")
+//!   REWIND_BENCH_BASELINE=PATH ...   # also alternate another rewind binary (an earlier build)
+//!                                    # with the two, for a before/after table
 //!
 //! The memory section serves a 1 TiB sparse image, writes 1 MiB pieces over its first GiB until
 //! the journal holds N GiB, adds 10 000 markers, and reads the daemon's resident memory; then
@@ -105,7 +107,13 @@ const WORKLOADS: [Workload; 6] = [
 #[derive(Clone, Copy, PartialEq)]
 enum Backend {
     Rewind,
+    /// The rewind binary REWIND_BENCH_BASELINE names.
+    Baseline,
     Qsd,
+}
+
+fn baseline_binary() -> Option<PathBuf> {
+    std::env::var_os("REWIND_BENCH_BASELINE").map(PathBuf::from)
 }
 
 #[derive(Default, Clone)]
@@ -152,8 +160,12 @@ fn start_on_store(backend: Backend, work: &Path, image: &Path, queues: usize) ->
     let socket = work.join("bench.sock");
     let _ = fs::remove_file(&socket);
     let mut child = match backend {
-        Backend::Rewind => {
-            Command::new(env!("CARGO_BIN_EXE_rewind"))
+        Backend::Rewind | Backend::Baseline => {
+            let binary = match backend {
+                Backend::Baseline => baseline_binary().expect("REWIND_BENCH_BASELINE is set"),
+                _ => PathBuf::from(env!("CARGO_BIN_EXE_rewind")),
+            };
+            Command::new(binary)
                 .arg("serve")
                 .arg(image)
                 .arg("--socket")
@@ -488,21 +500,40 @@ fn main() {
     );
     let mut json = Vec::new();
     let only = std::env::var("REWIND_BENCH_ONLY").ok();
+    let mut backends = vec![Backend::Rewind, Backend::Qsd];
+    if baseline_binary().is_some() {
+        backends.push(Backend::Baseline);
+    }
+    let mut before_after = String::from(
+        "\nBefore/after (REWIND_BENCH_BASELINE, alternated in the same runs):\n\n\
+         | workload | rewind IOPS | baseline IOPS | rewind/baseline | rewind/qsd | baseline/qsd |\n|---|---|---|---|---|---|\n",
+    );
     for w in WORKLOADS.into_iter().filter(|w| only.as_deref().is_none_or(|o| w.name.replace(' ', "").contains(o))) {
-        let mut ours = Vec::new();
-        let mut peer = Vec::new();
+        let (mut ours, mut peer, mut baseline) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
-            for backend in [Backend::Rewind, Backend::Qsd] {
+            for &backend in &backends {
                 prepare_image(&image);
                 let sample = run_once(backend, &work, &image, w, secs);
-                if backend == Backend::Rewind {
-                    ours.push(sample)
-                } else {
-                    peer.push(sample)
+                match backend {
+                    Backend::Rewind => ours.push(sample),
+                    Backend::Qsd => peer.push(sample),
+                    Backend::Baseline => baseline.push(sample),
                 }
             }
         }
         let (o, p) = (median_sample(&ours), median_sample(&peer));
+        if !baseline.is_empty() {
+            let b = median_sample(&baseline);
+            before_after.push_str(&format!(
+                "| {} | {:.0} | {:.0} | {:.2}× | {:.2}× | {:.2}× |\n",
+                w.name,
+                o.iops,
+                b.iops,
+                o.iops / b.iops,
+                o.iops / p.iops,
+                b.iops / p.iops
+            ));
+        }
         let ratio = o.iops / p.iops;
         let row = format!(
             "| {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {:.0}/{:.0} | {:.0}/{:.0} | {:.1} | {:.1} |\n",
@@ -524,6 +555,10 @@ fn main() {
         json.push(serde_json::json!({"workload": w.name, "ratio": ratio,
             "rewind": {"iops": o.iops, "mib_s": o.mib_s, "p50_us": o.p50_us, "p99_us": o.p99_us, "cpu_us_per_io": o.cpu_us_per_io},
             "qemu-storage-daemon": {"iops": p.iops, "mib_s": p.mib_s, "p50_us": p.p50_us, "p99_us": p.p99_us, "cpu_us_per_io": p.cpu_us_per_io}}));
+    }
+    if baseline_binary().is_some() {
+        print!("{before_after}");
+        md.push_str(&before_after);
     }
     let section = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
     if section("marker") {
