@@ -1,0 +1,249 @@
+//! Point-in-time views against a reference model and against recovery: after any mix of
+//! writes, zeroes, discards, snapshots and retention, a view of any recoverable point reads the
+//! model's bytes at that point (whole and in random pieces), equal to what recovery writes; and
+//! views held open while the store goes on (more writes, snapshots, retention that would free
+//! and merge what they read) still read their point's bytes, until they are dropped.
+
+use proptest::prelude::*;
+use rewind_engine::journal::Seq;
+use rewind_engine::recovery::RecoveryTarget;
+use rewind_engine::retention::RetentionPolicy;
+use rewind_engine::view::PointView;
+use rewind_engine::{CreateOptions, Error, Store};
+
+const SECTOR: u64 = 512;
+const VOLUME_SECTORS: u64 = 128;
+const VOLUME: u64 = VOLUME_SECTORS * SECTOR;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+    },
+    WriteZeroes {
+        sector: u64,
+        sectors: u64,
+    },
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
+    Snapshot,
+    Retention {
+        max_bytes: u64,
+    },
+    /// Open a view of a point chosen by `probe` and keep it to the end.
+    OpenView {
+        probe: u64,
+    },
+    /// Drop the oldest view kept so far.
+    CloseView,
+}
+
+fn range() -> impl Strategy<Value = (u64, u64)> {
+    (0..VOLUME_SECTORS).prop_flat_map(|sector| (Just(sector), 1..=(VOLUME_SECTORS - sector).min(16)))
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (range(), any::<u8>()).prop_map(|((sector, sectors), seed)| Op::Write { sector, sectors, seed }),
+        2 => range().prop_map(|(sector, sectors)| Op::WriteZeroes { sector, sectors }),
+        2 => range().prop_map(|(sector, sectors)| Op::Discard { sector, sectors }),
+        2 => Just(Op::Snapshot),
+        3 => (0u64..40_000).prop_map(|max_bytes| Op::Retention { max_bytes }),
+        2 => any::<u64>().prop_map(|probe| Op::OpenView { probe }),
+        1 => Just(Op::CloseView),
+    ]
+}
+
+fn pattern(seed: u8, len: usize, salt: u64) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add((i as u64).wrapping_mul(31).wrapping_add(salt) as u8) | 1).collect()
+}
+
+/// The volume after every sequence number: states[s] is the volume after record s.
+struct Model {
+    states: Vec<Vec<u8>>,
+}
+
+impl Model {
+    fn change(&mut self, offset: u64, bytes: &[u8]) -> Seq {
+        let mut next = self.states.last().expect("initial state").clone();
+        next[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
+        self.states.push(next);
+        self.states.len() as Seq - 1
+    }
+
+    fn point(&mut self) -> Seq {
+        let same = self.states.last().expect("initial state").clone();
+        self.states.push(same);
+        self.states.len() as Seq - 1
+    }
+}
+
+/// Reads the whole view, and random pieces of it, against `expected`.
+fn check_view(view: &PointView, expected: &[u8], salt: u64) {
+    let mut whole = vec![0u8; VOLUME as usize];
+    view.read(0, &mut whole).unwrap();
+    assert!(whole == expected, "view of seq {} differs from the model", view.seq());
+    let mut x = salt | 1;
+    for _ in 0..16 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let offset = x % VOLUME;
+        let len = (x >> 20) % (VOLUME - offset) + 1;
+        let mut piece = vec![0u8; len as usize];
+        view.read(offset, &mut piece).unwrap();
+        assert!(
+            piece == expected[offset as usize..(offset + len) as usize],
+            "piece {offset}+{len} of seq {}",
+            view.seq()
+        );
+    }
+    assert!(matches!(view.read(VOLUME - 1, &mut [0u8; 2]), Err(Error::OutOfRange { .. })));
+}
+
+fn recoverable(store: &Store, seq: Seq) -> bool {
+    let status = store.status();
+    seq <= status.head && (seq >= status.oldest_recoverable || status.snapshots.iter().any(|s| s.seq == seq))
+}
+
+fn run(ops: Vec<Op>, probes: Vec<u64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let options = CreateOptions { size: Some(VOLUME), segment_capacity: 8192, retention: RetentionPolicy::default() };
+    let store = Store::create(&image, None, &options, &mut |_, _| {}).unwrap().0;
+    let mut model = Model { states: vec![vec![0; VOLUME as usize]] };
+    let mut held: Vec<PointView> = Vec::new();
+    for (i, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::Write { sector, sectors, seed } => {
+                let data = pattern(seed, (sectors * SECTOR) as usize, i as u64);
+                assert_eq!(store.write(sector * SECTOR, &data).unwrap(), model.change(sector * SECTOR, &data));
+            }
+            Op::WriteZeroes { sector, sectors } => {
+                let seq = store.write_zeroes(sector * SECTOR, sectors * SECTOR).unwrap();
+                assert_eq!(seq, model.change(sector * SECTOR, &vec![0; (sectors * SECTOR) as usize]));
+            }
+            Op::Discard { sector, sectors } => {
+                let seq = store.discard(sector * SECTOR, sectors * SECTOR).unwrap();
+                assert_eq!(seq, model.change(sector * SECTOR, &vec![0; (sectors * SECTOR) as usize]));
+            }
+            Op::Snapshot => assert_eq!(store.take_snapshot().unwrap().seq, model.point()),
+            Op::Retention { max_bytes } => {
+                let mut policy = store.retention();
+                policy.max_bytes = Some(max_bytes);
+                store.set_retention(policy).unwrap();
+                store.enforce_retention().unwrap();
+                let status = store.status();
+                for view in held.iter().filter(|v| v.seq() > v.snapshot_seq()) {
+                    assert!(status.first_seq <= view.snapshot_seq() + 1, "retention freed records a view reads");
+                }
+            }
+            Op::OpenView { probe } => {
+                let seq = probe % (store.head() + 1);
+                match store.point_view(&RecoveryTarget::Seq(seq)) {
+                    Ok(view) => held.push(view),
+                    Err(Error::Unrecoverable { .. }) => assert!(!recoverable(&store, seq), "seq {seq} refused"),
+                    Err(e) => panic!("view of seq {seq}: {e}"),
+                }
+            }
+            Op::CloseView => {
+                if !held.is_empty() {
+                    held.remove(0);
+                }
+            }
+        }
+        assert_eq!(store.status().view_pins.len(), held.len());
+    }
+    for (i, view) in held.iter().enumerate() {
+        check_view(view, &model.states[view.seq() as usize], i as u64);
+    }
+    drop(held);
+    assert!(store.status().view_pins.is_empty(), "dropped views still pin the store");
+    for (i, probe) in probes.into_iter().enumerate() {
+        let seq = probe % (store.head() + 2);
+        let view = match store.point_view(&RecoveryTarget::Seq(seq)) {
+            Ok(view) => view,
+            Err(Error::Unrecoverable { .. }) => {
+                assert!(!recoverable(&store, seq), "seq {seq} refused although recoverable");
+                continue;
+            }
+            Err(e) => panic!("view of seq {seq}: {e}"),
+        };
+        check_view(&view, &model.states[seq as usize], probe);
+        let output = dir.path().join(format!("recovered-{i}.img"));
+        store.recover(&RecoveryTarget::Seq(seq), &output, &mut |_, _| {}).unwrap();
+        let mut through_view = vec![0u8; VOLUME as usize];
+        view.read(0, &mut through_view).unwrap();
+        assert!(std::fs::read(&output).unwrap() == through_view, "view and recovery of seq {seq} differ");
+    }
+    store.close().unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, .. ProptestConfig::default() })]
+
+    #[test]
+    fn views_read_the_model_and_equal_recovery(
+        ops in proptest::collection::vec(op(), 1..60),
+        probes in proptest::collection::vec(any::<u64>(), 6),
+    ) {
+        run(ops, probes);
+    }
+}
+
+/// An open view keeps the journal after its snapshot and stops merges into the base; closing
+/// it lets retention free and merge again.
+#[test]
+fn retention_keeps_what_an_open_view_reads_until_it_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let options = CreateOptions { size: Some(VOLUME), segment_capacity: 8192, retention: RetentionPolicy::default() };
+    let store = Store::create(&image, None, &options, &mut |_, _| {}).unwrap().0;
+    let mut model = Model { states: vec![vec![0; VOLUME as usize]] };
+    for i in 0..40u64 {
+        let data = pattern(i as u8, 4096, i);
+        store.write((i % 16) * 4096, &data).unwrap();
+        model.change((i % 16) * 4096, &data);
+    }
+    store.take_snapshot().unwrap();
+    model.point();
+    let point = store.head();
+    let view = store.point_view(&RecoveryTarget::Seq(point)).unwrap();
+    let pins = store.status().view_pins;
+    assert_eq!(pins.len(), 1);
+    assert_eq!((pins[0].seq, pins[0].snapshot_seq), (point, point));
+    // A view of a point between snapshots, which reads records from the journal too.
+    let mid_point = point - 5;
+    let mid_view = store.point_view(&RecoveryTarget::Seq(mid_point)).unwrap();
+    assert!(mid_view.snapshot_seq() < mid_point);
+
+    for i in 0..80u64 {
+        let data = pattern(200u8.wrapping_add(i as u8), 4096, i);
+        store.write((i % 16) * 4096, &data).unwrap();
+        model.change((i % 16) * 4096, &data);
+        if i % 20 == 19 {
+            store.take_snapshot().unwrap();
+            model.point();
+        }
+    }
+    let mut policy = store.retention();
+    policy.max_bytes = Some(0);
+    store.set_retention(policy.clone()).unwrap();
+    let report = store.enforce_retention().unwrap();
+    assert_eq!(report.merged_into_base, 0, "merged into the base under an open view");
+    let status = store.status();
+    assert!(status.first_seq <= mid_view.snapshot_seq() + 1, "freed records an open view reads");
+    check_view(&view, &model.states[point as usize], 1);
+    check_view(&mid_view, &model.states[mid_point as usize], 2);
+
+    drop(view);
+    drop(mid_view);
+    assert!(store.status().view_pins.is_empty());
+    let report = store.enforce_retention().unwrap();
+    assert!(report.freed_segments > 0 && report.merged_into_base > 0, "closing the views released nothing: {report:?}");
+    store.close().unwrap();
+}
