@@ -100,7 +100,8 @@ pub enum VolumeOp<'a> {
 }
 
 impl VolumeOp<'_> {
-    fn range(&self) -> (u64, u64) {
+    /// Offset and length of the bytes it changes.
+    pub(crate) fn range(&self) -> (u64, u64) {
         match *self {
             Self::Write { offset, data } => (offset, data.iter().map(|d| d.len() as u64).sum()),
             Self::WriteZeroes { offset, len } | Self::Discard { offset, len } => (offset, len),

@@ -247,3 +247,64 @@ fn retention_keeps_what_an_open_view_reads_until_it_is_closed() {
     assert!(report.freed_segments > 0 && report.merged_into_base > 0, "closing the views released nothing: {report:?}");
     store.close().unwrap();
 }
+
+/// Writes to an export land in its overlay only: reads see them over the point, the live
+/// volume and the store are unchanged, promote writes exactly what the export reads, and the
+/// overlay file goes with the export.
+#[test]
+fn an_export_writes_to_its_overlay_only_and_promotes_to_what_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let options = CreateOptions { size: Some(VOLUME), segment_capacity: 8192, retention: RetentionPolicy::default() };
+    let store = Store::create(&image, None, &options, &mut |_, _| {}).unwrap().0;
+    let mut model = Model { states: vec![vec![0; VOLUME as usize]] };
+    for i in 0..20u64 {
+        let data = pattern(i as u8, 8192, i);
+        store.write((i * 4096) % (VOLUME - 8192), &data).unwrap();
+        model.change((i * 4096) % (VOLUME - 8192), &data);
+    }
+    let point = store.head() - 3;
+    let overlay = dir.path().join("export.overlay");
+    let export =
+        rewind_engine::export::PointExport::create(store.point_view(&RecoveryTarget::Seq(point)).unwrap(), &overlay)
+            .unwrap();
+    let mut expected = model.states[point as usize].clone();
+    let written = pattern(77, 3 * 512, 5);
+    let (first, second) = written.split_at(1000);
+    export.write(&[rewind_engine::VolumeOp::Write { offset: 1536, data: &[first, second] }]).unwrap();
+    expected[1536..1536 + written.len()].copy_from_slice(&written);
+    export.write(&[rewind_engine::VolumeOp::Discard { offset: 16384, len: 4096 }]).unwrap();
+    expected[16384..20480].fill(0);
+    assert!(matches!(
+        export.write(&[rewind_engine::VolumeOp::WriteZeroes { offset: VOLUME - 512, len: 1024 }]),
+        Err(Error::OutOfRange { .. })
+    ));
+    let mut got = vec![0u8; VOLUME as usize];
+    export.read(0, &mut got).unwrap();
+    assert!(got == expected, "the export does not read the point with its writes over it");
+    let mut piece = vec![0u8; 2048];
+    export.read(1024, &mut piece).unwrap();
+    assert!(piece == expected[1024..3072]);
+    assert_eq!(export.overlay_bytes(), written.len() as u64 + 4096);
+
+    let promoted = dir.path().join("promoted.img");
+    export.promote(&promoted, &mut |_, _| {}, &std::sync::atomic::AtomicBool::new(false)).unwrap();
+    assert!(std::fs::read(&promoted).unwrap() == expected, "promote differs from the export");
+    assert!(matches!(
+        export.promote(&promoted, &mut |_, _| {}, &std::sync::atomic::AtomicBool::new(false)),
+        Err(Error::OutputExists(_))
+    ));
+    let stopped = dir.path().join("stopped.img");
+    assert!(matches!(
+        export.promote(&stopped, &mut |_, _| {}, &std::sync::atomic::AtomicBool::new(true)),
+        Err(Error::Cancelled)
+    ));
+    assert!(!stopped.exists());
+
+    assert!(std::fs::read(&image).unwrap() == *model.states.last().unwrap(), "the live volume changed");
+    assert_eq!(store.head(), model.states.len() as Seq - 1, "the export journaled something");
+    drop(export);
+    assert!(!overlay.exists(), "the overlay outlived its export");
+    store.verify(&mut |_, _| {}).unwrap();
+    store.close().unwrap();
+}
