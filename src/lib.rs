@@ -17,6 +17,6 @@ pub mod vhost_user;
 pub mod virtio_blk;
 
 pub use rewind_engine::{
-    error, extent_map, fsutil, journal, marker, recovery, retention, snapshot, store, CreateOptions, Error, Result,
-    Seq, Store, VolumeOp, FORMAT_VERSION,
+    error, export, extent_map, fsutil, journal, marker, recovery, retention, snapshot, store, view, CreateOptions,
+    Error, Result, Seq, Store, VolumeOp, FORMAT_VERSION,
 };

@@ -18,7 +18,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::control::{Channel, ControlServer};
 use crate::retention::RetentionPolicy;
 use crate::store::{CreateOptions, Store};
-use crate::vhost_user::{BlkBackend, BlkOptions};
+use crate::vhost_user::{BlkBackend, BlkOptions, BlockSource};
 use crate::virtio_blk::ID_BYTES;
 
 pub struct ServeConfig {
@@ -151,7 +151,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     let serial = serial_from(&config, store.status().uuid)?;
     let store = Arc::new(store);
     let backend = Arc::new(BlkBackend::new(
-        Arc::clone(&store),
+        BlockSource::Live(Arc::clone(&store)),
         BlkOptions {
             num_queues: config.num_queues,
             queue_size: config.queue_size,
