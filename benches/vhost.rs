@@ -535,7 +535,8 @@ fn instant_access(work: &Path, volume_gib: u64, rounds: usize, secs: f64) -> Ins
     let journal_gib = dir_bytes(&journal) as f64 / (1u64 << 30) as f64;
     control.add_marker("point");
 
-    let export_socket = work.join("export.sock");
+    // The daemon takes only absolute paths (its working directory is not the client's).
+    let export_socket = std::path::absolute(work.join("export.sock")).unwrap();
     let _ = fs::remove_file(&export_socket);
     let asked = Instant::now();
     control.execute(&format!(
@@ -563,7 +564,7 @@ fn instant_access(work: &Path, volume_gib: u64, rounds: usize, secs: f64) -> Ins
         live.push(read_sample(&socket, secs));
     }
 
-    let recovered = work.join("recovered.img");
+    let recovered = std::path::absolute(work.join("recovered.img")).unwrap();
     let _ = fs::remove_file(&recovered);
     let asked = Instant::now();
     control.run_job(&format!(

@@ -11,9 +11,9 @@ use rewind_engine::retention::RetentionPolicy;
 use rewind_engine::view::PointView;
 use rewind_engine::{CreateOptions, Error, Store};
 
-const SECTOR: u64 = 512;
-const VOLUME_SECTORS: u64 = 128;
-const VOLUME: u64 = VOLUME_SECTORS * SECTOR;
+#[path = "common/small_volume.rs"]
+mod small_volume;
+use small_volume::{pattern, range, SECTOR, VOLUME};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -42,10 +42,6 @@ enum Op {
     CloseView,
 }
 
-fn range() -> impl Strategy<Value = (u64, u64)> {
-    (0..VOLUME_SECTORS).prop_flat_map(|sector| (Just(sector), 1..=(VOLUME_SECTORS - sector).min(16)))
-}
-
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (range(), any::<u8>()).prop_map(|((sector, sectors), seed)| Op::Write { sector, sectors, seed }),
@@ -56,10 +52,6 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<u64>().prop_map(|probe| Op::OpenView { probe }),
         1 => Just(Op::CloseView),
     ]
-}
-
-fn pattern(seed: u8, len: usize, salt: u64) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add((i as u64).wrapping_mul(31).wrapping_add(salt) as u8) | 1).collect()
 }
 
 /// The volume after every sequence number: states[s] is the volume after record s.
