@@ -54,8 +54,8 @@ mount /dev/vda /mnt
 mkdir /mnt/b && cp /data/b/* /mnt/b/ && sync
 mkdir -p /mnt/c
 echo GUEST-WRITING
-for i in $(seq 1 600); do
-    dd if=/dev/urandom of=/mnt/c/f$i bs=64k count=4 2>/dev/null
+for i in $(seq 1 300); do
+    dd if=/dev/urandom of=/mnt/c/f$i bs=64k count=4 2>/dev/null  # 75 MiB in all: the disk is 128 MiB
     sync
 done
 cd / && umount /mnt
@@ -73,7 +73,7 @@ cat > "$work/live-check.sh" <<'S'
 set -e
 mount /dev/vda /mnt
 cd /mnt && sha256sum -c /data/a.sha256 && sha256sum -c /data/b.sha256
-test -e /mnt/c/f600 && test ! -e /mnt/export-wrote
+test -e /mnt/c/f300 && test ! -e /mnt/export-wrote
 echo "the live disk has A, B and the stream, and nothing the export wrote"
 cd / && umount /mnt
 S

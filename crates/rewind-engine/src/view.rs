@@ -4,8 +4,9 @@
 //! is an index from every volume range to where that range's content at the point lives — a
 //! journal record's payload, a snapshot delta's data, zeroes, or (for ranges nothing after the
 //! base touched) the base image. It is built from the extent tables of the snapshot chain up
-//! to the newest snapshot at or before the point, and the record headers after it; payloads
-//! are not read, so building costs in proportion to the extents, not the data.
+//! to the newest snapshot at or before the point, and the record headers after it (from the
+//! segments' header indexes, `journal::header_index`, where they have them); payloads are not
+//! read, so building costs in proportion to the extents and records, not the data.
 //!
 //! The view keeps its own handles on every file it reads, and while it is open the store keeps
 //! the files' content as it was ([`ViewPins`]): no journal segment holding a record after the
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::extent_map::{ExtentMap, ExtentSource};
 use crate::journal::segment::Segment;
-use crate::journal::{JournalView, Payloads, RecordKind};
+use crate::journal::{JournalView, RecordKind};
 use crate::snapshot::SnapshotStore;
 use crate::Seq;
 
@@ -95,19 +96,18 @@ impl PointView {
             });
         }
         let mut segments: Vec<Segment> = Vec::new();
-        journal.for_each(snapshot_seq + 1, seq, Payloads::Skip, |rec| {
-            let h = rec.header;
-            let location = match h.kind {
+        journal.for_each_header(snapshot_seq + 1, seq, |segment, record| {
+            let location = match record.kind {
                 RecordKind::Write => {
-                    if segments.last().is_none_or(|s| s.index != rec.segment.index) {
-                        segments.push(rec.segment.clone());
+                    if segments.last().is_none_or(|s| s.index != segment.index) {
+                        segments.push(segment.clone());
                     }
-                    Location::Journal { segment: segments.len() as u32 - 1, position: rec.payload_position() }
+                    Location::Journal { segment: segments.len() as u32 - 1, position: record.payload_position }
                 }
                 RecordKind::WriteZeroes | RecordKind::Discard => Location::Zero,
                 RecordKind::Marker | RecordKind::Snapshot => return Ok(()),
             };
-            map.insert(h.offset, h.length, location);
+            map.insert(record.offset, record.length, location);
             Ok(())
         })?;
         Ok(Self { seq, snapshot_seq, volume_size: snapshots.volume_size(), base, deltas, segments, map, _pin: None })
