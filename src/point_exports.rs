@@ -187,6 +187,7 @@ impl Exports {
             frontend_connected: false,
         };
         let options = BlkOptions { read_only: false, serial: export_serial(&id), ..self.options.clone() };
+        warm_up(&export);
         let server = ExportServer::start(info, export, options)?;
         let info = server.info();
         log::info!("{id}: serving {} (seq {}) on {}", info.target, info.seq, info.socket.display());
@@ -216,6 +217,15 @@ impl Exports {
     pub fn remove_all(&self) {
         let servers = std::mem::take(&mut *self.servers());
         drop(servers);
+    }
+}
+
+/// Reads what the export's view reads from into the page cache, on a thread of its own so the
+/// command does not wait for it.
+pub fn warm_up(export: &PointExport) {
+    let spawned = std::thread::Builder::new().name("rewind-export-warm-up".into()).spawn(export.view().prefetcher());
+    if let Err(e) = spawned {
+        log::debug!("cannot start reading an export ahead: {e}");
     }
 }
 

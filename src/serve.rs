@@ -160,7 +160,11 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     let store = Arc::new(store);
     let source = match &config.at {
         None => BlockSource::Live(Arc::clone(&store)),
-        Some(target) => BlockSource::Export(Arc::new(export_point(&store, target)?)),
+        Some(target) => {
+            let export = Arc::new(export_point(&store, target)?);
+            point_exports::warm_up(&export);
+            BlockSource::Export(export)
+        }
     };
     let options = BlkOptions {
         num_queues: config.num_queues,

@@ -58,7 +58,7 @@ pub struct PointView {
     snapshot_seq: Seq,
     volume_size: u64,
     base: File,
-    deltas: Vec<File>,
+    deltas: Vec<Arc<File>>,
     segments: Vec<Segment>,
     map: ExtentMap<Location>,
     _pin: Option<ViewPin>,
@@ -86,7 +86,7 @@ impl PointView {
                 };
                 map.insert(extent.offset, extent.len, location);
             }
-            deltas.push(file);
+            deltas.push(Arc::new(file));
         }
         if snapshot_seq < seq && (journal.first_seq() > snapshot_seq + 1 || journal.next_seq() <= seq) {
             return Err(Error::Unrecoverable {
@@ -135,6 +135,25 @@ impl PointView {
     /// Extents the index holds (ranges not reading from the base).
     pub fn extents(&self) -> usize {
         self.map.len()
+    }
+
+    /// What reads the journal segments and snapshot deltas the view reads from into the page
+    /// cache: the store drops sealed segments from the cache, and a view's reads would
+    /// otherwise go to the disk one by one. The base is left alone (it is as large as the
+    /// volume). It holds the files only, not the view, so it may run on a thread of its own
+    /// without keeping the view open.
+    pub fn prefetcher(&self) -> impl FnOnce() + Send + 'static {
+        let segments = self.segments.iter().map(|s| (Arc::clone(&s.file), s.end));
+        let deltas = self.deltas.iter().map(|d| (Arc::clone(d), d.metadata().map_or(0, |m| m.len())));
+        let files: Vec<(Arc<File>, u64)> = segments.chain(deltas).collect();
+        let seq = self.seq;
+        move || {
+            for (file, len) in files {
+                if let Err(e) = crate::fsutil::prefetch(&file, 0, len) {
+                    log::debug!("view of seq {seq}: cannot read ahead: {e}");
+                }
+            }
+        }
     }
 
     /// Reads `buf.len()` bytes of the volume at the point, from `offset`.
