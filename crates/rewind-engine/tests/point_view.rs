@@ -311,7 +311,7 @@ fn views_read_the_same_with_header_indexes_missing_or_damaged() {
     let options = CreateOptions { size: Some(VOLUME), segment_capacity: 8192, retention: RetentionPolicy::default() };
     let store = Store::create(&image, None, &options, &mut |_, _| {}).unwrap().0;
     let mut model = Model { states: vec![vec![0; VOLUME as usize]] };
-    let mut write = |store: &Store, model: &mut Model, i: u64| {
+    let write = |store: &Store, model: &mut Model, i: u64| {
         let data = pattern(i as u8, 1536, i);
         let offset = (i * 1024) % (VOLUME - 1536);
         assert_eq!(store.write(offset, &data).unwrap(), model.change(offset, &data));

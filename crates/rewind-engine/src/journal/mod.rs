@@ -944,6 +944,11 @@ impl JournalView {
         self.segments.iter().find(|s| s.index == index)
     }
 
+    /// The segments holding records with `from <= seq <= to` (none when `from > to`).
+    fn segments_holding(&self, from: Seq, to: Seq) -> impl Iterator<Item = &Segment> {
+        self.segments.iter().filter(move |s| from <= to && s.next_seq > from && s.first_seq <= to)
+    }
+
     /// Visits every record with `from <= seq <= to`, in order, reading and checking payloads as
     /// asked. Any fault inside the view is damage.
     pub fn for_each(
@@ -953,13 +958,7 @@ impl JournalView {
         payloads: Payloads,
         mut visit: impl FnMut(RecordRef<'_>) -> Result<()>,
     ) -> Result<()> {
-        if from > to {
-            return Ok(());
-        }
-        for segment in &self.segments {
-            if segment.next_seq <= from || segment.first_seq > to {
-                continue;
-            }
+        for segment in self.segments_holding(from, to) {
             let walked = walk_segment(
                 segment,
                 Some((segment.end, segment.next_seq.min(to + 1))),
@@ -981,13 +980,7 @@ impl JournalView {
         to: Seq,
         mut visit: impl FnMut(&Segment, header_index::IndexedRecord) -> Result<()>,
     ) -> Result<()> {
-        if from > to {
-            return Ok(());
-        }
-        for segment in &self.segments {
-            if segment.next_seq <= from || segment.first_seq > to {
-                continue;
-            }
+        for segment in self.segments_holding(from, to) {
             let in_range = |seq: Seq| seq >= from && seq <= to;
             match header_index::read(segment) {
                 Some(records) => {
