@@ -64,10 +64,6 @@ pub struct PointView {
     _pin: Option<ViewPin>,
 }
 
-/// Heap bytes a view's index takes per extent, at most: a B-tree entry (start, length,
-/// location: 32 bytes) in nodes that are at least half full.
-pub const INDEX_BYTES_PER_EXTENT: u64 = 64;
-
 impl PointView {
     /// Builds the view of point `seq` from the chain up to snapshot `snapshot_seq` (the newest
     /// at or before `seq`) and the records of `journal` after it.
