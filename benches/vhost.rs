@@ -11,6 +11,14 @@
 //!   REWIND_BENCH_BASELINE=PATH ...   # also alternate another rewind binary (an earlier build)
 //!                                    # with the two, for a before/after table
 //!
+//!   REWIND_BENCH_EXPORT_GIB="1 4 16" # volume sizes for the instant-access section (default "1 4")
+//!
+//! The instant-access section (`export`) fills a volume of N GiB with data, serves it, writes
+//! 4 KiB random writes over its first GiB until the journal holds 1 GiB, adds a marker, and times
+//! `point-export-add` of the marker to the export's first 4 KiB read completing (a libblkio
+//! client connecting to the new socket), then 4 KiB random reads QD32 over that GiB through the
+//! export and through the live disk (alternating), then a full `recover` of the same marker.
+//!
 //! The memory section serves a 1 TiB sparse image, writes 1 MiB pieces over its first GiB until
 //! the journal holds N GiB, adds 10 000 markers, and reads the daemon's resident memory; then
 //! again after a restart on that store; qemu-storage-daemon serving the same image is the peer.
@@ -372,6 +380,19 @@ impl Control {
     fn add_marker(&mut self, name: &str) {
         self.execute(&format!(r#"{{"execute":"marker-add","arguments":{{"name":"{name}"}}}}"#));
     }
+
+    /// Runs a command that starts a job and waits for its `JOB_COMPLETED` event.
+    fn run_job(&mut self, command: &str) {
+        self.execute(command);
+        loop {
+            let line = self.read_reply();
+            assert!(!line.is_empty(), "the daemon closed the control socket");
+            if line.contains("JOB_COMPLETED") {
+                assert!(line.contains("concluded"), "{command}: {line}");
+                return;
+            }
+        }
+    }
 }
 
 /// marker-add latency on the control socket while a frontend writes at QD32.
@@ -469,6 +490,114 @@ fn memory_footprint(work: &Path, journal_gib: u64) -> Footprint {
     stop(child);
     fs::remove_file(&image).unwrap();
     Footprint { journal_gib: journal_bytes as f64 / (1u64 << 30) as f64, serving, reopened, reopen_secs, peer }
+}
+
+/// The instant-access section's figures for one volume size.
+struct InstantAccess {
+    volume_gib: u64,
+    journal_gib: f64,
+    /// `point-export-add` sent to its reply, and to the export's first read completing (s).
+    add_secs: f64,
+    first_read_secs: f64,
+    export: Sample,
+    live: Sample,
+    recover_secs: f64,
+}
+
+/// Writes `len` bytes of data (no holes) into a new file at `path`, 1 MiB at a time.
+fn filled_image(path: &Path, len: u64) {
+    let _ = fs::remove_file(path);
+    let file = File::create(path).unwrap();
+    let mut rng = Rng(0x1111);
+    let chunk = rng.bytes(1 << 20);
+    for i in 0..len >> 20 {
+        file.write_all_at(&chunk, i << 20).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+/// 4 KiB random reads QD32 for `secs` on `socket`.
+fn read_sample(socket: &Path, secs: f64) -> Sample {
+    let w = WORKLOADS.into_iter().find(|w| !w.write && w.block == 4096).expect("a 4 KiB read workload");
+    let begin = Instant::now();
+    let (ios, mut latencies) = drive(socket, w, secs);
+    let elapsed = begin.elapsed().as_secs_f64();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Sample {
+        iops: ios as f64 / elapsed,
+        mib_s: ios as f64 * 4096.0 / elapsed / (1 << 20) as f64,
+        p50_us: percentile(&latencies, 0.5),
+        p99_us: percentile(&latencies, 0.99),
+        cpu_us_per_io: 0.0,
+    }
+}
+
+/// The figures of the instant-access section for a volume of `volume_gib` GiB (see the module
+/// documentation).
+fn instant_access(work: &Path, volume_gib: u64, rounds: usize, secs: f64) -> InstantAccess {
+    let image = work.join("instant.img");
+    let _ = fs::remove_dir_all(rewind::store::default_store_dir(&image));
+    filled_image(&image, volume_gib << 30);
+    let journal = rewind::store::default_store_dir(&image).join("journal");
+    let (mut child, socket) = start(Backend::Rewind, work, &image, 1);
+    let mut control = Control::connect(&mut child, &work.join("bench.ctl"));
+    while dir_bytes(&journal) < 1 << 30 {
+        drive(&socket, WORKLOADS[0], 5.0);
+    }
+    let journal_gib = dir_bytes(&journal) as f64 / (1u64 << 30) as f64;
+    control.add_marker("point");
+
+    // The daemon takes only absolute paths (its working directory is not the client's).
+    let export_socket = std::path::absolute(work.join("export.sock")).unwrap();
+    let _ = fs::remove_file(&export_socket);
+    let asked = Instant::now();
+    control.execute(&format!(
+        r#"{{"execute":"point-export-add","arguments":{{"marker":"point","socket":"{}"}}}}"#,
+        export_socket.display()
+    ));
+    let add_secs = asked.elapsed().as_secs_f64();
+    let first_read_secs = {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
+        blkio.set_str("path", export_socket.to_str().unwrap()).unwrap();
+        blkio.connect().unwrap();
+        let region = blkio.alloc_mem_region(1 << 20).unwrap();
+        let mut queues = blkio.start().unwrap().queues;
+        blkio.map_mem_region(&region).unwrap();
+        queues[0].read(0, region.addr as *mut u8, 4096, 0, ReqFlags::empty());
+        let mut completion = [std::mem::MaybeUninit::<Completion>::uninit()];
+        assert_eq!(queues[0].do_io(&mut completion, 1, None, None).unwrap(), 1);
+        asked.elapsed().as_secs_f64()
+    };
+
+    let mut export = Vec::new();
+    let mut live = Vec::new();
+    for _ in 0..rounds {
+        export.push(read_sample(&export_socket, secs));
+        live.push(read_sample(&socket, secs));
+    }
+
+    let recovered = std::path::absolute(work.join("recovered.img")).unwrap();
+    let _ = fs::remove_file(&recovered);
+    let asked = Instant::now();
+    control.run_job(&format!(
+        r#"{{"execute":"recover","arguments":{{"marker":"point","output":"{}"}}}}"#,
+        recovered.display()
+    ));
+    let recover_secs = asked.elapsed().as_secs_f64();
+    drop(control);
+    stop(child);
+    fs::remove_file(&recovered).unwrap();
+    fs::remove_file(&image).unwrap();
+    let _ = fs::remove_dir_all(rewind::store::default_store_dir(&image));
+    InstantAccess {
+        volume_gib,
+        journal_gib,
+        add_secs,
+        first_read_secs,
+        export: median_sample(&export),
+        live: median_sample(&live),
+        recover_secs,
+    }
 }
 
 fn stop(mut child: Child) {
@@ -573,6 +702,39 @@ fn main() {
         md.push_str(&line);
         json.push(serde_json::json!({"marker-add under load": {"p50_us": marker.p50, "p99_us": marker.p99,
             "in_daemon_p50_us": marker.in_daemon_p50, "in_daemon_p99_us": marker.in_daemon_p99}}));
+    }
+    if section("export") {
+        let sizes = std::env::var("REWIND_BENCH_EXPORT_GIB").unwrap_or_else(|_| "1 4".into());
+        let mut table = String::from(
+            "\nInstant access: a volume of N GiB (all data) with 1 GiB of 4 KiB random writes journaled since its \
+             snapshot; a marker exported with point-export-add, against a full recover of it:\n\n\
+             | volume GiB | journal GiB | point-export-add reply s | to first read s | export 4 KiB rand read QD32 IOPS | live IOPS | ratio | export p50/p99 µs | live p50/p99 µs | full recover s |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for gib in sizes.split_whitespace().map(|g| g.parse::<u64>().expect("REWIND_BENCH_EXPORT_GIB: GiB numbers")) {
+            let f = instant_access(&work, gib, rounds, secs);
+            let row = format!(
+                "| {} | {:.2} | {:.3} | {:.3} | {:.0} | {:.0} | {:.2}× | {:.0}/{:.0} | {:.0}/{:.0} | {:.1} |\n",
+                f.volume_gib,
+                f.journal_gib,
+                f.add_secs,
+                f.first_read_secs,
+                f.export.iops,
+                f.live.iops,
+                f.export.iops / f.live.iops,
+                f.export.p50_us,
+                f.export.p99_us,
+                f.live.p50_us,
+                f.live.p99_us,
+                f.recover_secs
+            );
+            print!("{row}");
+            table.push_str(&row);
+            json.push(serde_json::json!({"instant access": {"volume_gib": f.volume_gib, "journal_gib": f.journal_gib,
+                "export_add_secs": f.add_secs, "first_read_secs": f.first_read_secs,
+                "export_read_iops": f.export.iops, "live_read_iops": f.live.iops, "recover_secs": f.recover_secs}}));
+        }
+        md.push_str(&table);
     }
     if section("memory") {
         let sizes = std::env::var("REWIND_BENCH_MEMORY_GIB").unwrap_or_else(|_| "1 4".into());

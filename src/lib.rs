@@ -5,11 +5,12 @@
 //! The store itself is the `rewind-engine` crate, re-exported here under the module names it
 //! had when it lived in this crate ([`journal`], [`snapshot`], [`marker`], [`retention`],
 //! [`recovery`], [`store`], ...). This crate adds what serves and drives it: [`virtio_blk`]
-//! and [`vhost_user`] (the device), [`serve`], [`control`] (the control socket) and [`cli`].
+//! and [`vhost_user`] (the device), [`serve`], [`point_exports`], [`control`] (the control socket) and [`cli`].
 
 pub mod cli;
 pub mod control;
 pub mod log_limit;
+pub mod point_exports;
 pub mod qmp_client;
 pub mod serve;
 pub mod units;
@@ -17,6 +18,6 @@ pub mod vhost_user;
 pub mod virtio_blk;
 
 pub use rewind_engine::{
-    error, extent_map, fsutil, journal, marker, recovery, retention, snapshot, store, CreateOptions, Error, Result,
-    Seq, Store, VolumeOp, FORMAT_VERSION,
+    error, export, extent_map, fsutil, journal, marker, recovery, retention, snapshot, store, view, CreateOptions,
+    Error, Result, Seq, Store, VolumeOp, FORMAT_VERSION,
 };

@@ -1,6 +1,8 @@
 //! `rewind serve`: the store behind a vhost-user-blk socket, one frontend at a time, with
 //! periodic snapshots, retention and checkpoints in the background, and a clean exit on
-//! SIGINT/SIGTERM (in-flight requests finish, the journal is synced).
+//! SIGINT/SIGTERM (in-flight requests finish, the journal is synced). With `--at-*` it serves
+//! a retained point instead (a point-in-time export, writes to a scratch overlay), and the
+//! control socket can add exports of other points while it serves.
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -16,9 +18,12 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::control::{Channel, ControlServer};
+use crate::export::PointExport;
+use crate::point_exports::{self, Exports};
+use crate::recovery::RecoveryTarget;
 use crate::retention::RetentionPolicy;
 use crate::store::{CreateOptions, Store};
-use crate::vhost_user::{BlkBackend, BlkOptions};
+use crate::vhost_user::{BlkBackend, BlkOptions, BlockSource};
 use crate::virtio_blk::ID_BYTES;
 
 pub struct ServeConfig {
@@ -36,6 +41,8 @@ pub struct ServeConfig {
     pub serial: Option<String>,
     pub read_only: bool,
     pub snapshot_every: Option<Duration>,
+    /// Serve this retained point (writes go to an overlay) instead of the live volume.
+    pub at: Option<RecoveryTarget>,
     /// Applied to the store's retention settings before serving.
     pub retention: Box<dyn Fn(&mut RetentionPolicy) + Send>,
 }
@@ -149,18 +156,27 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     (config.retention)(&mut policy);
     store.set_retention(policy)?;
     let serial = serial_from(&config, store.status().uuid)?;
+    point_exports::prepare_overlay_dir(store.store_dir()).context("preparing the directory of export overlays")?;
     let store = Arc::new(store);
-    let backend = Arc::new(BlkBackend::new(
-        Arc::clone(&store),
-        BlkOptions {
-            num_queues: config.num_queues,
-            queue_size: config.queue_size,
-            serial,
-            read_only: config.read_only,
-        },
-    ));
+    let source = match &config.at {
+        None => BlockSource::Live(Arc::clone(&store)),
+        Some(target) => {
+            let export = Arc::new(export_point(&store, target)?);
+            point_exports::warm_up(&export);
+            BlockSource::Export(export)
+        }
+    };
+    let options = BlkOptions {
+        num_queues: config.num_queues,
+        queue_size: config.queue_size,
+        serial,
+        read_only: config.read_only,
+    };
+    let backend = Arc::new(BlkBackend::new(source, options.clone()));
 
-    let mut control = ControlServer::new(Arc::clone(&store), Arc::clone(&backend), config.socket.clone());
+    let exports = Arc::new(Exports::new(Arc::clone(&store), options));
+    let mut control =
+        ControlServer::new(Arc::clone(&store), Arc::clone(&backend), config.socket.clone(), Arc::clone(&exports));
     for (path, channel) in [(&config.control, Channel::Host), (&config.agent_socket, Channel::Agent)] {
         if let Some(path) = path {
             control.listen(path, channel).with_context(|| format!("listening on {}", path.display()))?;
@@ -191,11 +207,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         thread::spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 log::info!("signal {signal}: finishing in-flight requests and exiting");
-                stopping.store(true, Ordering::SeqCst);
-                match connection.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                    Some(handle) => handle.shutdown(),
-                    None => crate::control::wake_accept(&waker),
-                }
+                stop_serving(&stopping, &connection, &waker);
             }
         })
     };
@@ -213,6 +225,8 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     drop(stop_maintenance);
     let _ = maintenance_thread.join();
     control.shutdown();
+    exports.remove_all();
+    drop(exports);
     drop(backend);
     ServedBy::remove(store.store_dir());
     let store = Arc::try_unwrap(store).map_err(|_| anyhow!("the store is still in use at exit"))?;
@@ -222,7 +236,33 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     result
 }
 
-fn accept_loop(
+/// The export `rewind serve --at-*` serves: its overlay is removed when it stops.
+fn export_point(store: &Store, target: &RecoveryTarget) -> Result<PointExport> {
+    let view = store.point_view(target).with_context(|| format!("exporting {target}"))?;
+    let overlay = point_exports::overlay_path(store.store_dir(), "served");
+    let export = PointExport::create(view, &overlay).context("creating the export's overlay")?;
+    log::info!(
+        "serving {target} (seq {}, {} extents from snapshot {} on): writes go to {} and are dropped at exit",
+        export.seq(),
+        export.view().extents(),
+        export.view().snapshot_seq(),
+        overlay.display()
+    );
+    Ok(export)
+}
+
+/// Makes [`accept_loop`] return: disconnects its frontend (in-flight requests finish) or wakes
+/// its accept.
+pub(crate) fn stop_serving(stopping: &AtomicBool, connection: &Mutex<Option<ShutdownHandle>>, waker: &UnixListener) {
+    stopping.store(true, Ordering::SeqCst);
+    match connection.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        Some(handle) => handle.shutdown(),
+        None => crate::control::wake_accept(waker),
+    }
+}
+
+/// Serves one frontend after another on `listener` until `stopping` is set ([`stop_serving`]).
+pub(crate) fn accept_loop(
     listener: UnixListener,
     socket: &Path,
     backend: &Arc<BlkBackend>,

@@ -58,6 +58,62 @@ pub enum Command {
     Serve(ServeArgs),
     /// Change the retention settings (if any are given) and free what they no longer keep.
     Retention(RetentionCommandArgs),
+    /// Serve retained points of a running daemon's disk on sockets of their own, at once and
+    /// without copying (writes go to a scratch overlay); keep one with `promote`.
+    Export {
+        #[command(subcommand)]
+        command: ExportCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ExportCommand {
+    /// Export the point at a marker, sequence number or time on a new vhost-user socket.
+    Add {
+        /// The control socket of the daemon serving the image.
+        #[arg(long)]
+        control: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The vhost-user socket to serve the point on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the open exports.
+    List {
+        /// The control socket of the daemon serving the image.
+        #[arg(long)]
+        control: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop serving an export and drop what its guest wrote.
+    Remove {
+        /// The export's id (`export list`).
+        id: String,
+        /// The control socket of the daemon serving the image.
+        #[arg(long)]
+        control: PathBuf,
+    },
+    /// Write an export as its guest sees it now (the point plus its writes) into a new image,
+    /// while it keeps serving.
+    Promote {
+        /// The export's id (`export list`).
+        id: String,
+        /// The new image to write (must not exist).
+        #[arg(long)]
+        output: PathBuf,
+        /// The control socket of the daemon serving the image.
+        #[arg(long)]
+        control: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -120,6 +176,34 @@ pub struct ServeArgs {
     pub store: StoreArg,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    #[command(flatten)]
+    pub at: AtArgs,
+}
+
+/// `serve --at-*`: a retained point to serve instead of the live volume.
+#[derive(Args, Debug)]
+#[group(required = false, multiple = false)]
+pub struct AtArgs {
+    /// Serve the volume as it was at this marker (writes go to a scratch overlay).
+    #[arg(long)]
+    pub at_marker: Option<String>,
+    /// Serve the volume as it was after this sequence number.
+    #[arg(long)]
+    pub at_seq: Option<u64>,
+    /// Serve the volume as it was at the last record at or before this RFC 3339 time.
+    #[arg(long, value_parser = parse_rfc3339_ns)]
+    pub at_time: Option<u64>,
+}
+
+impl AtArgs {
+    pub fn target(&self) -> Option<RecoveryTarget> {
+        match (&self.at_marker, self.at_seq, self.at_time) {
+            (Some(name), _, _) => Some(RecoveryTarget::Marker(name.clone())),
+            (_, Some(seq), _) => Some(RecoveryTarget::Seq(seq)),
+            (_, _, Some(ns)) => Some(RecoveryTarget::Time(ns)),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -235,13 +319,13 @@ pub struct StoreArg {
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
 pub struct TargetArgs {
-    /// Recover to this marker.
+    /// The point of this marker.
     #[arg(long)]
     pub marker: Option<String>,
-    /// Recover to this sequence number.
+    /// The point after this sequence number.
     #[arg(long)]
     pub seq: Option<u64>,
-    /// Recover to the last record at or before this RFC 3339 time.
+    /// The last record at or before this RFC 3339 time.
     #[arg(long, value_parser = parse_rfc3339_ns)]
     pub time: Option<u64>,
 }

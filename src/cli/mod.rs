@@ -1,9 +1,10 @@
 //! The command-line interface: argument parsing, the offline commands that act on a store
 //! directly, and their `--control` forms that ask a running `rewind serve`. One function per
 //! subcommand, grouped: [`image`] (init, snapshot, verify, retention), [`markers`],
-//! [`status`], [`recover`].
+//! [`status`], [`recover`], [`export`].
 
 mod args;
+mod export;
 mod image;
 mod markers;
 mod recover;
@@ -30,6 +31,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Verify { image, store, json } => image::verify(&image, &store, json),
         Command::Serve(args) => serve(args),
         Command::Retention(args) => image::retention(&args),
+        Command::Export { command } => export::run(command),
     }
 }
 
@@ -47,6 +49,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         serial: args.serial,
         read_only: args.read_only,
         snapshot_every: args.snapshot_every,
+        at: args.at.target(),
         retention: Box::new(move |policy| retention.apply_to(policy)),
     })
 }

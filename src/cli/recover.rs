@@ -57,13 +57,22 @@ fn recover_online(
     let mut client = QmpClient::connect(control)?;
     let command = HostCommand::Recover(protocol::RecoverArgs::new(target, output));
     let started: JobStarted = client.execute(command).with_context(|| format!("recovering to {target}"))?;
+    follow_job(&mut client, &started, progress).with_context(|| format!("recovery to {target} failed"))
+}
+
+/// Follows the events of a job the daemon started until it ends; fails if the job does.
+pub(super) fn follow_job(
+    client: &mut QmpClient,
+    started: &JobStarted,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Job> {
     loop {
         match client.next_event()? {
             Event::JobProgress(p) if p.id == started.job_id => progress(p.done, p.total),
             Event::JobCompleted(job) if job.id == started.job_id => match job.status {
                 JobStatus::Concluded => return Ok(job),
                 JobStatus::Failed | JobStatus::Running => {
-                    bail!("recovery to {target} failed: {}", job.error.as_deref().unwrap_or("unknown error"))
+                    bail!("{} ended: {}", job.id, job.error.as_deref().unwrap_or("unknown error"))
                 }
             },
             _ => {}

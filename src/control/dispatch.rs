@@ -1,7 +1,8 @@
-//! Runs commands against the store and the device, and keeps the background jobs.
+//! Runs commands against the store, the device and the point exports, and keeps the
+//! background jobs (recoveries and promotes).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -12,10 +13,10 @@ use serde_json::Value;
 
 use super::arguments::CommandError;
 use super::errors::QmpError;
-use super::protocol::{AgentCommand, Channel, HostCommand, RecoverArgs};
+use super::protocol::{AgentCommand, Channel, Empty, HostCommand, PointExportArgs, RecoverArgs};
 use super::replies::{
-    Event, Job, JobProgress, JobStarted, JobStatus, JobType, Journal, Marker, MarkerAdded, RetentionApplied, Snapshot,
-    Status,
+    Event, Job, JobProgress, JobStarted, JobStatus, JobType, Journal, Marker, MarkerAdded, PointExportAdded,
+    RetentionApplied, Snapshot, Status,
 };
 use super::server::Shared;
 use crate::journal::Seq;
@@ -94,6 +95,13 @@ impl Shared {
             }
             HostCommand::Recover(args) => reply(&self.start_recovery(args)?),
             HostCommand::QueryJobs => reply(&self.jobs.all()),
+            HostCommand::PointExportAdd(args) => reply(&self.add_export(args)?),
+            HostCommand::PointExportRemove { export_id } => {
+                self.exports.remove(&export_id)?;
+                reply(&Empty {})
+            }
+            HostCommand::QueryPointExports => reply(&self.exports.list()),
+            HostCommand::PointExportPromote { export_id, output } => reply(&self.start_promote(&export_id, output)?),
         }
     }
 
@@ -110,26 +118,59 @@ impl Shared {
         }
     }
 
+    fn add_export(&self, args: PointExportArgs) -> Result<PointExportAdded, QmpError> {
+        let target = args.target()?;
+        let info = self.exports.add(&target, &args.socket)?;
+        Ok(PointExportAdded { export_id: info.export_id, seq: info.seq })
+    }
+
     /// Checks the target now (unknown marker, unrecoverable point, output in the way) rather
     /// than in the job, then starts the job.
     fn start_recovery(self: &Arc<Self>, args: RecoverArgs) -> Result<JobStarted, QmpError> {
         let target = args.target()?;
-        if !args.output.is_absolute() {
-            let reason = "must be an absolute path".to_string();
-            return Err(CommandError::Invalid { name: "output".into(), reason }.into());
-        }
-        if args.output.exists() {
-            return Err(crate::Error::OutputExists(args.output).into());
-        }
+        check_output(&args.output)?;
         let seq = self.store.resolve(&target)?;
+        Ok(self.start_job(JobType::Recover, target.to_string(), args.output, seq, move |shared, output, progress| {
+            let report =
+                shared.store.recover_unless_stopped(&RecoveryTarget::Seq(seq), output, progress, &shared.stopping)?;
+            Ok(format!("recovered seq {} into {}", report.seq, report.output.display()))
+        }))
+    }
+
+    /// Checks the export and the output now, then starts a job that writes the export (its
+    /// point plus what its guest wrote) into a new image while it keeps serving.
+    fn start_promote(self: &Arc<Self>, export_id: &str, output: PathBuf) -> Result<JobStarted, QmpError> {
+        check_output(&output)?;
+        let (info, export) = self.exports.export(export_id)?;
+        let target = format!("{} ({})", info.export_id, info.target);
+        Ok(self.start_job(JobType::Promote, target, output, info.seq, move |shared, output, progress| {
+            let data_bytes = export.promote(output, progress, &shared.stopping)?;
+            Ok(format!("promoted into {} ({data_bytes} data bytes)", output.display()))
+        }))
+    }
+
+    /// Lists a job and runs `work` (given the output and a progress callback) on a thread of
+    /// its own; `work` returns what to log when it succeeds.
+    fn start_job(
+        self: &Arc<Self>,
+        job_type: JobType,
+        target: String,
+        output: PathBuf,
+        seq: Seq,
+        work: impl FnOnce(&Self, &Path, &mut dyn FnMut(u64, u64)) -> crate::Result<String> + Send + 'static,
+    ) -> JobStarted {
         let number = self.jobs.started.fetch_add(1, Ordering::Relaxed) + 1;
-        let id = format!("recover-{number}");
+        let kind = match job_type {
+            JobType::Recover => "recover",
+            JobType::Promote => "promote",
+        };
+        let id = format!("{kind}-{number}");
         let job = Job {
             id: id.clone(),
-            job_type: JobType::Recover,
+            job_type,
             status: JobStatus::Running,
-            target: target.to_string(),
-            output: args.output.clone(),
+            target,
+            output: output.clone(),
             done: 0,
             total: self.store.volume_size(),
             seq: Some(seq),
@@ -137,33 +178,32 @@ impl Shared {
         };
         self.jobs.list.lock().unwrap_or_else(|p| p.into_inner()).insert(number, job);
         let shared = Arc::clone(self);
-        let handle = thread::spawn(move || shared.run_recovery(number, seq, &args.output));
+        let handle = thread::spawn(move || shared.run_job(number, &output, work));
         self.jobs.threads.lock().unwrap_or_else(|p| p.into_inner()).push(handle);
-        Ok(JobStarted { job_id: id, seq })
+        JobStarted { job_id: id, seq }
     }
 
-    /// The job's thread: recovers, with progress events, then reports how it ended.
-    fn run_recovery(&self, number: u64, seq: Seq, output: &Path) {
+    /// The job's thread: runs it, with progress events, then reports how it ended.
+    fn run_job(
+        &self,
+        number: u64,
+        output: &Path,
+        work: impl FnOnce(&Self, &Path, &mut dyn FnMut(u64, u64)) -> crate::Result<String>,
+    ) {
         let Some(id) = self.jobs.update(number, |job| job.id.clone()) else { return };
         let mut last_event = Instant::now();
-        let target = RecoveryTarget::Seq(seq);
-        let result = self.store.recover_unless_stopped(
-            &target,
-            output,
-            &mut |done, total| {
-                self.jobs.update(number, |job| {
-                    job.done = done;
-                    job.total = total;
-                });
-                if last_event.elapsed() >= PROGRESS_EVENT_INTERVAL {
-                    last_event = Instant::now();
-                    self.emit(Event::JobProgress(JobProgress { id: id.clone(), done, total }));
-                }
-            },
-            &self.stopping,
-        );
+        let result = work(self, output, &mut |done, total| {
+            self.jobs.update(number, |job| {
+                job.done = done;
+                job.total = total;
+            });
+            if last_event.elapsed() >= PROGRESS_EVENT_INTERVAL {
+                last_event = Instant::now();
+                self.emit(Event::JobProgress(JobProgress { id: id.clone(), done, total }));
+            }
+        });
         match &result {
-            Ok(report) => log::info!("{id}: recovered seq {} into {}", report.seq, report.output.display()),
+            Ok(done) => log::info!("{id}: {done}"),
             Err(e) => log::error!("{id} failed: {e}"),
         }
         let finished = self.jobs.update(number, |job| {
@@ -183,4 +223,17 @@ impl Shared {
             self.emit(Event::JobCompleted(job));
         }
     }
+}
+
+/// A job's output must be an absolute path (the daemon's working directory is not the
+/// client's) where nothing is yet.
+fn check_output(output: &Path) -> Result<(), QmpError> {
+    if !output.is_absolute() {
+        let reason = "must be an absolute path".to_string();
+        return Err(CommandError::Invalid { name: "output".into(), reason }.into());
+    }
+    if output.exists() {
+        return Err(crate::Error::OutputExists(output.to_path_buf()).into());
+    }
+    Ok(())
 }

@@ -22,6 +22,8 @@ pub enum ErrorClass {
     /// A point outside the recoverable range: an expired marker, a sequence number past the
     /// head or freed, a time before the journal.
     PointNotRecoverable,
+    /// No point export has the id given.
+    ExportNotFound,
 }
 
 impl std::fmt::Display for ErrorClass {
@@ -58,6 +60,17 @@ impl From<CommandError> for QmpError {
             | CommandError::Other(_) => ErrorClass::GenericError,
         };
         Self { class, desc: e.to_string() }
+    }
+}
+
+impl From<crate::point_exports::ExportError> for QmpError {
+    fn from(e: crate::point_exports::ExportError) -> Self {
+        use crate::point_exports::ExportError as E;
+        match e {
+            E::Store(e) => e.into(),
+            E::Unknown(_) => Self { class: ErrorClass::ExportNotFound, desc: e.to_string() },
+            E::TooMany { .. } | E::Socket { .. } | E::RelativeSocket(_) | E::Thread(_) => Self::generic(e.to_string()),
+        }
     }
 }
 

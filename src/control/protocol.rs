@@ -54,6 +54,10 @@ pub enum HostCommand {
     RetentionSet(RetentionChange),
     Recover(RecoverArgs),
     QueryJobs,
+    PointExportAdd(PointExportArgs),
+    PointExportRemove { export_id: String },
+    QueryPointExports,
+    PointExportPromote { export_id: String, output: PathBuf },
 }
 
 /// Any command. Which of the two types a command belongs to decides which channels offer it,
@@ -121,31 +125,72 @@ pub struct RecoverArgs {
     pub output: PathBuf,
 }
 
+/// A point as the `marker`, `seq` and `time` arguments name it (exactly one of them).
+type PointFields = (Option<String>, Option<Seq>, Option<String>);
+
+fn point_fields(target: &RecoveryTarget) -> PointFields {
+    match target {
+        RecoveryTarget::Marker(name) => (Some(name.clone()), None, None),
+        RecoveryTarget::Seq(seq) => (None, Some(*seq), None),
+        RecoveryTarget::Time(ns) => {
+            // To the nanosecond, so the daemon resolves exactly the time asked for.
+            let time = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(*ns);
+            (None, None, Some(humantime::format_rfc3339_nanos(time).to_string()))
+        }
+    }
+}
+
+fn point_target(
+    command: &str,
+    marker: &Option<String>,
+    seq: Option<Seq>,
+    time: &Option<String>,
+) -> Result<RecoveryTarget, CommandError> {
+    match (marker, seq, time) {
+        (Some(name), None, None) => Ok(RecoveryTarget::Marker(name.clone())),
+        (None, Some(seq), None) => Ok(RecoveryTarget::Seq(seq)),
+        (None, None, Some(time)) => parse_rfc3339_ns(time)
+            .map(RecoveryTarget::Time)
+            .map_err(|reason| CommandError::Invalid { name: "time".into(), reason }),
+        _ => Err(CommandError::Other(format!("{command} needs exactly one of 'marker', 'seq' and 'time'"))),
+    }
+}
+
 impl RecoverArgs {
     pub fn new(target: &RecoveryTarget, output: PathBuf) -> Self {
-        let mut args = Self { marker: None, seq: None, time: None, output };
-        match target {
-            RecoveryTarget::Marker(name) => args.marker = Some(name.clone()),
-            RecoveryTarget::Seq(seq) => args.seq = Some(*seq),
-            RecoveryTarget::Time(ns) => {
-                // To the nanosecond, so the daemon resolves exactly the time asked for.
-                let time = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(*ns);
-                args.time = Some(humantime::format_rfc3339_nanos(time).to_string());
-            }
-        }
-        args
+        let (marker, seq, time) = point_fields(target);
+        Self { marker, seq, time, output }
     }
 
     /// The point to recover to.
     pub fn target(&self) -> Result<RecoveryTarget, CommandError> {
-        match (&self.marker, self.seq, &self.time) {
-            (Some(name), None, None) => Ok(RecoveryTarget::Marker(name.clone())),
-            (None, Some(seq), None) => Ok(RecoveryTarget::Seq(seq)),
-            (None, None, Some(time)) => parse_rfc3339_ns(time)
-                .map(RecoveryTarget::Time)
-                .map_err(|reason| CommandError::Invalid { name: "time".into(), reason }),
-            _ => Err(CommandError::Other("recover needs exactly one of 'marker', 'seq' and 'time'".into())),
-        }
+        point_target("recover", &self.marker, self.seq, &self.time)
+    }
+}
+
+/// `point-export-add`: exactly one of `marker`, `seq` and `time` (RFC 3339), and the
+/// vhost-user socket to serve the point on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointExportArgs {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub marker: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<Seq>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    pub socket: PathBuf,
+}
+
+impl PointExportArgs {
+    pub fn new(target: &RecoveryTarget, socket: PathBuf) -> Self {
+        let (marker, seq, time) = point_fields(target);
+        Self { marker, seq, time, socket }
+    }
+
+    /// The point to export.
+    pub fn target(&self) -> Result<RecoveryTarget, CommandError> {
+        point_target("point-export-add", &self.marker, self.seq, &self.time)
     }
 }
 
@@ -233,6 +278,11 @@ mod tests {
             AgentCommand::QueryStatus.into(),
             AgentCommand::MarkerAdd { name: "m".into(), note: Some("n".into()) }.into(),
             HostCommand::Recover(RecoverArgs::new(&target, "/x.img".into())).into(),
+            HostCommand::PointExportAdd(PointExportArgs::new(&target, "/x.sock".into())).into(),
+            HostCommand::PointExportAdd(PointExportArgs::new(&RecoveryTarget::Marker("m".into()), "/x".into())).into(),
+            HostCommand::PointExportRemove { export_id: "export-1".into() }.into(),
+            HostCommand::PointExportPromote { export_id: "export-1".into(), output: "/p.img".into() }.into(),
+            HostCommand::QueryPointExports.into(),
         ] {
             let message = Command::to_message(&command).unwrap();
             let arguments = message.get("arguments").cloned().unwrap_or_else(|| json!({}));

@@ -146,6 +146,9 @@ pub struct Journal {
     pub snapshots: usize,
     pub snapshot_bytes: u64,
     pub retention: RetentionPolicy,
+    /// Open point-in-time exports' hold on the journal and snapshots.
+    #[serde(default)]
+    pub view_pins: Vec<crate::view::ViewPinStatus>,
 }
 
 impl From<crate::store::Status> for Journal {
@@ -160,6 +163,7 @@ impl From<crate::store::Status> for Journal {
             snapshots: s.snapshots.len(),
             snapshot_bytes: s.snapshot_bytes,
             retention: s.retention,
+            view_pins: s.view_pins,
         }
     }
 }
@@ -197,6 +201,8 @@ pub struct JobStarted {
 #[serde(rename_all = "lowercase")]
 pub enum JobType {
     Recover,
+    /// `point-export-promote`: an export written into a new image.
+    Promote,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +231,15 @@ pub struct Job {
     pub seq: Option<Seq>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// `point-export-add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PointExportAdded {
+    pub export_id: String,
+    /// The point served: the volume as it was after this record.
+    pub seq: Seq,
 }
 
 /// `query-status`.

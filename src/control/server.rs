@@ -19,6 +19,7 @@ use super::errors::QmpError;
 use super::protocol::{AgentCommand, Channel, Command, Empty};
 use super::reader::{MessageReader, ReadError};
 use super::replies::{Event, EventMessage, Greeting, Outcome, Response, Timestamp};
+use crate::point_exports::Exports;
 use crate::store::Store;
 
 /// More simultaneous clients than this are turned away, so clients cannot exhaust the daemon.
@@ -34,6 +35,7 @@ pub(super) struct Shared {
     pub(super) store: Arc<Store>,
     pub(super) device: Arc<dyn DeviceStatus>,
     pub(super) vhost_socket: PathBuf,
+    pub(super) exports: Arc<Exports>,
     pub(super) jobs: Jobs,
     client_threads: Mutex<Vec<JoinHandle<()>>>,
     /// Host clients that finished negotiation: they receive events.
@@ -198,13 +200,20 @@ impl Shared {
 }
 
 impl ControlServer {
-    /// `device` is what `query-status` reports on; `vhost_socket` is where it is served.
-    pub fn new<D: DeviceStatus + 'static>(store: Arc<Store>, device: Arc<D>, vhost_socket: PathBuf) -> Self {
+    /// `device` is what `query-status` reports on; `vhost_socket` is where it is served;
+    /// `exports` are the point exports the `point-export-*` commands manage.
+    pub fn new<D: DeviceStatus + 'static>(
+        store: Arc<Store>,
+        device: Arc<D>,
+        vhost_socket: PathBuf,
+        exports: Arc<Exports>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 store,
                 device,
                 vhost_socket,
+                exports,
                 jobs: Jobs::default(),
                 client_threads: Mutex::new(Vec::new()),
                 subscribers: Mutex::new(Vec::new()),

@@ -11,7 +11,8 @@ use vm_memory::GuestAddress;
 use super::completion::{Completer, Completion, Completions, ExecError};
 use super::counters::Counters;
 use super::guest_memory::{GuestBuffers, Span};
-use crate::store::{Journaled, ReadFence, Store, VolumeOp};
+use super::source::{Batch, BlockSource, Fence};
+use crate::store::VolumeOp;
 
 /// A volume write of a batch, with its data still in guest memory: a write's `data` is the
 /// span of its buffers in the job's [`GuestBuffers`].
@@ -22,7 +23,7 @@ pub enum BatchOp {
     Discard { offset: u64, len: u64 },
 }
 
-/// Calls `f` with the store's view of `ops`, whose data is in `buffers`.
+/// Calls `f` with the source's view of `ops`, whose data is in `buffers`.
 pub fn with_volume_ops<R>(buffers: &GuestBuffers<'_>, ops: &[BatchOp], f: impl FnOnce(&[VolumeOp<'_>]) -> R) -> R {
     let pieces = buffers.all();
     let volume_ops: Vec<VolumeOp<'_>> = ops
@@ -39,9 +40,9 @@ pub fn with_volume_ops<R>(buffers: &GuestBuffers<'_>, ops: &[BatchOp], f: impl F
 /// Reads `offset..` into a request's device-writable buffers (`span` of `buffers`) and counts
 /// the bytes.
 pub fn read_request(
-    store: &Store,
+    source: &BlockSource,
     counters: &Counters,
-    fence: ReadFence,
+    fence: Fence,
     offset: u64,
     buffers: &mut GuestBuffers<'_>,
     span: Span,
@@ -50,7 +51,7 @@ pub fn read_request(
     for index in span.indices() {
         let bytes = buffers.bytes_mut(index);
         let len = bytes.len() as u64;
-        store.read_after(fence, at, bytes)?;
+        source.read_after(fence, at, bytes)?;
         at += len;
     }
     counters.bytes_read.fetch_add(at - offset, Ordering::Relaxed);
@@ -68,14 +69,14 @@ struct SharedRead {
 /// Reads handed to the applier while it has nothing else to do, so both threads serve them.
 pub struct ReadJob {
     reads: Vec<SharedRead>,
-    fence: ReadFence,
+    fence: Fence,
     buffers: GuestBuffers<'static>,
     completer: Completer,
 }
 
 impl ReadJob {
     /// An empty job whose reads see every batch journaled before `fence`.
-    pub fn new(fence: ReadFence, buffers: GuestBuffers<'static>, completer: Completer) -> Self {
+    pub fn new(fence: Fence, buffers: GuestBuffers<'static>, completer: Completer) -> Self {
         Self { reads: Vec::new(), fence, buffers, completer }
     }
 
@@ -97,10 +98,10 @@ impl ReadJob {
         self.reads.is_empty()
     }
 
-    fn run(self, store: &Store) {
+    fn run(self, source: &BlockSource) {
         let Self { reads, fence, mut buffers, completer } = self;
         for read in reads {
-            let completion = read_request(store, completer.counters(), fence, read.offset, &mut buffers, read.span)
+            let completion = read_request(source, completer.counters(), fence, read.offset, &mut buffers, read.span)
                 .unwrap_or_else(|e| Completion::failed(&e));
             if let Err(e) = completer.complete(buffers.memory(), read.head, Some(read.status_at), &completion) {
                 log::warn!("cannot complete a request: {e}");
@@ -118,10 +119,11 @@ pub struct BatchRequest {
     pub bytes: u64,
 }
 
-/// A journaled batch on its way to the volume: the applier writes it and completes each
+/// A journaled batch on its way to the volume (or a batch an export has written to its
+/// overlay already): the applier writes it and completes each
 /// request as soon as its ops are written.
 pub struct ApplyJob {
-    pub journaled: Journaled,
+    pub journaled: Batch,
     pub requests: Vec<BatchRequest>,
     /// Write-through: the journal is synced after the batch is applied (never while it holds
     /// its place in the apply order, which a catch-up under the writer lock may wait for), and
@@ -133,7 +135,7 @@ pub struct ApplyJob {
 }
 
 impl ApplyJob {
-    pub fn run(self, store: &Store) {
+    pub fn run(self, source: &BlockSource) {
         let Self { journaled, requests, durable_first, buffers, completer } = self;
         let mut requests = requests.into_iter().peekable();
         let mut completions = Completions::new(&completer, buffers.memory());
@@ -151,10 +153,10 @@ impl ApplyJob {
                 complete(request, &written);
             }
         };
-        let applied = store.apply(journaled, on_applied);
+        let applied = source.apply(journaled, on_applied);
         let outcome = match applied {
-            Ok(_) if durable_first => store.sync().map(drop).map_err(ExecError::WriteThrough),
-            Ok(_) => Ok(()),
+            Ok(()) if durable_first => source.sync().map_err(ExecError::WriteThrough),
+            Ok(()) => Ok(()),
             Err(e) => Err(ExecError::Apply(e)),
         };
         // Write-through requests complete now; after an error, whatever was not completed as
@@ -176,10 +178,10 @@ pub enum Job {
 }
 
 impl Job {
-    fn run(self, store: &Store) {
+    fn run(self, source: &BlockSource) {
         match self {
-            Self::Apply(job) => job.run(store),
-            Self::Read(job) => job.run(store),
+            Self::Apply(job) => job.run(source),
+            Self::Read(job) => job.run(source),
         }
     }
 }
@@ -230,13 +232,13 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub fn spawn(queue: usize, store: Arc<Store>) -> Self {
+    pub fn spawn(queue: usize, source: BlockSource) -> Self {
         let (jobs, inbox) = mpsc::channel::<Job>();
         let pending: Arc<PendingJobs> = Arc::default();
         let done = Arc::clone(&pending);
         let spawned = std::thread::Builder::new().name(format!("rewind-apply-{queue}")).spawn(move || {
             for job in inbox {
-                job.run(&store);
+                job.run(&source);
                 done.done();
             }
         });
@@ -258,20 +260,20 @@ impl Applier {
     }
 
     /// Hands a job to the applier thread, or runs it here if that thread is gone.
-    pub fn hand_over(&self, job: Job, store: &Store) {
+    pub fn hand_over(&self, job: Job, source: &BlockSource) {
         self.pending.add();
         let sent = match &self.jobs {
             Some(jobs) => jobs.send(job),
             None => Err(mpsc::SendError(job)),
         };
         if let Err(mpsc::SendError(job)) = sent {
-            job.run(store);
+            job.run(source);
             self.pending.done();
         }
     }
 
     /// Waits for the worker's current pass and every job handed over to complete.
-    /// (Dropping an applier also finishes its jobs, and its thread lets go of the store.)
+    /// (Dropping an applier also finishes its jobs, and its thread lets go of the source.)
     pub fn quiesce(&self) {
         let _pass = self.begin_pass();
         self.pending.wait_drained();

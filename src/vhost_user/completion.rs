@@ -37,6 +37,8 @@ pub enum ExecError {
     Store(#[from] crate::Error),
     #[error("there are no markers yet")]
     NoMarkers,
+    #[error("markers belong to the live disk; a point-in-time export has none")]
+    NoMarkersOnExport,
     #[error("MARKER_GET reply buffer smaller than {0} bytes")]
     ReplyTooSmall(usize),
     /// A batch could not be appended to the journal: none of its writes happened.
@@ -61,6 +63,7 @@ impl ExecError {
             | Self::GuestMemory(_)
             | Self::Store(_)
             | Self::NoMarkers
+            | Self::NoMarkersOnExport
             | Self::ReplyTooSmall(_)
             | Self::Journal(_)
             | Self::Apply(_)
@@ -79,7 +82,11 @@ impl ExecError {
             Self::Journal(_) => log::error!("{self}"),
             Self::Apply(_) => log::error!("{self}"),
             Self::WriteThrough(_) => log::error!("{self}"),
-            Self::GuestMemory(_) | Self::Store(_) | Self::NoMarkers | Self::ReplyTooSmall(_) => {
+            Self::GuestMemory(_)
+            | Self::Store(_)
+            | Self::NoMarkers
+            | Self::NoMarkersOnExport
+            | Self::ReplyTooSmall(_) => {
                 log::warn!("request failed: {self}")
             }
         }

@@ -7,11 +7,12 @@
 //!   volume, reads shared with the worker);
 //! - `completion`: status bytes, the used ring, signalling, and the one mapping from a
 //!   failure to a virtio status;
+//! - `source`: the disk served, the live store or a point-in-time export, behind one type;
 //! - `guest_memory`: host views of guest buffers, the only `unsafe` code here;
 //! - `ring`: taking chains off the ring, treating it as untrusted input.
 //!
 //! Parsing and validating a chain is `virtio_blk`'s (pure, no I/O). Each layer uses only those
-//! below it: mod → pipeline → applier → completion → guest_memory, ring and counters.
+//! below it: mod → pipeline → applier → source → completion → guest_memory, ring and counters.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +30,6 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
-use crate::store::Store;
 use crate::virtio_blk::{self, ConfigSpace, Limits};
 
 mod applier;
@@ -37,12 +37,14 @@ mod completion;
 mod counters;
 mod guest_memory;
 mod pipeline;
+mod source;
 // Public for the fuzz targets (fuzz/), not an API.
 #[doc(hidden)]
 pub mod ring;
 
 pub use counters::Counters;
 use pipeline::{BlkQueue, Device};
+pub use source::BlockSource;
 
 /// Data descriptors per request: Linux's default for a 256-entry queue, less header and status.
 pub const SEG_MAX: u32 = 126;
@@ -70,19 +72,19 @@ pub struct BlkBackend {
 }
 
 impl BlkBackend {
-    pub fn new(store: Arc<Store>, options: BlkOptions) -> Self {
+    pub fn new(source: BlockSource, options: BlkOptions) -> Self {
         let limits = Limits {
-            capacity_bytes: store.volume_size(),
+            capacity_bytes: source.volume_size(),
             seg_max: SEG_MAX,
             max_transfer: MAX_TRANSFER,
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_discard_segments: 1,
             read_only: options.read_only,
         };
-        let queues = (0..options.num_queues).map(|q| BlkQueue::new(q, Arc::clone(&store))).collect();
+        let queues = (0..options.num_queues).map(|q| BlkQueue::new(q, source.clone())).collect();
         let counters: Arc<Counters> = Arc::default();
         let device = Device {
-            store,
+            source,
             counters: Arc::clone(&counters),
             limits,
             serial: options.serial,
@@ -115,7 +117,7 @@ impl BlkBackend {
 
     fn config_space(&self) -> ConfigSpace {
         ConfigSpace {
-            capacity_sectors: self.device.store.volume_size() / crate::store::SECTOR_SIZE,
+            capacity_sectors: self.device.source.volume_size() / crate::store::SECTOR_SIZE,
             seg_max: SEG_MAX,
             blk_size: crate::store::SECTOR_SIZE as u32,
             physical_block_size: 4096,
@@ -201,7 +203,7 @@ impl VhostUserBackend for BlkBackend {
         log::info!("guest switched the cache to {}", if writeback { "write-back" } else { "write-through" });
         if !writeback {
             // Writes completed so far become durable now, as a write-through disk promises.
-            self.device.store.sync().map_err(io::Error::other)?;
+            self.device.source.sync().map_err(io::Error::other)?;
         }
         self.device.writeback.store(writeback, Ordering::Relaxed);
         Ok(())

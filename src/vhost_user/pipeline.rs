@@ -22,8 +22,8 @@ use super::completion::{Completer, Completion, ExecError};
 use super::counters::Counters;
 use super::guest_memory::{GuestBuffers, Memory};
 use super::ring::{self, RingFault};
+use super::source::BlockSource;
 use crate::marker::MarkerSource;
-use crate::store::Store;
 use crate::virtio_blk::{self, Limits, Parsed, Request, RequestError};
 
 /// Batching policy: a pass's consecutive volume writes go to the journal together (one
@@ -83,7 +83,7 @@ fn more_requests_soon(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
 
 /// What every queue of the device shares.
 pub struct Device {
-    pub store: Arc<Store>,
+    pub source: BlockSource,
     pub counters: Arc<Counters>,
     pub limits: Limits,
     pub serial: [u8; virtio_blk::ID_BYTES],
@@ -106,8 +106,8 @@ pub struct BlkQueue {
 }
 
 impl BlkQueue {
-    pub fn new(index: usize, store: Arc<Store>) -> Self {
-        Self { index, applier: Applier::spawn(index, store), broken: AtomicBool::new(false) }
+    pub fn new(index: usize, source: BlockSource) -> Self {
+        Self { index, applier: Applier::spawn(index, source), broken: AtomicBool::new(false) }
     }
 
     /// Serves the ring until it is empty (and, with EVENT_IDX, stays empty for a moment).
@@ -241,14 +241,14 @@ impl Pass<'_> {
         if reads.is_empty() {
             return Ok(());
         }
-        let store = &self.device.store;
+        let source = &self.device.source;
         let shared = shared_reads(reads.len(), self.applier);
         // A shared read whose buffers are outside guest memory is done here instead, and
         // fails here with the error logged.
         let mut unshared = Vec::new();
         if shared > 0 {
             let buffers = GuestBuffers::owning(self.mem.clone());
-            let mut job = ReadJob::new(store.read_fence(), buffers, self.completer.clone());
+            let mut job = ReadJob::new(source.read_fence(), buffers, self.completer.clone());
             for &(head, p) in &reads[..shared] {
                 let Request::Read { offset, buffers } = &p.request else { unreachable!("only reads are gathered") };
                 if job.add(head, p.status, *offset, buffers).is_err() {
@@ -256,7 +256,7 @@ impl Pass<'_> {
                 }
             }
             if !job.is_empty() {
-                self.applier.hand_over(Job::Read(job), store);
+                self.applier.hand_over(Job::Read(job), source);
             }
         }
         let mut buffers = GuestBuffers::borrowing(self.mem);
@@ -267,7 +267,7 @@ impl Pass<'_> {
                 .map(bufs)
                 .map_err(ExecError::GuestMemory)
                 .and_then(|span| {
-                    read_request(store, &self.device.counters, store.read_fence(), *offset, &mut buffers, span)
+                    read_request(source, &self.device.counters, source.read_fence(), *offset, &mut buffers, span)
                 })
                 .unwrap_or_else(|e| Completion::failed(&e));
             self.completer.complete(self.mem, head, Some(p.status), &completion)?;
@@ -285,9 +285,9 @@ impl Pass<'_> {
         match self.journal_batch(batch) {
             Ok(job) => {
                 if applies_inline(self.taken, self.applier) {
-                    job.run(&self.device.store);
+                    job.run(&self.device.source);
                 } else {
-                    self.applier.hand_over(Job::Apply(job), &self.device.store);
+                    self.applier.hand_over(Job::Apply(job), &self.device.source);
                 }
             }
             Err(e) => {
@@ -325,7 +325,7 @@ impl Pass<'_> {
             // Parsing guarantees at least one range per request, so this request's ops end here.
             requests.push(BatchRequest { head, status_at: p.status, last_op: ops.len() - 1, bytes });
         }
-        let journaled = with_volume_ops(&buffers, &ops, |volume_ops| self.device.store.journal(volume_ops))
+        let journaled = with_volume_ops(&buffers, &ops, |volume_ops| self.device.source.journal(volume_ops))
             .map_err(ExecError::Journal)?;
         // Without a write-back cache each write must be durable before it completes.
         let durable_first = !self.device.writeback.load(Ordering::Relaxed);
@@ -337,25 +337,23 @@ impl Pass<'_> {
     }
 
     fn try_execute(&self, request: &Request) -> Result<Completion, ExecError> {
-        let store = &self.device.store;
+        let source = &self.device.source;
         Ok(match request {
             Request::Flush => {
-                store.sync()?;
+                source.sync()?;
                 self.device.counters.flushes.fetch_add(1, Ordering::Relaxed);
                 Completion::ok(0)
             }
             Request::GetId { buffers } => Completion::ok(copy_to_buffers(self.mem, &self.device.serial, buffers)?),
             Request::MarkerAdd { name } => {
                 let name = crate::marker::validate_name(name)?;
-                let marker = store.add_marker(name, None, MarkerSource::Guest)?;
+                let marker = source.add_marker(name, MarkerSource::Guest)?;
                 log::info!("guest marker {:?} at seq {}", marker.name, marker.seq);
                 Completion::ok(0)
             }
             Request::MarkerGet { name, reply } => {
-                let marker = match name {
-                    Some(name) => store.marker(crate::marker::validate_name(name)?)?,
-                    None => store.newest_marker().ok_or(ExecError::NoMarkers)?,
-                };
+                let name = name.as_deref().map(crate::marker::validate_name).transpose()?;
+                let marker = source.marker(name)?.ok_or(ExecError::NoMarkers)?;
                 let bytes = virtio_blk::encode_marker_reply(&marker.marker);
                 if virtio_blk::total_len(reply) < bytes.len() as u64 {
                     return Err(ExecError::ReplyTooSmall(bytes.len()));

@@ -51,6 +51,19 @@ impl<S: ExtentSource> ExtentMap<S> {
         self.extents.iter().map(|(&start, &(len, source))| (start, len, source))
     }
 
+    /// The extents that overlap `start..end`, in order, whole (the first may start before
+    /// `start`, the last end after `end`).
+    pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, S)> + '_ {
+        let before = self
+            .extents
+            .range(..start)
+            .next_back()
+            .filter(|(&s, &(len, _))| s + len > start)
+            .map(|(&s, &(len, source))| (s, len, source));
+        let inside = self.extents.range(start..end).map(|(&s, &(len, source))| (s, len, source));
+        before.into_iter().chain(inside)
+    }
+
     pub fn len(&self) -> usize {
         self.extents.len()
     }

@@ -3,8 +3,10 @@
 //! marker, a sequence number or a time.
 //!
 //! The pieces, one module each: [`journal`] (on-disk records, append, scan, torn-tail repair),
-//! [`snapshot`] (the delta chain), [`marker`], [`retention`], [`recovery`], and [`store`], the
-//! write path that ties them together. Nothing here knows about virtio, vhost-user or the CLI.
+//! [`snapshot`] (the delta chain), [`marker`], [`retention`], [`recovery`], [`view`] (points
+//! read in place, without copying), [`export`] (a view made writable by an overlay), and
+//! [`store`], the write path that ties them together. Nothing here knows about virtio,
+//! vhost-user or the CLI.
 //!
 //! [`Seq`] and [`FORMAT_VERSION`] live here, at the root, because every layer (down to
 //! [`error`]) uses them: defined in a module, they would make lower modules import upwards.
@@ -12,6 +14,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod error;
+pub mod export;
 pub mod extent_map;
 pub mod fsutil;
 pub mod journal;
@@ -20,6 +23,7 @@ pub mod recovery;
 pub mod retention;
 pub mod snapshot;
 pub mod store;
+pub mod view;
 
 pub use error::{Error, Result};
 pub use store::{CreateOptions, Store, VolumeOp};

@@ -92,6 +92,17 @@ pub fn replay(view: &JournalView, from: Seq, to: Seq, target: &File) -> Result<(
     Ok((records, bytes))
 }
 
+/// Creates an output image that must not exist yet ([`Error::OutputExists`] if it does).
+pub(crate) fn create_output(path: &Path) -> Result<File> {
+    OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::OutputExists(path.to_path_buf())
+        } else {
+            Error::Io { context: format!("creating {}", path.display()), cause: e }
+        }
+    })
+}
+
 /// Builds the volume at `seq` into a new file at `output`, from snapshot `snapshot_seq` (the
 /// newest at or before `seq`) and the journal after it. The output is removed on failure.
 pub fn recover_to(
@@ -103,13 +114,7 @@ pub fn recover_to(
     progress: Progress<'_>,
     stop: &AtomicBool,
 ) -> Result<RecoveryReport> {
-    let file = OpenOptions::new().read(true).write(true).create_new(true).open(output).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            Error::OutputExists(output.to_path_buf())
-        } else {
-            Error::Io { context: format!("creating {}", output.display()), cause: e }
-        }
-    })?;
+    let file = create_output(output)?;
     let volume_size = snapshots.volume_size();
     let mut build = || -> Result<RecoveryReport> {
         file.set_len(volume_size).context(|| format!("sizing {}", output.display()))?;

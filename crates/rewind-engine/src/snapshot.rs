@@ -95,11 +95,19 @@ impl ExtentSource for Source {
     }
 }
 
-struct DeltaExtent {
-    offset: u64,
-    len: u64,
-    data_position: u64,
+pub(crate) struct DeltaExtent {
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+    /// Where the extent's bytes are in the delta file; [`DeltaExtent::is_zero`] when none.
+    pub(crate) data_position: u64,
     crc: u32,
+}
+
+impl DeltaExtent {
+    /// The range reads as zeroes and has no data in the file.
+    pub(crate) fn is_zero(&self) -> bool {
+        self.data_position == ZERO_EXTENT
+    }
 }
 
 pub struct SnapshotStore {
@@ -435,7 +443,22 @@ impl SnapshotStore {
         })
     }
 
-    fn read_delta_table(&self, seq: Seq) -> Result<(File, Vec<DeltaExtent>)> {
+    /// Opens the base image for reading, as it is now.
+    pub(crate) fn open_base(&self) -> Result<File> {
+        let path = self.dir.join(BASE_FILE);
+        File::open(&path).context(|| format!("opening {}", path.display()))
+    }
+
+    /// The base's sequence number and the deltas of the chain up to and including `seq`,
+    /// oldest first.
+    pub(crate) fn chain_through(&self, seq: Seq) -> (Seq, Vec<Seq>) {
+        let deltas = self.manifest.deltas.iter().map(|d| d.seq).take_while(|&d| d <= seq).collect();
+        (self.manifest.base.seq, deltas)
+    }
+
+    /// Opens delta `seq` and reads its extent table, checking the header and table checksums
+    /// (the data's are checked by whoever reads a whole extent).
+    pub(crate) fn read_delta_table(&self, seq: Seq) -> Result<(File, Vec<DeltaExtent>)> {
         let path = self.delta_path(seq);
         let corrupt = |reason: &str| Error::SnapshotCorrupt { path: path.clone(), reason: reason.to_string() };
         let file = File::open(&path).context(|| format!("opening {}", path.display()))?;
@@ -497,7 +520,7 @@ impl SnapshotStore {
         let mut chunk = vec![0u8; COPY_CHUNK];
         let mut total = 0;
         for extent in extents {
-            if extent.data_position == ZERO_EXTENT {
+            if extent.is_zero() {
                 on_zero(extent.offset, extent.len)?;
                 continue;
             }

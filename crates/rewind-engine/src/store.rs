@@ -29,6 +29,7 @@ use crate::marker::{self, Marker, MarkerIndex, MarkerSource};
 use crate::recovery::{self, Progress, RecoveryReport, RecoveryTarget};
 use crate::retention::{self, RetentionPlan, RetentionPolicy, SegmentSummary};
 use crate::snapshot::{SnapshotInfo, SnapshotOrigin, SnapshotStore};
+use crate::view::{PointView, ViewPinStatus, ViewPins};
 use crate::{Seq, FORMAT_VERSION};
 
 mod applying;
@@ -99,7 +100,8 @@ pub enum VolumeOp<'a> {
 }
 
 impl VolumeOp<'_> {
-    fn range(&self) -> (u64, u64) {
+    /// Offset and length of the bytes it changes.
+    pub(crate) fn range(&self) -> (u64, u64) {
         match *self {
             Self::Write { offset, data } => (offset, data.iter().map(|d| d.len() as u64).sum()),
             Self::WriteZeroes { offset, len } | Self::Discard { offset, len } => (offset, len),
@@ -178,6 +180,9 @@ pub struct Status {
     pub markers: usize,
     pub expired_markers: usize,
     pub retention: RetentionPolicy,
+    /// Open point-in-time views, and what of the journal and snapshots they hold on to.
+    #[serde(default)]
+    pub view_pins: Vec<ViewPinStatus>,
 }
 
 /// What [`Store::enforce_retention`] freed and took.
@@ -298,6 +303,8 @@ pub struct Store {
     /// Whether `sync_failure` is set: what the write and read paths look at.
     sync_failed: std::sync::atomic::AtomicBool,
     recoverability: Mutex<Recoverability>,
+    /// Open point-in-time views: retention keeps what they read.
+    view_pins: ViewPins,
     _spares: SparePreparer,
     _uncache: CacheDropper,
 }
@@ -562,6 +569,7 @@ impl Store {
             volume_size: meta.volume_size,
             _lock: lock,
             recoverability: Mutex::new(Recoverability::default()),
+            view_pins: ViewPins::default(),
             maintenance: Mutex::new(Maintenance { snapshots, meta }),
             writer: Mutex::new(Writer {
                 journal,
@@ -938,13 +946,16 @@ impl Store {
             (summaries, marker_seqs, writer.journal.view())
         };
         let policy = maintenance.meta.retention.clone();
+        let oldest_view_snapshot = self.view_pins.oldest_snapshot();
         let plan: RetentionPlan = retention::plan(
             &policy,
             &summaries,
             &retention::RetentionInputs {
                 now_ns: fsutil::now_ns(),
                 // Only checkpointed records may be freed; the checkpoint below covers them all.
-                checkpoint: view.next_seq() - 1,
+                // An open point-in-time view reads the records after its snapshot in place:
+                // to the planner they are records still awaiting replay.
+                checkpoint: (view.next_seq() - 1).min(oldest_view_snapshot.unwrap_or(Seq::MAX)),
                 oldest: recoverability.oldest,
                 snapshot_points: &recoverability.snapshot_points,
                 marker_seqs: &marker_seqs,
@@ -968,8 +979,11 @@ impl Store {
         }
         let new_first = plan.new_first_seq;
         let pinned: Vec<Seq> = if policy.keep_marker_snapshots { marker_seqs } else { Vec::new() };
-        report.merged_into_base =
-            maintenance.snapshots.merge_into_base(|base| base + 1 >= new_first || pinned.contains(&base))?;
+        // A merge rewrites the base in place, under every open view that reads it.
+        let views_open = oldest_view_snapshot.is_some();
+        report.merged_into_base = maintenance
+            .snapshots
+            .merge_into_base(|base| views_open || base + 1 >= new_first || pinned.contains(&base))?;
         self.refresh_recoverability(&maintenance);
         report.oldest_recoverable = lock_poisoned(self.recoverability.lock()).oldest;
         if report.freed_segments > 0 {
@@ -1027,6 +1041,18 @@ impl Store {
         let seq = self.resolve_in(target, &view)?;
         let snapshot_seq = maintenance.snapshots.newest_at_or_before(seq).expect("the base precedes every point");
         recovery::recover_to(&maintenance.snapshots, &view, snapshot_seq, seq, output, progress, stop)
+    }
+
+    /// The volume as it was at `target`, read in place from the store's files (nothing is
+    /// copied). Retention keeps what the view reads until it is dropped.
+    pub fn point_view(&self, target: &RecoveryTarget) -> Result<PointView> {
+        // Under `maintenance`, so no merge or free runs between choosing the files and pinning them.
+        let maintenance = lock_poisoned(self.maintenance.lock());
+        let view = lock_poisoned(self.writer.lock()).journal.view();
+        let seq = self.resolve_in(target, &view)?;
+        let snapshot_seq = maintenance.snapshots.newest_at_or_before(seq).expect("the base precedes every point");
+        let point = PointView::build(&maintenance.snapshots, &view, snapshot_seq, seq)?;
+        Ok(point.pinned_by(self.view_pins.pin(ViewPinStatus { seq, snapshot_seq })))
     }
 
     /// Checks every journal and snapshot checksum, and that the volume holds exactly what the
@@ -1102,6 +1128,7 @@ impl Store {
             markers: markers.len(),
             expired_markers: markers.iter().filter(|&&m| recoverability.marker_expired(m)).count(),
             retention: maintenance.meta.retention.clone(),
+            view_pins: self.view_pins.list(),
         }
     }
 }

@@ -14,9 +14,9 @@ use rewind_engine::recovery::RecoveryTarget;
 use rewind_engine::retention::RetentionPolicy;
 use rewind_engine::{CreateOptions, Error, Store, VolumeOp};
 
-const SECTOR: u64 = 512;
-const VOLUME_SECTORS: u64 = 128;
-const VOLUME: u64 = VOLUME_SECTORS * SECTOR;
+#[path = "common/small_volume.rs"]
+mod small_volume;
+use small_volume::{pattern, range, SECTOR, VOLUME};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -46,10 +46,6 @@ enum Op {
     Crash,
 }
 
-fn range() -> impl Strategy<Value = (u64, u64)> {
-    (0..VOLUME_SECTORS).prop_flat_map(|sector| (Just(sector), 1..=(VOLUME_SECTORS - sector).min(16)))
-}
-
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (range(), any::<u8>()).prop_map(|((sector, sectors), seed)| Op::Write { sector, sectors, seed }),
@@ -63,10 +59,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         1 => Just(Op::Crash),
     ]
-}
-
-fn pattern(seed: u8, len: usize, seq_hint: u64) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add((i as u64).wrapping_mul(31).wrapping_add(seq_hint) as u8) | 1).collect()
 }
 
 /// What the model knows: the volume after every sequence number.

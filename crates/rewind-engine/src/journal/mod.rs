@@ -11,6 +11,7 @@
 //! this far. Records and segment headers live in `record` and `segment`; the writer / reader /
 //! recovery split (as in fjall's lsm-tree) is the next step.
 
+pub mod header_index;
 pub mod record;
 pub mod segment;
 
@@ -91,6 +92,8 @@ pub struct Journal {
     /// Where sealed segments go to be written back and dropped from the page cache.
     sealed_to: Option<mpsc::Sender<SealedMessage>>,
     asked_for_spare: bool,
+    /// The active segment's records, for its header index when it is sealed.
+    index: header_index::IndexBuilder,
 }
 
 /// Why a walk over a segment stopped before its file ended or at a record it could not use.
@@ -297,6 +300,7 @@ impl Journal {
             spare_wanted: None,
             sealed_to: None,
             asked_for_spare: false,
+            index: header_index::IndexBuilder::default(),
         }
     }
 
@@ -591,6 +595,11 @@ impl Journal {
         }
         fsutil::write_all_vectored_at(&active.file, &slices, active.end)
             .context(|| format!("appending to {}", active.path.display()))?;
+        let mut position = active.end;
+        for record in records {
+            self.index.push(record.kind, record.offset, record.length, position + HEADER_LEN as u64);
+            position += HEADER_LEN as u64 + record::padded_len(record.length_of_payload());
+        }
         let active = self.segments.last_mut().expect("active segment");
         if active.is_empty() {
             active.first_timestamp_ns = now;
@@ -611,6 +620,7 @@ impl Journal {
             let _ = sealed_to.send(Some((Arc::clone(&sealed), self.active().end)));
         }
         self.unsynced.push(sealed);
+        std::mem::take(&mut self.index).write(self.active());
         self.start_segment(next)
     }
 
@@ -650,6 +660,10 @@ impl Journal {
             // Appends into reserved blocks cost a fraction of appends that allocate as they go.
             fsutil::preallocate(&file, self.segment_capacity);
         }
+        // An index left by a segment of this number that a crash cut off would not describe
+        // this one (and is checked before use anyway).
+        header_index::remove(&path);
+        self.index = header_index::IndexBuilder::complete();
         let header = SegmentHeader { store_uuid: self.store_uuid, index, first_seq };
         // A reused segment still holds its old records past the header; they are numbered below
         // `first_seq`, so the scanner never takes them for this life's records.
@@ -707,6 +721,7 @@ impl Journal {
         let freed: Vec<Arc<File>> = self.segments[..count].iter().map(|s| Arc::clone(&s.file)).collect();
         self.mark_synced(&freed);
         for segment in self.segments.drain(..count) {
+            header_index::remove(&segment.path);
             if spares < MAX_SPARE_SEGMENTS {
                 let spare = self.dir.join(format!("{SPARE_PREFIX}{:016x}.seg", segment.index));
                 fs::rename(&segment.path, &spare).context(|| format!("retiring {}", segment.path.display()))?;
@@ -929,6 +944,11 @@ impl JournalView {
         self.segments.iter().find(|s| s.index == index)
     }
 
+    /// The segments holding records with `from <= seq <= to` (none when `from > to`).
+    fn segments_holding(&self, from: Seq, to: Seq) -> impl Iterator<Item = &Segment> {
+        self.segments.iter().filter(move |s| from <= to && s.next_seq > from && s.first_seq <= to)
+    }
+
     /// Visits every record with `from <= seq <= to`, in order, reading and checking payloads as
     /// asked. Any fault inside the view is damage.
     pub fn for_each(
@@ -938,13 +958,7 @@ impl JournalView {
         payloads: Payloads,
         mut visit: impl FnMut(RecordRef<'_>) -> Result<()>,
     ) -> Result<()> {
-        if from > to {
-            return Ok(());
-        }
-        for segment in &self.segments {
-            if segment.next_seq <= from || segment.first_seq > to {
-                continue;
-            }
+        for segment in self.segments_holding(from, to) {
             let walked = walk_segment(
                 segment,
                 Some((segment.end, segment.next_seq.min(to + 1))),
@@ -953,6 +967,41 @@ impl JournalView {
             )?;
             if let Some(reason) = walked.fault {
                 return Err(Error::JournalCorrupt { segment: segment.path.clone(), offset: walked.end, reason });
+            }
+        }
+        Ok(())
+    }
+
+    /// Visits the records with `from <= seq <= to` in order, without their payloads: from the
+    /// segments' header indexes where they have usable ones, else by walking the segments.
+    pub fn for_each_header(
+        &self,
+        from: Seq,
+        to: Seq,
+        mut visit: impl FnMut(&Segment, header_index::IndexedRecord) -> Result<()>,
+    ) -> Result<()> {
+        for segment in self.segments_holding(from, to) {
+            let in_range = |seq: Seq| seq >= from && seq <= to;
+            match header_index::read(segment) {
+                Some(records) => {
+                    for record in records.into_iter().filter(|r| in_range(r.seq)) {
+                        visit(segment, record)?;
+                    }
+                }
+                None => {
+                    let one = JournalView { segments: vec![segment.clone()] };
+                    one.for_each(from.max(segment.first_seq), to, Payloads::Skip, |rec| {
+                        let h = rec.header;
+                        let record = header_index::IndexedRecord {
+                            seq: h.seq,
+                            kind: h.kind,
+                            offset: h.offset,
+                            length: h.length,
+                            payload_position: rec.payload_position(),
+                        };
+                        visit(segment, record)
+                    })?;
+                }
             }
         }
         Ok(())
