@@ -264,6 +264,9 @@ pub struct Store {
     /// Whether `sync_failure` is set: what the write and read paths look at.
     sync_failed: std::sync::atomic::AtomicBool,
     recoverability: Mutex<Recoverability>,
+    /// Retention keeps every record numbered at or above this (see
+    /// [`keep_journal_from`](Self::keep_journal_from)); `Seq::MAX` when nothing asks.
+    retention_floor: std::sync::atomic::AtomicU64,
     _spares: SparePreparer,
     _uncache: CacheDropper,
 }
@@ -528,6 +531,7 @@ impl Store {
             volume_size: meta.volume_size,
             _lock: lock,
             recoverability: Mutex::new(Recoverability::default()),
+            retention_floor: std::sync::atomic::AtomicU64::new(Seq::MAX),
             maintenance: Mutex::new(Maintenance { snapshots, meta }),
             writer: Mutex::new(Writer {
                 journal,
@@ -573,6 +577,24 @@ impl Store {
     /// The directory holding the journal, snapshots and metadata.
     pub fn store_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Has retention keep every record numbered `seq` or later, whatever its policy says: for a
+    /// reader that still has to copy them elsewhere (replication). `Seq::MAX` lifts the hold.
+    pub fn keep_journal_from(&self, seq: Seq) {
+        self.retention_floor.store(seq, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The journal as it is now, to read records from. Segments are freed only by retention,
+    /// which keeps what [`keep_journal_from`](Self::keep_journal_from) holds: read only records
+    /// at or above the hold.
+    pub fn journal_view(&self) -> JournalView {
+        lock_poisoned(self.writer.lock()).journal.view()
+    }
+
+    /// The last record known to be durable (0 until the first [`sync`](Self::sync) after open).
+    pub fn durable_seq(&self) -> Seq {
+        *lock_poisoned(self.durable.lock())
     }
 
     /// Newest sequence number (0 before the first record).
@@ -899,7 +921,8 @@ impl Store {
             &retention::RetentionInputs {
                 now_ns: fsutil::now_ns(),
                 // Only checkpointed records may be freed; the checkpoint below covers them all.
-                checkpoint: view.next_seq() - 1,
+                checkpoint: (view.next_seq() - 1)
+                    .min(self.retention_floor.load(std::sync::atomic::Ordering::SeqCst).saturating_sub(1)),
                 oldest: recoverability.oldest,
                 snapshot_points: &recoverability.snapshot_points,
                 marker_seqs: &marker_seqs,

@@ -911,6 +911,11 @@ pub struct JournalView {
 }
 
 impl JournalView {
+    /// The segments, oldest first.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
     pub fn first_seq(&self) -> Seq {
         self.segments.first().map_or(0, |s| s.first_seq)
     }
