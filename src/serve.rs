@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub snapshot_every: Option<Duration>,
     /// Applied to the store's retention settings before serving.
     pub retention: Box<dyn Fn(&mut RetentionPolicy) + Send>,
+    /// The replica to ship the volume's history to (s3://BUCKET/PREFIX or file:///DIR).
+    pub replicate: Option<String>,
 }
 
 /// Who serves a store, recorded in it so that offline commands can point at the control socket.
@@ -199,6 +201,20 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
             }
         })
     };
+    // Before maintenance starts: the shipper holds retention from the first moment.
+    let shipper = match &config.replicate {
+        Some(url) => {
+            let remote = rewind_replica::Remote::open(url).with_context(|| format!("--replicate {url}"))?;
+            let send = control.event_sender();
+            let events = Box::new(move |event: rewind_replica::ReplicationEvent| send(event.into()));
+            let shipper = rewind_replica::Shipper::start(Arc::clone(&store), remote, Default::default(), events)
+                .context("starting replication")?;
+            control.set_replication(shipper.status_handle());
+            log::info!("replicating to {url}");
+            Some(shipper)
+        }
+        None => None,
+    };
     let (stop_maintenance, maintenance_stop) = mpsc::channel();
     let maintenance_thread = {
         let store = Arc::clone(&store);
@@ -212,6 +228,8 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     let _ = signal_thread.join();
     drop(stop_maintenance);
     let _ = maintenance_thread.join();
+    // Ships what is durable once more (unless the replica is failing), before the store closes.
+    drop(shipper);
     control.shutdown();
     drop(backend);
     ServedBy::remove(store.store_dir());

@@ -35,6 +35,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn serve(args: ServeArgs) -> Result<()> {
     let retention = args.retention;
+    let replicate = args.replicate;
     crate::serve::serve(crate::serve::ServeConfig {
         image: args.image,
         store_dir: args.store.dir,
@@ -48,6 +49,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         read_only: args.read_only,
         snapshot_every: args.snapshot_every,
         retention: Box::new(move |policy| retention.apply_to(policy)),
+        replicate,
     })
 }
 
@@ -105,6 +107,11 @@ fn with_store<T>(image: &Path, store: &StoreArg, action: impl FnOnce(&Store) -> 
     let result = action(&opened)?;
     opened.close()?;
     Ok(result)
+}
+
+/// Opens the replica at `url` (reads its manifest).
+fn open_replica(url: &str) -> Result<rewind_replica::Replica> {
+    rewind_replica::Replica::open(url).with_context(|| format!("reading the replica at {url}"))
 }
 
 /// Prints `value` as JSON with `--json`, else the way `human` shows it.

@@ -94,6 +94,10 @@ impl Shared {
             }
             HostCommand::Recover(args) => reply(&self.start_recovery(args)?),
             HostCommand::QueryJobs => reply(&self.jobs.all()),
+            HostCommand::QueryReplication => match self.replication.get() {
+                Some(replication) => reply(&replication.get()),
+                None => Err(QmpError::generic("replication is off: start rewind serve with --replicate URL")),
+            },
         }
     }
 

@@ -54,6 +54,8 @@ pub enum HostCommand {
     RetentionSet(RetentionChange),
     Recover(RecoverArgs),
     QueryJobs,
+    /// How far shipping to the replica has got (`serve --replicate`).
+    QueryReplication,
 }
 
 /// Any command. Which of the two types a command belongs to decides which channels offer it,

@@ -91,6 +91,16 @@ pub enum ReplicationEvent {
     CaughtUp(ReplicationCaughtUp),
 }
 
+/// Reads a running shipper's status.
+#[derive(Clone)]
+pub struct StatusHandle(Arc<Mutex<ReplicationStatus>>);
+
+impl StatusHandle {
+    pub fn get(&self) -> ReplicationStatus {
+        locked(&self.0).clone()
+    }
+}
+
 /// Receives the shipper's events (the daemon sends them to its control clients).
 pub type EventSink = Box<dyn Fn(ReplicationEvent) + Send>;
 
@@ -149,6 +159,11 @@ impl Shipper {
 
     pub fn status(&self) -> ReplicationStatus {
         locked(&self.status).clone()
+    }
+
+    /// A handle that reads the status from elsewhere (the control socket).
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle(Arc::clone(&self.status))
     }
 
     /// Ships what is durable once more (unless failing) and ends the thread.
