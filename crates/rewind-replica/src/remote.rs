@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
+use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, PutPayload, RetryConfig};
 
 use crate::error::{Error, Result};
 
@@ -75,17 +75,21 @@ impl Remote {
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "s3" => {
                 let bucket = parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| bad_url(url, "no bucket"))?;
-                let client = ClientOptions::new()
-                    .with_timeout(timeout)
-                    .with_connect_timeout(timeout.min(Duration::from_secs(5)));
                 let retry = RetryConfig {
                     backoff: BackoffConfig::default(),
                     max_retries: 3,
                     retry_timeout: timeout,
                 };
+                // Set key by key: `with_client_options` would drop what the environment set
+                // (AWS_ALLOW_HTTP among them).
+                let connect_timeout = timeout.min(Duration::from_secs(5));
                 let s3 = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
-                    .with_client_options(client)
+                    .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), format!("{}ms", timeout.as_millis()))
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                        format!("{}ms", connect_timeout.as_millis()),
+                    )
                     .with_retry(retry)
                     .build()
                     .map_err(|e| Error::Store { url: url.to_string(), reason: e.to_string() })?;
