@@ -163,11 +163,28 @@ fn writes_and_markers_on_a_live_daemon_recover_byte_exact_from_a_directory_repli
 #[test]
 fn a_daemon_killed_while_shipping_resumes_from_the_manifest_without_gaps() {
     let dir = tempfile::tempdir().unwrap();
-    let url = file_url(&dir.path().join("replica"));
-    let host = dir.path().join("host-a").tap_create();
+    let replica = dir.path().join("replica");
+    killed_while_shipping_resumes_without_gaps(dir.path(), &file_url(&replica), &[], &|| {
+        std::fs::read_dir(replica.join("journal"))
+            .unwrap()
+            .map(|e| format!("journal/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect()
+    });
+}
+
+/// kill -9 while the shipper is at work, restart: shipping resumes from the manifest, the
+/// journal objects among the keys `list_journal` returns follow each other with no gap and no record twice,
+/// and points from before and after the kill recover exactly.
+fn killed_while_shipping_resumes_without_gaps(
+    dir: &Path,
+    url: &str,
+    env: &[(String, String)],
+    list_journal: &dyn Fn() -> Vec<String>,
+) {
+    let host = dir.join("host-a").tap_create();
     let mut rng = Rng(0xdead_0012);
     let mut model = vec![0u8; SIZE as usize];
-    let served = serve_replicated(&host, &url, &[], &[]);
+    let served = serve_replicated(&host, url, env, &[]);
     let mut client = Client::connect(&served.daemon.socket, 1);
     write_random(&mut client, &mut model, &mut rng, 300);
     let before_kill = model.clone();
@@ -178,30 +195,27 @@ fn a_daemon_killed_while_shipping_resumes_from_the_manifest_without_gaps() {
     drop(client);
     served.daemon.kill();
 
-    let served = serve_replicated(&host, &url, &[], &[]);
+    let served = serve_replicated(&host, url, env, &[]);
     let mut client = Client::connect(&served.daemon.socket, 1);
     write_random(&mut client, &mut model, &mut rng, 100);
     assert_eq!(client.flush(), 0);
     add_marker(&served.control, "after-restart");
     let status = caught_up(&served.control, Duration::from_secs(30));
     assert!(status.head > marker_seq);
-    let second_host = dir.path().join("host-b").tap_create();
-    let got = recover_from(&[], &url, &["--marker", "before-kill"], &second_host.join("a.img"));
+    let second_host = dir.join("host-b").tap_create();
+    let got = recover_from(env, url, &["--marker", "before-kill"], &second_host.join("a.img"));
     assert!(got == before_kill, "before-kill differs");
-    let got = recover_from(&[], &url, &["--marker", "after-restart"], &second_host.join("b.img"));
+    let got = recover_from(env, url, &["--marker", "after-restart"], &second_host.join("b.img"));
     assert!(got == model, "after-restart differs");
-    // The journal objects follow each other, with no gap and no record twice.
-    let mut names: Vec<String> = std::fs::read_dir(dir.path().join("replica/journal"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let mut ranges: Vec<(u64, u64)> =
+        list_journal().iter().filter_map(|key| rewind_replica::layout::parse_journal_key(key)).collect();
+    ranges.sort();
     let mut next = 1;
-    for name in &names {
-        let (first, last) = rewind_replica::layout::parse_journal_key(&format!("journal/{name}")).unwrap();
-        assert_eq!(first, next, "objects {names:?}");
+    for &(first, last) in &ranges {
+        assert_eq!(first, next, "journal objects {ranges:?}");
         next = last + 1;
     }
+    assert_eq!(next, status.shipped_seq + 1);
     drop(client);
     served.daemon.terminate();
 }
@@ -271,6 +285,10 @@ fn against_a_real_ceph_cluster() {
     let dir = tempfile::tempdir().unwrap();
     cluster.create_bucket("live");
     markers_and_writes_recover_exactly(&dir.path().join("live"), "s3://live/volumes/disk1", &env);
+    cluster.create_bucket("killed");
+    killed_while_shipping_resumes_without_gaps(&dir.path().join("killed"), "s3://killed/vol", &env, &|| {
+        cluster.list_objects("killed").into_iter().filter_map(|key| key.strip_prefix("vol/").map(str::to_string)).collect()
+    });
     cluster.create_bucket("outage");
     radosgw_outage_keeps_guest_io_going_and_catches_up(&mut cluster, &dir.path().join("outage"), &env);
     bad_bucket_and_credentials_are_errors(&cluster, &dir.path().join("bad"), &env);
