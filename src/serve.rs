@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub retention: Box<dyn Fn(&mut RetentionPolicy) + Send>,
     /// The replica to ship the volume's history to (s3://BUCKET/PREFIX or file:///DIR).
     pub replicate: Option<String>,
+    /// Remote retention: points older than this are freed from the replica.
+    pub replica_max_age: Option<Duration>,
 }
 
 /// Who serves a store, recorded in it so that offline commands can point at the control socket.
@@ -207,7 +209,8 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
             let remote = rewind_replica::Remote::open(url).with_context(|| format!("--replicate {url}"))?;
             let send = control.event_sender();
             let events = Box::new(move |event: rewind_replica::ReplicationEvent| send(event.into()));
-            let shipper = rewind_replica::Shipper::start(Arc::clone(&store), remote, Default::default(), events)
+            let shipping = rewind_replica::ShipperConfig { max_age: config.replica_max_age, ..Default::default() };
+            let shipper = rewind_replica::Shipper::start(Arc::clone(&store), remote, shipping, events)
                 .context("starting replication")?;
             control.set_replication(shipper.status_handle());
             log::info!("replicating to {url}");

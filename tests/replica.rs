@@ -74,7 +74,12 @@ fn replication(control: &Path) -> ReplicationStatus {
 }
 
 /// Polls `query-replication` until `done` holds, for at most `limit`.
-fn wait_replication(control: &Path, limit: Duration, what: &str, done: impl Fn(&ReplicationStatus) -> bool) -> ReplicationStatus {
+fn wait_replication(
+    control: &Path,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&ReplicationStatus) -> bool,
+) -> ReplicationStatus {
     let deadline = Instant::now() + limit;
     loop {
         let status = replication(control);
@@ -221,6 +226,50 @@ fn killed_while_shipping_resumes_without_gaps(
 }
 
 #[test]
+fn remote_retention_frees_old_points_and_keeps_later_ones_recoverable_in_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    remote_retention_keeps_later_points(dir.path(), &file_url(&dir.path().join("replica")), &[]);
+}
+
+/// `--replica-max-age`: once the early writes are older than the limit, the replica is rebased
+/// past them; their marker is listed as expired and refused, every later point recovers exactly.
+fn remote_retention_keeps_later_points(dir: &Path, url: &str, env: &[(String, String)]) {
+    let served = serve_replicated(&dir.join("host-a").tap_create(), url, env, &["--replica-max-age", "1s"]);
+    let mut client = Client::connect(&served.daemon.socket, 1);
+    let mut rng = Rng(0x0a9e_0012);
+    let mut model = vec![0u8; SIZE as usize];
+    write_random(&mut client, &mut model, &mut rng, 100);
+    assert_eq!(client.flush(), 0);
+    let old = add_marker(&served.control, "old");
+    // Records after the marker: once they are past the limit too, the base moves beyond it.
+    write_random(&mut client, &mut model, &mut rng, 10);
+    assert_eq!(client.flush(), 0);
+    let rebased = wait_replication(&served.control, Duration::from_secs(30), "rebase", |s| s.remote_oldest_seq > old);
+    write_random(&mut client, &mut model, &mut rng, 100);
+    assert_eq!(client.flush(), 0);
+    add_marker(&served.control, "new");
+    let status = caught_up(&served.control, Duration::from_secs(30));
+    let listed = rewind_with(env, &["marker", "list", "--from", url, "--json"]);
+    let markers: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let expired: Vec<(&str, bool)> = markers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap(), m["expired"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(expired, [("old", true), ("new", false)]);
+    let second_host = dir.join("host-b").tap_create();
+    let refused = rewind_with(env, &["recover", "--from", url, "--marker", "old", "--output", "/nonexistent/x"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not recoverable"));
+    assert!(recover_from(env, url, &["--marker", "new"], &second_host.join("new.img")) == model, "new differs");
+    let oldest = rebased.remote_oldest_seq.to_string();
+    recover_from(env, url, &["--seq", &oldest], &second_host.join("oldest.img"));
+    assert!(status.remote_oldest_seq >= rebased.remote_oldest_seq);
+    drop(client);
+    served.daemon.terminate();
+}
+
+#[test]
 fn bad_urls_missing_replicas_and_corrupt_objects_are_reported_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("out.img");
@@ -255,7 +304,10 @@ fn bad_urls_missing_replicas_and_corrupt_objects_are_reported_by_name() {
     drop(client);
     served.daemon.terminate();
     let seq = status.head.to_string();
-    fails(&["recover", "--from", &url, "--seq", &(status.head + 1).to_string(), "--output", out_str], "not recoverable");
+    fails(
+        &["recover", "--from", &url, "--seq", &(status.head + 1).to_string(), "--output", out_str],
+        "not recoverable",
+    );
     fails(&["recover", "--from", &url, "--marker", "nope", "--output", out_str], "no marker named");
     let object = std::fs::read_dir(replica.join("journal")).unwrap().next().unwrap().unwrap();
     let name = object.file_name().to_string_lossy().into_owned();
@@ -287,8 +339,14 @@ fn against_a_real_ceph_cluster() {
     markers_and_writes_recover_exactly(&dir.path().join("live"), "s3://live/volumes/disk1", &env);
     cluster.create_bucket("killed");
     killed_while_shipping_resumes_without_gaps(&dir.path().join("killed"), "s3://killed/vol", &env, &|| {
-        cluster.list_objects("killed").into_iter().filter_map(|key| key.strip_prefix("vol/").map(str::to_string)).collect()
+        cluster
+            .list_objects("killed")
+            .into_iter()
+            .filter_map(|key| key.strip_prefix("vol/").map(str::to_string))
+            .collect()
     });
+    cluster.create_bucket("retention");
+    remote_retention_keeps_later_points(&dir.path().join("retention"), "s3://retention/vol", &env);
     cluster.create_bucket("outage");
     radosgw_outage_keeps_guest_io_going_and_catches_up(&mut cluster, &dir.path().join("outage"), &env);
     bad_bucket_and_credentials_are_errors(&cluster, &dir.path().join("bad"), &env);
@@ -296,7 +354,11 @@ fn against_a_real_ceph_cluster() {
 
 /// radosgw stopped under write load: guest I/O goes on, the lag grows, an error is reported;
 /// after the restart shipping catches up and every marker is still recovered exactly.
-fn radosgw_outage_keeps_guest_io_going_and_catches_up(cluster: &mut ceph::Cluster, dir: &Path, env: &[(String, String)]) {
+fn radosgw_outage_keeps_guest_io_going_and_catches_up(
+    cluster: &mut ceph::Cluster,
+    dir: &Path,
+    env: &[(String, String)],
+) {
     let url = "s3://outage/vol";
     // A journal limit the outage's backlog outgrows: the records are kept and that is reported.
     let served = serve_replicated(&dir.join("host-a").tap_create(), url, env, &["--journal-max", "1M"]);
@@ -336,7 +398,12 @@ fn radosgw_outage_keeps_guest_io_going_and_catches_up(cluster: &mut ceph::Cluste
             }
         }
     }
-    eprintln!("outage: lag {:.1} s, {} bytes pending after {:?}", behind.seconds_behind, behind.bytes_pending, outage.elapsed());
+    eprintln!(
+        "outage: lag {:.1} s, {} bytes pending after {:?}",
+        behind.seconds_behind,
+        behind.bytes_pending,
+        outage.elapsed()
+    );
     cluster.start_gateway();
     let caught = caught_up(&served.control, Duration::from_secs(60));
     loop {
@@ -364,7 +431,8 @@ fn bad_bucket_and_credentials_are_errors(cluster: &ceph::Cluster, dir: &Path, en
     let mut wrong_key = env.to_vec();
     wrong_key.retain(|(k, _)| k != "AWS_SECRET_ACCESS_KEY");
     wrong_key.push(("AWS_SECRET_ACCESS_KEY".into(), "not-the-secret".into()));
-    let out = rewind_with(&wrong_key, &["recover", "--from", "s3://live/volumes/disk1", "--seq", "1", "--output", out_str]);
+    let out =
+        rewind_with(&wrong_key, &["recover", "--from", "s3://live/volumes/disk1", "--seq", "1", "--output", out_str]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("rewind-replica.json") && stderr.contains("SignatureDoesNotMatch"), "{stderr}");

@@ -124,6 +124,10 @@ pub struct ServeArgs {
     /// keys, region and allow-http from the AWS_* environment variables) or file:///DIR.
     #[arg(long, value_name = "URL")]
     pub replicate: Option<String>,
+    /// Remote retention: free points older than this (e.g. 30d) from the replica, keeping every
+    /// later point recoverable. Without it the replica keeps everything.
+    #[arg(long, value_parser = parse_duration, requires = "replicate")]
+    pub replica_max_age: Option<std::time::Duration>,
 }
 
 #[derive(Args, Debug)]

@@ -50,6 +50,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         snapshot_every: args.snapshot_every,
         retention: Box::new(move |policy| retention.apply_to(policy)),
         replicate,
+        replica_max_age: args.replica_max_age,
     })
 }
 

@@ -27,8 +27,7 @@ fn free_port() -> u16 {
 }
 
 fn installed(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// Polls `ready` until it holds or `limit` passes.
@@ -110,7 +109,18 @@ rgw data = {d}/rgw
             rgw = self.rgw_port
         );
         std::fs::write(&self.conf, conf).unwrap();
-        self.run("monmaptool", &["--create", "--fsid", &fsid.to_string(), "--addv", "a", &format!("[v2:127.0.0.1:{mon_port}]"), self.path("monmap").to_str().unwrap()]);
+        self.run(
+            "monmaptool",
+            &[
+                "--create",
+                "--fsid",
+                &fsid.to_string(),
+                "--addv",
+                "a",
+                &format!("[v2:127.0.0.1:{mon_port}]"),
+                self.path("monmap").to_str().unwrap(),
+            ],
+        );
     }
 
     /// Runs a Ceph tool to completion; panics with its output if it fails.
@@ -148,7 +158,22 @@ rgw data = {d}/rgw
         self.run("ceph-authtool", &["--create-keyring", mon_k, "--gen-key", "-n", "mon.", "--cap", "mon", "allow *"]);
         self.run(
             "ceph-authtool",
-            &["--create-keyring", admin_k, "--gen-key", "-n", "client.admin", "--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr", "allow *"],
+            &[
+                "--create-keyring",
+                admin_k,
+                "--gen-key",
+                "-n",
+                "client.admin",
+                "--cap",
+                "mon",
+                "allow *",
+                "--cap",
+                "osd",
+                "allow *",
+                "--cap",
+                "mgr",
+                "allow *",
+            ],
         );
         self.run("ceph-authtool", &[mon_k, "--import-keyring", admin_k]);
         let monmap = self.path("monmap");
@@ -163,10 +188,14 @@ rgw data = {d}/rgw
         assert_eq!(id.trim(), "0", "ceph: the OSD got id {id}");
         self.run("ceph-osd", &["-i", "0", "--mkfs", "--mkkey", "--osd-uuid", &uuid, "--no-mon-config"]);
         let keyring = self.path("osd.0.keyring");
-        self.run("ceph", &["auth", "add", "osd.0", "osd", "allow *", "mon", "allow profile osd", "-i", keyring.to_str().unwrap()]);
+        self.run(
+            "ceph",
+            &["auth", "add", "osd.0", "osd", "allow *", "mon", "allow profile osd", "-i", keyring.to_str().unwrap()],
+        );
         self.osd = Some(self.spawn("ceph-osd", &["-i", "0", "-f"]));
         wait_until("the OSD", BRING_UP, || {
-            self.try_run("ceph", &["osd", "dump", "--connect-timeout", "2"]).is_some_and(|dump| dump.contains("osd.0 up"))
+            self.try_run("ceph", &["osd", "dump", "--connect-timeout", "2"])
+                .is_some_and(|dump| dump.contains("osd.0 up"))
         });
     }
 
@@ -176,7 +205,17 @@ rgw data = {d}/rgw
         if !keyring.exists() {
             self.run(
                 "ceph",
-                &["auth", "get-or-create", "client.rgw.a", "mon", "allow rw", "osd", "allow rwx", "-o", keyring.to_str().unwrap()],
+                &[
+                    "auth",
+                    "get-or-create",
+                    "client.rgw.a",
+                    "mon",
+                    "allow rw",
+                    "osd",
+                    "allow rwx",
+                    "-o",
+                    keyring.to_str().unwrap(),
+                ],
             );
         }
         self.rgw = Some(self.spawn("radosgw", &["-n", "client.rgw.a", "-f"]));
@@ -195,7 +234,14 @@ rgw data = {d}/rgw
         wait_until("the radosgw user", BRING_UP, || {
             self.try_run(
                 "radosgw-admin",
-                &["user", "create", "--uid=rewind", "--display-name=rewind", &format!("--access-key={ACCESS_KEY}"), &format!("--secret-key={SECRET_KEY}")],
+                &[
+                    "user",
+                    "create",
+                    "--uid=rewind",
+                    "--display-name=rewind",
+                    &format!("--access-key={ACCESS_KEY}"),
+                    &format!("--secret-key={SECRET_KEY}"),
+                ],
             )
             .is_some()
         });

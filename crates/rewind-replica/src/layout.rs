@@ -433,10 +433,8 @@ mod tests {
     #[test]
     fn base_parts_round_trip_and_refuse_damage() {
         let store = uuid::Uuid::new_v4();
-        let extents = vec![
-            BaseExtent { offset: 0, data: vec![1; 4096] },
-            BaseExtent { offset: 65536, data: vec![2; 8192] },
-        ];
+        let extents =
+            vec![BaseExtent { offset: 0, data: vec![1; 4096] }, BaseExtent { offset: 65536, data: vec![2; 8192] }];
         let bytes = encode_base_part(store, 42, 3, &extents);
         let key = base_key(42, 3);
         assert_eq!(parse_base_key(&key), Some(42));

@@ -20,7 +20,7 @@ pub mod ship;
 
 pub use error::{Error, Result};
 pub use remote::Remote;
-pub use restore::{ReplicaStatus, Replica};
+pub use restore::{Replica, ReplicaStatus};
 pub use ship::{ReplicationEvent, ReplicationStatus, Shipper, ShipperConfig};
 
 #[cfg(test)]

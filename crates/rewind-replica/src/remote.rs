@@ -75,17 +75,16 @@ impl Remote {
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "s3" => {
                 let bucket = parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| bad_url(url, "no bucket"))?;
-                let retry = RetryConfig {
-                    backoff: BackoffConfig::default(),
-                    max_retries: 3,
-                    retry_timeout: timeout,
-                };
+                let retry = RetryConfig { backoff: BackoffConfig::default(), max_retries: 3, retry_timeout: timeout };
                 // Set key by key: `with_client_options` would drop what the environment set
                 // (AWS_ALLOW_HTTP among them).
                 let connect_timeout = timeout.min(Duration::from_secs(5));
                 let s3 = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
-                    .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), format!("{}ms", timeout.as_millis()))
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                        format!("{}ms", timeout.as_millis()),
+                    )
                     .with_config(
                         AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
                         format!("{}ms", connect_timeout.as_millis()),
@@ -105,13 +104,17 @@ impl Remote {
                     return Err(bad_url(url, "a file URL names a local directory: file:///DIR"));
                 }
                 let dir = parsed.to_file_path().map_err(|()| bad_url(url, "not a local path"))?;
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| Error::Store { url: url.to_string(), reason: format!("creating {}: {e}", dir.display()) })?;
+                std::fs::create_dir_all(&dir).map_err(|e| Error::Store {
+                    url: url.to_string(),
+                    reason: format!("creating {}: {e}", dir.display()),
+                })?;
                 let local = LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| Error::Store { url: url.to_string(), reason: e.to_string() })?;
                 Arc::new(local)
             }
-            other => return Err(bad_url(url, format!("unknown scheme {other:?}; use s3://BUCKET/PREFIX or file:///DIR"))),
+            other => {
+                return Err(bad_url(url, format!("unknown scheme {other:?}; use s3://BUCKET/PREFIX or file:///DIR")))
+            }
         };
         Self::with_store(url, store, timeout)
     }
@@ -172,7 +175,8 @@ impl Remote {
     /// Every object under `prefix` (a folder such as `journal/`).
     pub fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
         let path = ObjectPath::from(prefix);
-        let listing = self.store.list(Some(&path)).map_ok(|meta| Listed { key: meta.location.to_string(), size: meta.size });
+        let listing =
+            self.store.list(Some(&path)).map_ok(|meta| Listed { key: meta.location.to_string(), size: meta.size });
         self.call("listing", prefix, listing.try_collect::<Vec<_>>())
     }
 

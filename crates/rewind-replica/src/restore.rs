@@ -145,132 +145,144 @@ impl Replica {
         })
     }
 
-    /// The sequence number a marker or seq target names, checked against the replica; a time
-    /// is resolved while replaying (records are in time order), so it gives `None` here.
-    fn resolve(&self, target: &RecoveryTarget) -> Result<Option<Seq>> {
-        let m = &self.manifest;
-        let unrecoverable =
-            || rewind_engine::Error::Unrecoverable { requested: target.to_string(), oldest: m.base.seq, head: m.shipped_seq };
-        let seq = match target {
-            RecoveryTarget::Marker(name) => {
-                m.markers
-                    .iter()
-                    .find(|marker| &marker.name == name)
-                    .ok_or_else(|| rewind_engine::Error::UnknownMarker(name.clone()))?
-                    .seq
-            }
-            RecoveryTarget::Seq(seq) => *seq,
-            RecoveryTarget::Time(ns) if *ns < m.base.time_ns => {
-                return Err(rewind_engine::Error::TimeBeforeJournal(target.to_string()).into())
-            }
-            RecoveryTarget::Time(_) => return Ok(None),
-        };
-        if seq < m.base.seq || seq > m.shipped_seq {
-            return Err(unrecoverable().into());
-        }
-        Ok(Some(seq))
-    }
-
     /// Writes the volume at `target` into a new sparse image at `output`. It is built beside
     /// `output` under a temporary name and linked into place only once complete and synced, so
     /// nothing half-written is ever left at `output`.
     pub fn recover(&self, target: &RecoveryTarget, output: &Path, progress: Progress<'_>) -> Result<RecoveryReport> {
-        if output.symlink_metadata().is_ok() {
-            return Err(rewind_engine::Error::OutputExists(output.to_path_buf()).into());
-        }
-        let m = &self.manifest;
-        let resolved = self.resolve(target)?;
-        let to = resolved.unwrap_or(m.shipped_seq);
-        let mut objects = list_journal(&self.remote)?;
-        objects.retain(|o| o.last <= m.shipped_seq);
-        let chain = chain(&objects, m.base.seq + 1, to)?;
-        let partial = partial_path(output);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&partial)
-            .context(|| format!("creating {}", partial.display()))?;
-        let built = (|| {
-            file.set_len(m.volume_size).context(|| format!("sizing {}", partial.display()))?;
-            let mut report = self.build(&file, target, resolved, &chain, progress)?;
-            file.sync_all().context(|| format!("syncing {}", partial.display()))?;
-            std::fs::hard_link(&partial, output).map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => rewind_engine::Error::OutputExists(output.to_path_buf()).into(),
-                _ => Error::Io { context: format!("moving the image into {}", output.display()), cause: e },
-            })?;
-            report.output = output.to_path_buf();
-            Ok(report)
-        })();
-        let _ = std::fs::remove_file(&partial);
-        built
+        recover(&self.remote, &self.manifest, target, output, progress).map(|(report, _)| report)
     }
+}
 
-    fn build(
-        &self,
-        file: &File,
-        target: &RecoveryTarget,
-        resolved: Option<Seq>,
-        chain: &[JournalObject],
-        progress: Progress<'_>,
-    ) -> Result<RecoveryReport> {
-        let m = &self.manifest;
-        let total = m.base.data_bytes + chain.iter().map(|o| o.size).sum::<u64>();
-        let mut done = 0u64;
-        progress(0, total);
-        let base_keys: Vec<String> = (0..m.base.parts).map(|part| layout::base_key(m.base.seq, part)).collect();
-        let mut bytes_written = 0u64;
-        self.remote.get_each(&base_keys, |key, bytes| {
-            layout::decode_base_part(key, m.store_uuid, m.base.seq, m.volume_size, &bytes, |offset, data| {
-                file.write_all_at(data, offset).context(|| format!("writing the image at offset {offset}"))?;
-                bytes_written += data.len() as u64;
-                done += data.len() as u64;
-                Ok(())
-            })?;
-            progress(done.min(total), total);
-            Ok(true)
-        })?;
-        // Records after the base up to the point: for a time, until the first record past it.
-        let mut seq = m.base.seq;
-        let mut records_replayed = 0u64;
-        let keys: Vec<String> = chain.iter().map(|o| o.key.clone()).collect();
-        self.remote.get_each(&keys, |key, bytes| {
-            let mut past_point = false;
-            let size = bytes.len() as u64;
-            layout::decode_journal_object(key, m.store_uuid, &bytes, |header, payload| {
-                let wanted = match (resolved, target) {
-                    (Some(to), _) => header.seq <= to,
-                    (None, RecoveryTarget::Time(ns)) => header.timestamp_ns <= *ns,
-                    (None, _) => unreachable!("only a time is resolved while replaying"),
-                };
-                if header.seq <= m.base.seq || past_point {
-                    return Ok(());
-                }
-                if !wanted {
-                    past_point = true;
-                    return Ok(());
-                }
-                apply_record(file, header, (header.kind == RecordKind::Write).then_some(payload))?;
-                records_replayed += u64::from(header.kind.modifies_volume());
-                if header.kind == RecordKind::Write {
-                    bytes_written += header.length;
-                }
-                seq = header.seq;
-                Ok(())
-            })?;
-            done += size;
-            progress(done.min(total), total);
-            Ok(!past_point)
-        })?;
-        progress(total, total);
-        Ok(RecoveryReport {
-            output: PathBuf::new(),
-            seq,
-            snapshot_seq: m.base.seq,
-            records_replayed,
-            bytes_written,
-        })
+/// The sequence number a marker or seq target names, checked against the replica; a time is
+/// resolved while replaying (records are in time order), so it gives `None` here.
+fn resolve(m: &Manifest, target: &RecoveryTarget) -> Result<Option<Seq>> {
+    let unrecoverable = || rewind_engine::Error::Unrecoverable {
+        requested: target.to_string(),
+        oldest: m.base.seq,
+        head: m.shipped_seq,
+    };
+    let seq = match target {
+        RecoveryTarget::Marker(name) => {
+            m.markers
+                .iter()
+                .find(|marker| &marker.name == name)
+                .ok_or_else(|| rewind_engine::Error::UnknownMarker(name.clone()))?
+                .seq
+        }
+        RecoveryTarget::Seq(seq) => *seq,
+        RecoveryTarget::Time(ns) if *ns < m.base.time_ns => {
+            return Err(rewind_engine::Error::TimeBeforeJournal(target.to_string()).into())
+        }
+        RecoveryTarget::Time(_) => return Ok(None),
+    };
+    if seq < m.base.seq || seq > m.shipped_seq {
+        return Err(unrecoverable().into());
     }
+    Ok(Some(seq))
+}
+
+/// [`Replica::recover`] from `remote` as `m` describes it; also returns the timestamp of the
+/// point's record (the base's when no record was replayed).
+pub(crate) fn recover(
+    remote: &Remote,
+    m: &Manifest,
+    target: &RecoveryTarget,
+    output: &Path,
+    progress: Progress<'_>,
+) -> Result<(RecoveryReport, u64)> {
+    if output.symlink_metadata().is_ok() {
+        return Err(rewind_engine::Error::OutputExists(output.to_path_buf()).into());
+    }
+    let resolved = resolve(m, target)?;
+    let to = resolved.unwrap_or(m.shipped_seq);
+    let mut objects = list_journal(remote)?;
+    objects.retain(|o| o.last <= m.shipped_seq);
+    let chain = chain(&objects, m.base.seq + 1, to)?;
+    let partial = partial_path(output);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .context(|| format!("creating {}", partial.display()))?;
+    let built = (|| {
+        file.set_len(m.volume_size).context(|| format!("sizing {}", partial.display()))?;
+        let (mut report, time_ns) = build(remote, m, &file, target, resolved, &chain, progress)?;
+        file.sync_all().context(|| format!("syncing {}", partial.display()))?;
+        std::fs::hard_link(&partial, output).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => rewind_engine::Error::OutputExists(output.to_path_buf()).into(),
+            _ => Error::Io { context: format!("moving the image into {}", output.display()), cause: e },
+        })?;
+        report.output = output.to_path_buf();
+        Ok((report, time_ns))
+    })();
+    let _ = std::fs::remove_file(&partial);
+    built
+}
+
+/// Writes the base and replays `chain` up to the point into `file`.
+fn build(
+    remote: &Remote,
+    m: &Manifest,
+    file: &File,
+    target: &RecoveryTarget,
+    resolved: Option<Seq>,
+    chain: &[JournalObject],
+    progress: Progress<'_>,
+) -> Result<(RecoveryReport, u64)> {
+    let total = m.base.data_bytes + chain.iter().map(|o| o.size).sum::<u64>();
+    let mut done = 0u64;
+    progress(0, total);
+    let base_keys: Vec<String> = (0..m.base.parts).map(|part| layout::base_key(m.base.seq, part)).collect();
+    let mut bytes_written = 0u64;
+    remote.get_each(&base_keys, |key, bytes| {
+        layout::decode_base_part(key, m.store_uuid, m.base.seq, m.volume_size, &bytes, |offset, data| {
+            file.write_all_at(data, offset).context(|| format!("writing the image at offset {offset}"))?;
+            bytes_written += data.len() as u64;
+            done += data.len() as u64;
+            Ok(())
+        })?;
+        progress(done.min(total), total);
+        Ok(true)
+    })?;
+    // Records after the base up to the point: for a time, until the first record past it.
+    let mut seq = m.base.seq;
+    let mut time_ns = m.base.time_ns;
+    let mut records_replayed = 0u64;
+    let keys: Vec<String> = chain.iter().map(|o| o.key.clone()).collect();
+    remote.get_each(&keys, |key, bytes| {
+        let mut past_point = false;
+        let size = bytes.len() as u64;
+        layout::decode_journal_object(key, m.store_uuid, &bytes, |header, payload| {
+            let wanted = match (resolved, target) {
+                (Some(to), _) => header.seq <= to,
+                (None, RecoveryTarget::Time(ns)) => header.timestamp_ns <= *ns,
+                (None, _) => unreachable!("only a time is resolved while replaying"),
+            };
+            if header.seq <= m.base.seq || past_point {
+                return Ok(());
+            }
+            if !wanted {
+                past_point = true;
+                return Ok(());
+            }
+            apply_record(file, header, (header.kind == RecordKind::Write).then_some(payload))?;
+            records_replayed += u64::from(header.kind.modifies_volume());
+            if header.kind == RecordKind::Write {
+                bytes_written += header.length;
+            }
+            seq = header.seq;
+            time_ns = header.timestamp_ns;
+            Ok(())
+        })?;
+        done += size;
+        progress(done.min(total), total);
+        Ok(!past_point)
+    })?;
+    progress(total, total);
+    let report =
+        RecoveryReport { output: PathBuf::new(), seq, snapshot_seq: m.base.seq, records_replayed, bytes_written };
+    Ok((report, time_ns))
 }
 
 /// Where a recovery builds `output` before linking it into place: beside it (same file

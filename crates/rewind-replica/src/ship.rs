@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::layout::{self, BaseExtent, BaseInfo, JournalBatch, Manifest, BASE_DIR, MANIFEST_KEY};
 use crate::remote::Remote;
-use crate::restore::{list_journal, read_manifest};
+use crate::restore::{self, list_journal, read_manifest};
 
 /// How the shipper groups and paces its uploads.
 #[derive(Debug, Clone)]
@@ -35,11 +35,13 @@ pub struct ShipperConfig {
     pub interval: Duration,
     /// A journal object is closed once it holds this many bytes of records.
     pub max_object_bytes: usize,
+    /// Remote retention: points older than this are freed from the replica (see `rebase`).
+    pub max_age: Option<Duration>,
 }
 
 impl Default for ShipperConfig {
     fn default() -> Self {
-        Self { interval: Duration::from_millis(200), max_object_bytes: 8 << 20 }
+        Self { interval: Duration::from_millis(200), max_object_bytes: 8 << 20, max_age: None }
     }
 }
 
@@ -149,6 +151,7 @@ impl Shipper {
             over_limit_reported: false,
             shipped_end: None,
             unshipped_time: None,
+            retention_checked: None,
         };
         let thread = std::thread::Builder::new()
             .name("rewind-replica".into())
@@ -207,6 +210,8 @@ struct Worker {
     shipped_end: Option<(u64, u64)>,
     /// The first unshipped record's sequence number and timestamp, for `seconds-behind`.
     unshipped_time: Option<(Seq, u64)>,
+    /// When remote retention last looked at the base's age.
+    retention_checked: Option<Instant>,
 }
 
 impl Worker {
@@ -291,6 +296,56 @@ impl Worker {
             log::info!("replication to {}: caught up at seq {shipped_seq}", self.remote.url());
             (self.events)(ReplicationEvent::CaughtUp(ReplicationCaughtUp { shipped_seq }));
         }
+        self.apply_remote_retention()
+    }
+
+    /// Remote retention: once the replica's base is older than `max_age` by a quarter more
+    /// (so that rebases are spaced out: each downloads the base and the journal it drops), the
+    /// replica is rebased to its last point older than `max_age`. Every point from there on
+    /// stays recoverable; markers before it are listed as expired.
+    fn apply_remote_retention(&mut self) -> Result<()> {
+        let (Some(max_age), Some(manifest)) = (self.config.max_age, self.manifest.as_ref()) else { return Ok(()) };
+        let check_every = (max_age / 4).max(Duration::from_secs(1));
+        if self.retention_checked.is_some_and(|at| at.elapsed() < check_every) {
+            return Ok(());
+        }
+        self.retention_checked = Some(Instant::now());
+        let now = fsutil::now_ns();
+        let max_age_ns = u64::try_from(max_age.as_nanos()).unwrap_or(u64::MAX);
+        if manifest.base.time_ns.saturating_add(max_age_ns.saturating_add(max_age_ns / 4)) >= now {
+            return Ok(());
+        }
+        let cutoff = now.saturating_sub(max_age_ns);
+        let build_path = self.store.store_dir().join(BASE_BUILD_FILE);
+        let _ = std::fs::remove_file(&build_path);
+        let rebuilt =
+            restore::recover(&self.remote, manifest, &RecoveryTarget::Time(cutoff), &build_path, &mut |_, _| {});
+        let rebased = rebuilt.and_then(|(report, time_ns)| {
+            if report.seq <= manifest.base.seq {
+                return Ok(None);
+            }
+            let image = File::open(&build_path).context(|| format!("opening {}", build_path.display()))?;
+            let (parts, data_bytes) =
+                self.upload_base_parts(&image, manifest.store_uuid, report.seq, manifest.volume_size)?;
+            let mut next = manifest.clone();
+            next.base = BaseInfo { seq: report.seq, time_ns, parts, data_bytes };
+            next.max_age_secs = Some(max_age.as_secs());
+            next.updated_ns = fsutil::now_ns();
+            self.remote.put(MANIFEST_KEY, next.encode())?;
+            Ok(Some(next))
+        });
+        let _ = std::fs::remove_file(&build_path);
+        if let Some(next) = rebased? {
+            log::info!(
+                "replication to {}: remote retention rebased the replica from seq {} to seq {}",
+                self.remote.url(),
+                manifest.base.seq,
+                next.base.seq
+            );
+            remove_unlisted(&self.remote, &next)?;
+            self.set_shipped(&next);
+            self.manifest = Some(next);
+        }
         Ok(())
     }
 
@@ -312,11 +367,19 @@ impl Worker {
             return self.upload_base();
         };
         if manifest.store_uuid != uuid {
-            return Err(Error::OtherStore { url: self.remote.url().to_string(), remote: manifest.store_uuid, local: uuid });
+            return Err(Error::OtherStore {
+                url: self.remote.url().to_string(),
+                remote: manifest.store_uuid,
+                local: uuid,
+            });
         }
         let head = self.store.head();
         if manifest.shipped_seq > head {
-            return Err(Error::Diverged { url: self.remote.url().to_string(), remote: manifest.shipped_seq, local: head });
+            return Err(Error::Diverged {
+                url: self.remote.url().to_string(),
+                remote: manifest.shipped_seq,
+                local: head,
+            });
         }
         let first_local = self.store.journal_view().first_seq();
         if manifest.shipped_seq + 1 < first_local {
@@ -331,7 +394,9 @@ impl Worker {
         }
         remove_unlisted(&self.remote, &manifest)?;
         log::info!("replication to {}: resuming after seq {}", self.remote.url(), manifest.shipped_seq);
-        Ok(manifest)
+        // The next manifest written says what this run keeps.
+        let max_age_secs = self.config.max_age.map(|age| age.as_secs());
+        Ok(Manifest { max_age_secs, ..manifest })
     }
 
     /// Uploads the volume at the store's oldest recoverable point as the replica's base, then
@@ -352,8 +417,13 @@ impl Worker {
             // The record itself was freed: the snapshot taken at it is no older than it.
             status.snapshots.iter().find(|s| s.seq == seq).map_or(0, |s| s.created_ns)
         });
-        let mut manifest =
-            Manifest::new(status.uuid, status.volume_size, status.block_size, BaseInfo { seq, time_ns, parts, data_bytes });
+        let mut manifest = Manifest::new(
+            status.uuid,
+            status.volume_size,
+            status.block_size,
+            BaseInfo { seq, time_ns, parts, data_bytes },
+        );
+        manifest.max_age_secs = self.config.max_age.map(|age| age.as_secs());
         manifest.markers = self.store.markers().into_iter().map(|m| m.marker).filter(|m| m.seq <= seq).collect();
         manifest.updated_ns = fsutil::now_ns();
         self.remote.put(MANIFEST_KEY, manifest.encode())?;

@@ -150,7 +150,8 @@ fn a_store_with_freed_journal_ships_a_base_and_retention_waits_for_shipping() {
     let oldest = store.status().oldest_recoverable;
     assert!(oldest > 0, "retention freed the start of the journal");
     let objects = Arc::new(InMemory::new());
-    let (shipper, _events) = ship(&store, &objects, ShipperConfig { interval: Duration::from_secs(3600), ..Default::default() });
+    let (shipper, _events) =
+        ship(&store, &objects, ShipperConfig { interval: Duration::from_secs(3600), ..Default::default() });
     // The first tick (at start) ships what is durable; later writes wait for the next tick.
     let deadline = Instant::now() + Duration::from_secs(20);
     while shipper.status().remote_oldest_seq == 0 && shipper.status().shipped_seq < oldest {
@@ -194,7 +195,14 @@ fn missing_and_corrupt_objects_are_named_and_leave_no_output() {
         other => panic!("expected a corrupt object error, got {other:?}"),
     }
     assert!(!output.exists());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("partial")).count(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+            .count(),
+        0
+    );
     bucket.delete(&victim.key).unwrap();
     match replica.recover(&RecoveryTarget::Seq(last), &output, &mut |_, _| {}) {
         Err(Error::Gap { seq }) => assert_eq!(seq, victim.first),
@@ -238,4 +246,50 @@ impl TapCreate for std::path::PathBuf {
         std::fs::create_dir_all(&self).unwrap();
         self
     }
+}
+
+#[test]
+fn remote_retention_rebases_and_keeps_every_later_point_recoverable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 64 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    let config = ShipperConfig {
+        interval: Duration::from_millis(50),
+        max_object_bytes: 20_000,
+        max_age: Some(Duration::from_secs(1)),
+    };
+    let (shipper, _events) = ship(&store, &objects, config);
+    write_blocks(&store, &mut model, 1, 30);
+    let old = store.add_marker("old", None, MarkerSource::Host).unwrap();
+    write_blocks(&store, &mut model, 2, 30);
+    store.sync().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shipper.status().remote_oldest_seq <= old.seq {
+        assert!(Instant::now() < deadline, "no rebase: {:?}", shipper.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let newer = write_blocks(&store, &mut model, 3, 30);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, newer);
+    shipper.stop();
+
+    let bucket = remote(&objects);
+    let replica = Replica::from_remote(remote(&objects)).unwrap();
+    let base = replica.manifest().base.clone();
+    assert!(base.seq > old.seq);
+    assert_eq!(replica.manifest().max_age_secs, Some(1));
+    assert!(replica.markers().iter().all(|m| m.expired), "the old marker is listed as expired");
+    assert!(bucket.list("base").unwrap().iter().all(|o| layout::parse_base_key(&o.key) == Some(base.seq)));
+    assert!(list_journal(&bucket).unwrap().iter().all(|o| o.last > base.seq), "freed objects are deleted");
+    let output = dir.path().join("old.img");
+    match replica.recover(&RecoveryTarget::Marker("old".into()), &output, &mut |_, _| {}) {
+        Err(Error::Engine(rewind_engine::Error::Unrecoverable { .. })) => {}
+        other => panic!("expected the old marker to be unrecoverable, got {other:?}"),
+    }
+    // The new base holds what the local store recovers at its point.
+    let local = dir.path().join("local-base");
+    store.recover(&RecoveryTarget::Seq(base.seq), &local, &mut |_, _| {}).unwrap();
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(base.seq), dir.path()), std::fs::read(local).unwrap());
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(newer), dir.path()), model);
 }
