@@ -165,6 +165,22 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     ));
 
     let mut control = ControlServer::new(Arc::clone(&store), Arc::clone(&backend), config.socket.clone());
+    // Before maintenance starts (the shipper holds retention from the first moment) and before
+    // the sockets appear (query-replication answers from the first command).
+    let shipper = match &config.replicate {
+        Some(url) => {
+            let remote = rewind_replica::Remote::open(url).with_context(|| format!("--replicate {url}"))?;
+            let send = control.event_sender();
+            let events = Box::new(move |event: rewind_replica::ReplicationEvent| send(event.into()));
+            let shipping = rewind_replica::ShipperConfig { max_age: config.replica_max_age, ..Default::default() };
+            let shipper = rewind_replica::Shipper::start(Arc::clone(&store), remote, shipping, events)
+                .context("starting replication")?;
+            control.set_replication(shipper.status_handle());
+            log::info!("replicating to {url}");
+            Some(shipper)
+        }
+        None => None,
+    };
     for (path, channel) in [(&config.control, Channel::Host), (&config.agent_socket, Channel::Agent)] {
         if let Some(path) = path {
             control.listen(path, channel).with_context(|| format!("listening on {}", path.display()))?;
@@ -202,21 +218,6 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
                 }
             }
         })
-    };
-    // Before maintenance starts: the shipper holds retention from the first moment.
-    let shipper = match &config.replicate {
-        Some(url) => {
-            let remote = rewind_replica::Remote::open(url).with_context(|| format!("--replicate {url}"))?;
-            let send = control.event_sender();
-            let events = Box::new(move |event: rewind_replica::ReplicationEvent| send(event.into()));
-            let shipping = rewind_replica::ShipperConfig { max_age: config.replica_max_age, ..Default::default() };
-            let shipper = rewind_replica::Shipper::start(Arc::clone(&store), remote, shipping, events)
-                .context("starting replication")?;
-            control.set_replication(shipper.status_handle());
-            log::info!("replicating to {url}");
-            Some(shipper)
-        }
-        None => None,
     };
     let (stop_maintenance, maintenance_stop) = mpsc::channel();
     let maintenance_thread = {

@@ -1,6 +1,7 @@
 //! A throwaway one-node Ceph for tests: a monitor, one OSD (memstore) and radosgw, all on
 //! 127.0.0.1 under a temporary directory, started by the test (no systemd) and stopped when
 //! dropped. The settings that make it start in seconds are in ../shared/notes/ceph.md.
+#![allow(dead_code)] // the tests and the replication bench use different parts
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -86,7 +87,7 @@ log file = {d}/log/$name.log
 mon data = {d}/mon/$cluster-$id
 osd data = {d}/osd/$cluster-$id
 osd objectstore = memstore
-memstore device bytes = 1073741824
+memstore device bytes = 4294967296
 osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg num = 8

@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Downloads in flight at once during a recovery.
 const PARALLEL_DOWNLOADS: usize = 4;
+/// Uploads in flight at once while shipping a backlog.
+const PARALLEL_UPLOADS: usize = 4;
 
 /// One object's key (relative to the replica's prefix) and size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +147,25 @@ impl Remote {
     pub fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
         let path = ObjectPath::from(key);
         self.call("uploading", key, self.store.put(&path, PutPayload::from(data))).map(|_| ())
+    }
+
+    /// Uploads `objects` (key and bytes), a few at a time; `each` hears of every one stored.
+    pub fn put_all(&self, objects: Vec<(String, Vec<u8>)>, mut each: impl FnMut(&str, u64)) -> Result<()> {
+        let timeout = self.timeout;
+        self.runtime.block_on(async {
+            let mut uploads = futures::stream::iter(objects.into_iter().map(|(key, bytes)| async move {
+                let len = bytes.len() as u64;
+                let path = ObjectPath::from(key.as_str());
+                let stored = bounded(timeout, "uploading", &key, self.store.put(&path, PutPayload::from(bytes))).await;
+                (key, len, stored)
+            }))
+            .buffer_unordered(PARALLEL_UPLOADS);
+            while let Some((key, len, stored)) = uploads.next().await {
+                stored?;
+                each(&key, len);
+            }
+            Ok(())
+        })
     }
 
     pub fn get(&self, key: &str) -> Result<Bytes> {

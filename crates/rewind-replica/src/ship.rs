@@ -117,8 +117,8 @@ const BASE_BUILD_FILE: &str = "replica-base.tmp";
 /// Set to stop the thread; the condition variable wakes it.
 type StopSignal = Arc<(Mutex<bool>, Condvar)>;
 
-/// The running shipper. Stopping it (or dropping it) ships what is durable one last time,
-/// unless the store is failing.
+/// The running shipper. Stopping it (or dropping it) ships one more walk of what is durable
+/// (at most a segment), unless the store is failing.
 pub struct Shipper {
     status: Arc<Mutex<ReplicationStatus>>,
     stop: StopSignal,
@@ -169,7 +169,7 @@ impl Shipper {
         StatusHandle(Arc::clone(&self.status))
     }
 
-    /// Ships what is durable once more (unless failing) and ends the thread.
+    /// Ships one more walk of what is durable (unless failing) and ends the thread.
     pub fn stop(mut self) {
         self.stop_thread();
     }
@@ -285,10 +285,12 @@ impl Worker {
         }
         let durable = self.store.durable_seq();
         while self.shipped() < durable {
-            if self.stopping() && self.retry_at.is_some() {
+            self.ship_walk(durable)?;
+            // Stopping ships at most one more walk (a segment), so that the daemon exits in
+            // seconds; the rest stays in the local journal for the next start.
+            if self.stopping() {
                 break;
             }
-            self.ship_walk(durable)?;
         }
         if self.caught_up_due && self.shipped() >= durable {
             self.caught_up_due = false;
@@ -521,14 +523,13 @@ impl Worker {
         next.shipped_time_ns = last.last_time_ns;
         next.markers.extend(markers);
         next.updated_ns = fsutil::now_ns();
-        for batch in &batches {
-            let (key, bytes) = batch.encode(manifest.store_uuid);
-            let len = bytes.len() as u64;
-            self.remote.put(&key, bytes)?;
+        let objects = batches.iter().map(|batch| batch.encode(manifest.store_uuid)).collect();
+        self.remote.put_all(objects, |_, len| {
             let mut status = locked(&self.status);
             status.objects_shipped += 1;
             status.bytes_shipped += len;
-        }
+        })?;
+        // Only once every object it counts is stored.
         self.remote.put(MANIFEST_KEY, next.encode())?;
         self.set_shipped(&next);
         self.manifest = Some(next);
