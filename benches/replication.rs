@@ -119,8 +119,8 @@ fn drive(socket: &Path, secs: f64, rate: Option<f64>) -> f64 {
     let mut ios = 0u64;
     let mut idle: Vec<usize> = Vec::new();
     while Instant::now() < deadline {
-        let mut wait = Duration::from_millis(1);
-        let n = q.do_io(&mut completions, usize::from(idle.len() < DEPTH), Some(&mut wait), None).unwrap();
+        // Paced, nothing may be in flight: poll, and sleep below between submissions.
+        let n = q.do_io(&mut completions, usize::from(rate.is_none()), None, None).unwrap();
         for c in &completions[..n] {
             // SAFETY: do_io initialised the first n entries.
             let c = unsafe { c.assume_init_ref() };

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rewind_engine::fsutil;
 use rewind_engine::journal::segment::SEGMENT_HEADER_LEN;
-use rewind_engine::journal::{JournalView, Payloads, RecordKind};
+use rewind_engine::journal::{JournalView, Payloads, RecordKind, RecordRef};
 use rewind_engine::marker;
 use rewind_engine::recovery::RecoveryTarget;
 use rewind_engine::{Seq, Store};
@@ -503,7 +503,7 @@ impl Worker {
         let mut markers = Vec::new();
         let mut end = None;
         let max_object_bytes = self.config.max_object_bytes;
-        view.for_each(from, to, Payloads::All, |rec| {
+        self.walk_unshipped(&view, to, Payloads::All, |rec| {
             let payload = rec.payload.unwrap_or(&[]);
             if batches.last().is_some_and(|b| b.len() >= max_object_bytes) {
                 batches.push(JournalBatch::default());
@@ -566,13 +566,30 @@ impl Worker {
         Ok(())
     }
 
-    /// Seconds since record `seq` was written.
+    /// Visits the unshipped records up to `to`, from where the last shipped one ended when that
+    /// is known (a walk from a segment's start costs a read of all of it).
+    fn walk_unshipped(
+        &self,
+        view: &JournalView,
+        to: Seq,
+        payloads: Payloads,
+        visit: impl FnMut(RecordRef<'_>) -> rewind_engine::Result<()>,
+    ) -> Result<()> {
+        let from = self.shipped() + 1;
+        match self.shipped_end {
+            Some(position) => view.for_each_from_position(from, position, to, payloads, visit)?,
+            None => view.for_each(from, to, payloads, visit)?,
+        }
+        Ok(())
+    }
+
+    /// Seconds since the first unshipped record, `seq`, was written.
     fn age_of(&mut self, view: &JournalView, seq: Seq) -> Result<f64> {
         let time_ns = match self.unshipped_time {
             Some((cached, time_ns)) if cached == seq => time_ns,
             _ => {
                 let mut time_ns = fsutil::now_ns();
-                view.for_each(seq, seq, Payloads::Skip, |rec| {
+                self.walk_unshipped(view, seq, Payloads::Skip, |rec| {
                     time_ns = rec.header.timestamp_ns;
                     Ok(())
                 })?;

@@ -293,3 +293,44 @@ fn remote_retention_rebases_and_keeps_every_later_point_recoverable() {
     assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(base.seq), dir.path()), std::fs::read(local).unwrap());
     assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(newer), dir.path()), model);
 }
+
+#[test]
+fn a_walk_from_a_remembered_position_sees_what_a_walk_from_the_start_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 64 << 10);
+    let mut model = vec![0u8; VOLUME as usize];
+    let head = write_blocks(&store, &mut model, 1, 60);
+    let view = store.journal_view();
+    let all_from = |from: u64| {
+        let mut seen = Vec::new();
+        view.for_each(from, head, rewind_engine::journal::Payloads::All, |rec| {
+            seen.push((rec.header.seq, rec.payload.map(<[u8]>::to_vec)));
+            Ok(())
+        })
+        .unwrap();
+        seen
+    };
+    let mut positions = Vec::new();
+    view.for_each(1, head, rewind_engine::journal::Payloads::Skip, |rec| {
+        positions.push((rec.header.seq, rec.segment.index, rec.position));
+        Ok(())
+    })
+    .unwrap();
+    assert!(positions.iter().any(|p| p.1 != positions[0].1), "the records span segments");
+    for &(seq, segment, position) in positions.iter().step_by(7) {
+        let mut seen = Vec::new();
+        view.for_each_from_position(seq, (segment, position), head, rewind_engine::journal::Payloads::All, |rec| {
+            seen.push((rec.header.seq, rec.payload.map(<[u8]>::to_vec)));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, all_from(seq), "from seq {seq}");
+    }
+    // A position that does not hold the record is damage, not a silent skip.
+    let (seq, segment, position) = positions[3];
+    let wrong =
+        view.for_each_from_position(seq + 1, (segment, position), head, rewind_engine::journal::Payloads::Skip, |_| {
+            Ok(())
+        });
+    assert!(matches!(wrong, Err(rewind_engine::Error::JournalCorrupt { .. })));
+}
