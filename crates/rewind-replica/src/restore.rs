@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use rewind_engine::journal::RecordKind;
+use rewind_engine::journal::{RecordHeader, RecordKind};
 use rewind_engine::recovery::{apply_record, Progress, RecoveryReport, RecoveryTarget};
 use rewind_engine::store::MarkerStatus;
 use rewind_engine::Seq;
@@ -153,9 +153,27 @@ impl Replica {
     }
 }
 
-/// The sequence number a marker or seq target names, checked against the replica; a time is
-/// resolved while replaying (records are in time order), so it gives `None` here.
-fn resolve(m: &Manifest, target: &RecoveryTarget) -> Result<Option<Seq>> {
+/// Where a recovery stops replaying.
+#[derive(Debug, Clone, Copy)]
+enum Point {
+    /// After this record (a marker or a seq, checked against the replica).
+    Seq(Seq),
+    /// After the last record written at or before this time (ns): found while replaying, as
+    /// records are in time order.
+    LastAtOrBefore(u64),
+}
+
+impl Point {
+    fn includes(self, header: &RecordHeader) -> bool {
+        match self {
+            Self::Seq(to) => header.seq <= to,
+            Self::LastAtOrBefore(time_ns) => header.timestamp_ns <= time_ns,
+        }
+    }
+}
+
+/// The point a target names, checked against the replica.
+fn resolve(m: &Manifest, target: &RecoveryTarget) -> Result<Point> {
     let unrecoverable = || rewind_engine::Error::Unrecoverable {
         requested: target.to_string(),
         oldest: m.base.seq,
@@ -173,12 +191,12 @@ fn resolve(m: &Manifest, target: &RecoveryTarget) -> Result<Option<Seq>> {
         RecoveryTarget::Time(ns) if *ns < m.base.time_ns => {
             return Err(rewind_engine::Error::TimeBeforeJournal(target.to_string()).into())
         }
-        RecoveryTarget::Time(_) => return Ok(None),
+        RecoveryTarget::Time(ns) => return Ok(Point::LastAtOrBefore(*ns)),
     };
     if seq < m.base.seq || seq > m.shipped_seq {
         return Err(unrecoverable().into());
     }
-    Ok(Some(seq))
+    Ok(Point::Seq(seq))
 }
 
 /// [`Replica::recover`] from `remote` as `m` describes it; also returns the timestamp of the
@@ -193,8 +211,11 @@ pub(crate) fn recover(
     if output.symlink_metadata().is_ok() {
         return Err(rewind_engine::Error::OutputExists(output.to_path_buf()).into());
     }
-    let resolved = resolve(m, target)?;
-    let to = resolved.unwrap_or(m.shipped_seq);
+    let point = resolve(m, target)?;
+    let to = match point {
+        Point::Seq(seq) => seq,
+        Point::LastAtOrBefore(_) => m.shipped_seq,
+    };
     let mut objects = list_journal(remote)?;
     objects.retain(|o| o.last <= m.shipped_seq);
     let chain = chain(&objects, m.base.seq + 1, to)?;
@@ -207,7 +228,7 @@ pub(crate) fn recover(
         .context(|| format!("creating {}", partial.display()))?;
     let built = (|| {
         file.set_len(m.volume_size).context(|| format!("sizing {}", partial.display()))?;
-        let (mut report, time_ns) = build(remote, m, &file, target, resolved, &chain, progress)?;
+        let (mut report, time_ns) = build(remote, m, &file, point, &chain, progress)?;
         file.sync_all().context(|| format!("syncing {}", partial.display()))?;
         std::fs::hard_link(&partial, output).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => rewind_engine::Error::OutputExists(output.to_path_buf()).into(),
@@ -225,8 +246,7 @@ fn build(
     remote: &Remote,
     m: &Manifest,
     file: &File,
-    target: &RecoveryTarget,
-    resolved: Option<Seq>,
+    point: Point,
     chain: &[JournalObject],
     progress: Progress<'_>,
 ) -> Result<(RecoveryReport, u64)> {
@@ -254,15 +274,10 @@ fn build(
         let mut past_point = false;
         let size = bytes.len() as u64;
         layout::decode_journal_object(key, m.store_uuid, &bytes, |header, payload| {
-            let wanted = match (resolved, target) {
-                (Some(to), _) => header.seq <= to,
-                (None, RecoveryTarget::Time(ns)) => header.timestamp_ns <= *ns,
-                (None, _) => unreachable!("only a time is resolved while replaying"),
-            };
             if header.seq <= m.base.seq || past_point {
                 return Ok(());
             }
-            if !wanted {
+            if !point.includes(header) {
                 past_point = true;
                 return Ok(());
             }
