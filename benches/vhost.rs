@@ -5,7 +5,15 @@
 //!
 //!   cargo bench --bench vhost        # writes target/bench/vhost.{md,json}
 //!   REWIND_BENCH_QUICK=1 ...         # shorter runs
-//!   REWIND_BENCH_ONLY=1MiB ...       # only workloads whose name contains this (for profiling)
+//!   REWIND_BENCH_ONLY=1MiB ...       # only workloads whose name contains this (for profiling);
+//!                                    # `marker` or `memory` for only that section
+//!   REWIND_BENCH_MEMORY_GIB="1 4 16" # journal sizes for the memory section (default "1 4")
+//!   REWIND_BENCH_BASELINE=PATH ...   # also alternate another rewind binary (an earlier build)
+//!                                    # with the two, for a before/after table
+//!
+//! The memory section serves a 1 TiB sparse image, writes 1 MiB pieces over its first GiB until
+//! the journal holds N GiB, adds 10 000 markers, and reads the daemon's resident memory; then
+//! again after a restart on that store; qemu-storage-daemon serving the same image is the peer.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -99,7 +107,13 @@ const WORKLOADS: [Workload; 6] = [
 #[derive(Clone, Copy, PartialEq)]
 enum Backend {
     Rewind,
+    /// The rewind binary REWIND_BENCH_BASELINE names.
+    Baseline,
     Qsd,
+}
+
+fn baseline_binary() -> Option<PathBuf> {
+    std::env::var_os("REWIND_BENCH_BASELINE").map(PathBuf::from)
 }
 
 #[derive(Default, Clone)]
@@ -137,12 +151,21 @@ fn wait_for(path: &Path, child: &mut Child) {
 }
 
 fn start(backend: Backend, work: &Path, image: &Path, queues: usize) -> (Child, PathBuf) {
+    let _ = fs::remove_dir_all(rewind::store::default_store_dir(image));
+    start_on_store(backend, work, image, queues)
+}
+
+/// [`start`] without removing the store a previous run left.
+fn start_on_store(backend: Backend, work: &Path, image: &Path, queues: usize) -> (Child, PathBuf) {
     let socket = work.join("bench.sock");
     let _ = fs::remove_file(&socket);
     let mut child = match backend {
-        Backend::Rewind => {
-            let _ = fs::remove_dir_all(rewind::store::default_store_dir(image));
-            Command::new(env!("CARGO_BIN_EXE_rewind"))
+        Backend::Rewind | Backend::Baseline => {
+            let binary = match backend {
+                Backend::Baseline => baseline_binary().expect("REWIND_BENCH_BASELINE is set"),
+                _ => PathBuf::from(env!("CARGO_BIN_EXE_rewind")),
+            };
+            Command::new(binary)
                 .arg("serve")
                 .arg(image)
                 .arg("--socket")
@@ -286,15 +309,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn run_once(backend: Backend, work: &Path, image: &Path, w: Workload, secs: f64) -> Sample {
-    let (mut child, socket) = start(backend, work, image, w.queues);
+    let (child, socket) = start(backend, work, image, w.queues);
     let cpu_before = cpu_seconds(child.id());
     let begin = Instant::now();
     let (ios, mut latencies) = drive(&socket, w, secs);
     let elapsed = begin.elapsed().as_secs_f64();
     let cpu = cpu_seconds(child.id()) - cpu_before;
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait().unwrap();
+    stop(child);
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     Sample {
         iops: ios as f64 / elapsed,
@@ -320,38 +341,57 @@ fn median_sample(samples: &[Sample]) -> Sample {
     }
 }
 
+/// A QMP session on rewind's control socket, capabilities negotiated.
+struct Control {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Control {
+    fn connect(child: &mut Child, path: &Path) -> Self {
+        wait_for(path, child);
+        let stream = UnixStream::connect(path).unwrap();
+        let mut control = Self { reader: BufReader::new(stream.try_clone().unwrap()), writer: stream };
+        control.read_reply(); // the greeting
+        control.execute(r#"{"execute":"qmp_capabilities"}"#);
+        control
+    }
+
+    fn read_reply(&mut self) -> String {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        line
+    }
+
+    fn execute(&mut self, command: &str) {
+        writeln!(self.writer, "{command}").unwrap();
+        let reply = self.read_reply();
+        assert!(reply.contains("\"return\""), "{command}: {reply}");
+    }
+
+    fn add_marker(&mut self, name: &str) {
+        self.execute(&format!(r#"{{"execute":"marker-add","arguments":{{"name":"{name}"}}}}"#));
+    }
+}
+
 /// marker-add latency on the control socket while a frontend writes at QD32.
 fn marker_latency(work: &Path, image: &Path, secs: f64) -> MarkerLatency {
     let (mut child, socket) = start(Backend::Rewind, work, image, 1);
-    let control = work.join("bench.ctl");
-    wait_for(&control, &mut child);
+    let mut control = Control::connect(&mut child, &work.join("bench.ctl"));
     let w = WORKLOADS[0];
     let load = std::thread::spawn(move || drive(&socket, w, secs));
-    let stream = UnixStream::connect(&control).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    writeln!(writer, r#"{{"execute":"qmp_capabilities"}}"#).unwrap();
-    line.clear();
-    reader.read_line(&mut line).unwrap();
     let mut latencies = Vec::new();
     let deadline = Instant::now() + Duration::from_secs_f64(secs * 0.8);
     let mut i = 0;
     while Instant::now() < deadline {
         let start = Instant::now();
-        writeln!(writer, r#"{{"execute":"marker-add","arguments":{{"name":"m{i}"}}}}"#).unwrap();
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        assert!(line.contains("\"return\""), "{line}");
+        control.add_marker(&format!("m{i}"));
         latencies.push(start.elapsed().as_secs_f64() * 1e6);
         i += 1;
         std::thread::sleep(Duration::from_millis(10));
     }
     load.join().unwrap();
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait().unwrap();
+    stop(child);
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let log = fs::read_to_string(work.join("rewind.log")).unwrap();
     let mut in_daemon: Vec<f64> = log
@@ -367,6 +407,74 @@ fn marker_latency(work: &Path, image: &Path, secs: f64) -> MarkerLatency {
         in_daemon_p50: percentile(&in_daemon, 0.5),
         in_daemon_p99: percentile(&in_daemon, 0.99),
     }
+}
+
+/// Resident and peak memory of a process, in MiB.
+fn memory_mib(pid: u32) -> (f64, f64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+const MEMORY_VOLUME: u64 = 1 << 40;
+const MEMORY_MARKERS: usize = 10_000;
+
+/// The memory section's figures for one journal size, in MiB.
+struct Footprint {
+    journal_gib: f64,
+    serving: (f64, f64),
+    reopened: (f64, f64),
+    reopen_secs: f64,
+    peer: (f64, f64),
+}
+
+/// rewind serving a 1 TiB sparse image whose journal holds `journal_gib` GiB and 10 000 markers.
+fn memory_footprint(work: &Path, journal_gib: u64) -> Footprint {
+    let image = work.join("memory.img");
+    let _ = fs::remove_file(&image);
+    File::create(&image).unwrap().set_len(MEMORY_VOLUME).unwrap();
+    let journal = rewind::store::default_store_dir(&image).join("journal");
+    let writes = WORKLOADS.into_iter().find(|w| w.block == 1 << 20).expect("a 1 MiB write workload");
+    let (mut child, socket) = start(Backend::Rewind, work, &image, 1);
+    let mut control = Control::connect(&mut child, &work.join("bench.ctl"));
+    while dir_bytes(&journal) < journal_gib << 30 {
+        drive(&socket, writes, 5.0);
+    }
+    for i in 0..MEMORY_MARKERS {
+        control.add_marker(&format!("marker-{i}"));
+    }
+    let serving = memory_mib(child.id());
+    let journal_bytes = dir_bytes(&journal);
+    drop(control);
+    stop(child);
+
+    let opening = Instant::now();
+    let (child, socket) = start_on_store(Backend::Rewind, work, &image, 1);
+    let reopen_secs = opening.elapsed().as_secs_f64();
+    drive(&socket, writes, 1.0);
+    let reopened = memory_mib(child.id());
+    stop(child);
+    let _ = fs::remove_dir_all(rewind::store::default_store_dir(&image));
+
+    let (child, socket) = start(Backend::Qsd, work, &image, 1);
+    drive(&socket, writes, 1.0);
+    let peer = memory_mib(child.id());
+    stop(child);
+    fs::remove_file(&image).unwrap();
+    Footprint { journal_gib: journal_bytes as f64 / (1u64 << 30) as f64, serving, reopened, reopen_secs, peer }
+}
+
+fn stop(mut child: Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
 }
 
 /// marker-add round trips as the client sees them, and the daemon's share (request read to
@@ -392,21 +500,40 @@ fn main() {
     );
     let mut json = Vec::new();
     let only = std::env::var("REWIND_BENCH_ONLY").ok();
+    let mut backends = vec![Backend::Rewind, Backend::Qsd];
+    if baseline_binary().is_some() {
+        backends.push(Backend::Baseline);
+    }
+    let mut before_after = String::from(
+        "\nBefore/after (REWIND_BENCH_BASELINE, alternated in the same runs):\n\n\
+         | workload | rewind IOPS | baseline IOPS | rewind/baseline | rewind/qsd | baseline/qsd |\n|---|---|---|---|---|---|\n",
+    );
     for w in WORKLOADS.into_iter().filter(|w| only.as_deref().is_none_or(|o| w.name.replace(' ', "").contains(o))) {
-        let mut ours = Vec::new();
-        let mut peer = Vec::new();
+        let (mut ours, mut peer, mut baseline) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
-            for backend in [Backend::Rewind, Backend::Qsd] {
+            for &backend in &backends {
                 prepare_image(&image);
                 let sample = run_once(backend, &work, &image, w, secs);
-                if backend == Backend::Rewind {
-                    ours.push(sample)
-                } else {
-                    peer.push(sample)
+                match backend {
+                    Backend::Rewind => ours.push(sample),
+                    Backend::Qsd => peer.push(sample),
+                    Backend::Baseline => baseline.push(sample),
                 }
             }
         }
         let (o, p) = (median_sample(&ours), median_sample(&peer));
+        if !baseline.is_empty() {
+            let b = median_sample(&baseline);
+            before_after.push_str(&format!(
+                "| {} | {:.0} | {:.0} | {:.2}× | {:.2}× | {:.2}× |\n",
+                w.name,
+                o.iops,
+                b.iops,
+                o.iops / b.iops,
+                o.iops / p.iops,
+                b.iops / p.iops
+            ));
+        }
         let ratio = o.iops / p.iops;
         let row = format!(
             "| {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {:.0}/{:.0} | {:.0}/{:.0} | {:.1} | {:.1} |\n",
@@ -429,17 +556,45 @@ fn main() {
             "rewind": {"iops": o.iops, "mib_s": o.mib_s, "p50_us": o.p50_us, "p99_us": o.p99_us, "cpu_us_per_io": o.cpu_us_per_io},
             "qemu-storage-daemon": {"iops": p.iops, "mib_s": p.mib_s, "p50_us": p.p50_us, "p99_us": p.p99_us, "cpu_us_per_io": p.cpu_us_per_io}}));
     }
-    prepare_image(&image);
-    let marker = marker_latency(&work, &image, secs * 2.0);
-    let line = format!(
-        "\nmarker-add on the control socket under 4 KiB QD32 write load: p50 {:.0} µs, p99 {:.0} µs \
-         (inside the daemon, request read to reply sent: p50 {:.0} µs, p99 {:.0} µs)\n",
-        marker.p50, marker.p99, marker.in_daemon_p50, marker.in_daemon_p99
-    );
-    print!("{line}");
-    md.push_str(&line);
-    json.push(serde_json::json!({"marker-add under load": {"p50_us": marker.p50, "p99_us": marker.p99,
-        "in_daemon_p50_us": marker.in_daemon_p50, "in_daemon_p99_us": marker.in_daemon_p99}}));
+    if baseline_binary().is_some() {
+        print!("{before_after}");
+        md.push_str(&before_after);
+    }
+    let section = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
+    if section("marker") {
+        prepare_image(&image);
+        let marker = marker_latency(&work, &image, secs * 2.0);
+        let line = format!(
+            "\nmarker-add on the control socket under 4 KiB QD32 write load: p50 {:.0} µs, p99 {:.0} µs \
+             (inside the daemon, request read to reply sent: p50 {:.0} µs, p99 {:.0} µs)\n",
+            marker.p50, marker.p99, marker.in_daemon_p50, marker.in_daemon_p99
+        );
+        print!("{line}");
+        md.push_str(&line);
+        json.push(serde_json::json!({"marker-add under load": {"p50_us": marker.p50, "p99_us": marker.p99,
+            "in_daemon_p50_us": marker.in_daemon_p50, "in_daemon_p99_us": marker.in_daemon_p99}}));
+    }
+    if section("memory") {
+        let sizes = std::env::var("REWIND_BENCH_MEMORY_GIB").unwrap_or_else(|_| "1 4".into());
+        let mut table = format!(
+            "\nMemory serving a 1 TiB sparse image with {MEMORY_MARKERS} markers (MiB; resident/peak):\n\n\
+             | journal GiB | rewind serving | rewind after a restart | restart s (with writeback of the load) | qsd serving |\n|---|---|---|---|---|\n"
+        );
+        for gib in sizes.split_whitespace().map(|g| g.parse::<u64>().expect("REWIND_BENCH_MEMORY_GIB: GiB numbers")) {
+            let f = memory_footprint(&work, gib);
+            let row = format!(
+                "| {:.1} | {:.0}/{:.0} | {:.0}/{:.0} | {:.1} | {:.0}/{:.0} |\n",
+                f.journal_gib, f.serving.0, f.serving.1, f.reopened.0, f.reopened.1, f.reopen_secs, f.peer.0, f.peer.1
+            );
+            print!("{row}");
+            table.push_str(&row);
+            json.push(serde_json::json!({"memory": {"journal_gib": f.journal_gib, "markers": MEMORY_MARKERS,
+                "rewind_rss_mib": f.serving.0, "rewind_peak_mib": f.serving.1,
+                "rewind_restarted_rss_mib": f.reopened.0, "rewind_restarted_peak_mib": f.reopened.1,
+                "restart_secs": f.reopen_secs, "qsd_rss_mib": f.peer.0, "qsd_peak_mib": f.peer.1}}));
+        }
+        md.push_str(&table);
+    }
     let out = Path::new("target/bench");
     fs::create_dir_all(out).unwrap();
     fs::write(out.join("vhost.md"), &md).unwrap();

@@ -9,7 +9,8 @@
 //! daemon serves again.
 //!
 //! `cargo test --test torture` runs a short version. `scripts/torture` runs the soak:
-//! TORTURE_CYCLES (default 8) and TORTURE_SEED.
+//! TORTURE_CYCLES (default 8) and TORTURE_SEED; every 50 cycles a new store starts. When a check
+//! fails, the store's directory is kept and its path printed.
 
 mod common;
 
@@ -35,8 +36,9 @@ struct Model {
     durable: HashMap<u64, u64>,
     /// Per block, the newest write completed.
     acked: HashMap<u64, u64>,
-    /// Markers with the blocks' writes when they were added (nothing in flight then).
-    markers: Vec<(String, HashMap<u64, u64>)>,
+    /// Markers with the blocks' writes when they were added (nothing in flight then), kept
+    /// for the newest [`MARKER_STATES_KEPT`] only: a soak makes tens of thousands of markers.
+    markers: Vec<(String, Option<HashMap<u64, u64>>)>,
     /// How many of `markers` a completed FLUSH covers.
     durable_markers: usize,
     next_id: u64,
@@ -54,6 +56,18 @@ impl Model {
     }
 }
 
+/// How many markers' block states the model keeps to compare recoveries against.
+const MARKER_STATES_KEPT: usize = 64;
+
+impl Model {
+    fn add_marker(&mut self, name: String) {
+        self.markers.push((name, Some(self.acked.clone())));
+        if let Some(oldest_kept) = self.markers.len().checked_sub(MARKER_STATES_KEPT + 1) {
+            self.markers[oldest_kept].1 = None;
+        }
+    }
+}
+
 /// Kill -9 only, or a power loss after it.
 #[derive(Clone, Copy, PartialEq)]
 enum Crash {
@@ -64,7 +78,8 @@ enum Crash {
 struct Setup {
     /// Where the store lives for power losses; dropped (unmounted) before `dir` goes.
     mount: Option<crashfs::Mount>,
-    dir: tempfile::TempDir,
+    /// Kept when a check fails, for a look at what the crash left (the path is printed).
+    dir: Option<tempfile::TempDir>,
     image: PathBuf,
     socket: PathBuf,
     control: PathBuf,
@@ -93,7 +108,11 @@ impl Setup {
         let socket = dir.path().join("vhost.sock");
         let control = dir.path().join("control.sock");
         serve_args.extend(["--control".into(), control.to_str().unwrap().into()]);
-        Self { mount, dir, image, socket, control, serve_args }
+        Self { mount, dir: Some(dir), image, socket, control, serve_args }
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("the directory is there until the setup is dropped").path()
     }
 
     fn serve(&self) -> Daemon {
@@ -106,6 +125,17 @@ fn rewind(args: &[&str]) -> std::process::Output {
     let out = Command::new(rewind_bin()).args(args).env("RUST_LOG", "error").output().unwrap();
     assert!(out.status.success(), "rewind {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     out
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.mount.take();
+        if std::thread::panicking() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("torture: the store is kept in {}", dir.keep().display());
+            }
+        }
+    }
 }
 
 /// One cycle's workload until the daemon dies under it (`dead` says when it has been killed).
@@ -194,7 +224,7 @@ fn run_until_killed(
             if added.is_err() {
                 return completed;
             }
-            model.markers.push((name, model.acked.clone()));
+            model.add_marker(name);
             next_marker += 40 + rng.next() % 80;
         }
     }
@@ -213,15 +243,16 @@ fn check_store(setup: &Setup, model: &mut Model, rng: &mut Rng, cycle: usize) ->
     }
     // Markers no FLUSH covered may be gone; those are forgotten.
     model.markers.retain(|(name, _)| is_listed(name));
-    let recoverable: Vec<&(String, HashMap<u64, u64>)> = model
+    let recoverable: Vec<(&String, &HashMap<u64, u64>)> = model
         .markers
         .iter()
+        .filter_map(|(name, blocks)| Some((name, blocks.as_ref()?)))
         .filter(|(name, _)| listed.iter().any(|m| m["name"] == name.as_str() && m["expired"] == false))
         .collect();
     let picks = [recoverable.last(), recoverable.get((rng.next() as usize) % recoverable.len().max(1))];
     let mut checked = 0;
-    for (name, blocks) in picks.into_iter().flatten() {
-        let output = setup.dir.path().join(format!("recovered-{cycle}-{checked}.img"));
+    for &(name, blocks) in picks.into_iter().flatten() {
+        let output = setup.dir().join(format!("recovered-{cycle}-{checked}.img"));
         rewind(&["recover", image, "--marker", name, "--output", output.to_str().unwrap()]);
         let bytes = std::fs::read(&output).unwrap();
         for block in 0..BLOCKS {
@@ -235,21 +266,29 @@ fn check_store(setup: &Setup, model: &mut Model, rng: &mut Rng, cycle: usize) ->
     checked
 }
 
+/// A soak starts a new store this often: without retention the journal, and with it the time
+/// each cycle's checks take, would grow without bound.
+const CYCLES_PER_STORE: usize = 50;
+
 /// What a power loss keeps, taken in turn.
 const POWER_LOSS_MODELS: [crashfs::Model; 2] = [crashfs::Model::Data, crashfs::Model::DataAndMetadata];
 
 fn torture(crash: Crash, retention: bool) {
     let cycles: usize = std::env::var("TORTURE_CYCLES").map_or(8, |v| v.parse().unwrap());
     let seed: u64 = std::env::var("TORTURE_SEED").map_or(0x7047_7572, |v| v.parse().unwrap());
-    let setup = Setup::new(retention, crash);
     let mut rng = Rng(seed);
-    let mut model = Model::default();
-    let (mut writes, mut markers_checked) = (0, 0);
+    let (mut setup, mut model) = (Setup::new(retention, crash), Model::default());
+    let (mut writes, mut markers_made, mut markers_checked) = (0, 0, 0);
     let started = Instant::now();
     for cycle in 0..cycles {
+        if cycle > 0 && cycle % CYCLES_PER_STORE == 0 {
+            markers_made += model.markers.len();
+            drop(setup);
+            (setup, model) = (Setup::new(retention, crash), Model::default());
+        }
         let daemon = setup.serve();
         let mut frontend = Frontend::connect(&daemon.socket);
-        if cycle > 0 {
+        if cycle % CYCLES_PER_STORE > 0 {
             let bytes = frontend.read_all(BLOCKS);
             for block in 0..BLOCKS {
                 let found = model.check(block, &bytes[(block * BLOCK) as usize..][..BLOCK as usize], cycle);
@@ -289,7 +328,7 @@ fn torture(crash: Crash, retention: bool) {
          compared, in {:.0?}",
         if crash == Crash::Kill { "kill -9" } else { "power-loss" },
         if retention { " with retention" } else { "" },
-        model.markers.len(),
+        markers_made + model.markers.len(),
         started.elapsed()
     );
 }
@@ -309,13 +348,7 @@ fn power_loss_at_random_instants() {
     torture(Crash::PowerLoss, false);
 }
 
-/// Ignored in the default run until a finding of the soak is understood: with seed 4796 and
-/// 20 cycles (`TORTURE_SEED=4796 TORTURE_CYCLES=20 cargo test --release --test torture
-/// power_loss_at_random_instants_with_retention -- --include-ignored`), cycle 12's newest
-/// marker recovered block 2 with an older write than the one completed before the marker.
-/// `scripts/torture` runs it.
 #[test]
-#[ignore]
 fn power_loss_at_random_instants_with_retention_working_hard() {
     torture(Crash::PowerLoss, true);
 }

@@ -122,20 +122,19 @@ pub struct BatchRequest {
 /// request as soon as its ops are written.
 pub struct ApplyJob {
     pub journaled: Journaled,
-    pub ops: Vec<BatchOp>,
     pub requests: Vec<BatchRequest>,
     /// Write-through: the journal is synced after the batch is applied (never while it holds
     /// its place in the apply order, which a catch-up under the writer lock may wait for), and
     /// only then are its requests completed.
     pub durable_first: bool,
-    /// The ops' data, and the memory for the status bytes.
+    /// The memory for the status bytes.
     pub buffers: GuestBuffers<'static>,
     pub completer: Completer,
 }
 
 impl ApplyJob {
     pub fn run(self, store: &Store) {
-        let Self { journaled, ops, requests, durable_first, buffers, completer } = self;
+        let Self { journaled, requests, durable_first, buffers, completer } = self;
         let mut requests = requests.into_iter().peekable();
         let mut completions = Completions::new(&completer, buffers.memory());
         let mut complete = |request: BatchRequest, completion: &Completion| {
@@ -152,7 +151,7 @@ impl ApplyJob {
                 complete(request, &written);
             }
         };
-        let applied = with_volume_ops(&buffers, &ops, |volume_ops| store.apply(journaled, volume_ops, on_applied));
+        let applied = store.apply(journaled, on_applied);
         let outcome = match applied {
             Ok(_) if durable_first => store.sync().map(drop).map_err(ExecError::WriteThrough),
             Ok(_) => Ok(()),

@@ -329,7 +329,7 @@ impl Pass<'_> {
             .map_err(ExecError::Journal)?;
         // Without a write-back cache each write must be durable before it completes.
         let durable_first = !self.device.writeback.load(Ordering::Relaxed);
-        Ok(ApplyJob { journaled, ops, requests, durable_first, buffers, completer: self.completer.clone() })
+        Ok(ApplyJob { journaled, requests, durable_first, buffers, completer: self.completer.clone() })
     }
 
     fn execute_one(&self, request: &Request) -> Completion {

@@ -73,6 +73,10 @@ struct Manifest {
     format_version: u32,
     base: SnapshotInfo,
     deltas: Vec<SnapshotInfo>,
+    /// Set while the first delta is being folded into the base: the base file may then hold
+    /// part of it, so it is the volume at no point until open finishes the merge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    merging_into_base: Option<Seq>,
 }
 
 /// Where a range of a delta being built comes from: zeroes, or a journal payload.
@@ -136,6 +140,7 @@ impl SnapshotStore {
                 extents: 0,
             },
             deltas: Vec::new(),
+            merging_into_base: None,
         };
         let store = Self { dir: dir.to_path_buf(), volume_size, manifest };
         store.save_manifest()?;
@@ -177,8 +182,18 @@ impl SnapshotStore {
                 reason: format!("the snapshot chain reaches seq {previous}, past the journal's last record {head}"),
             });
         }
-        let store = Self { dir: dir.to_path_buf(), volume_size, manifest };
+        if manifest.merging_into_base.is_some_and(|seq| manifest.deltas.first().is_none_or(|d| d.seq != seq)) {
+            return Err(Error::BadMetadata {
+                path,
+                reason: "the delta being merged into the base is not the first of the chain".into(),
+            });
+        }
+        let mut store = Self { dir: dir.to_path_buf(), volume_size, manifest };
         store.remove_unlisted_files()?;
+        if store.manifest.merging_into_base.is_some() {
+            log::info!("snapshots: finishing the merge of a delta into the base that a crash interrupted");
+            store.merge_first_delta()?;
+        }
         Ok(store)
     }
 
@@ -258,33 +273,41 @@ impl SnapshotStore {
     pub fn merge_into_base(&mut self, base_is_needed: impl Fn(Seq) -> bool) -> Result<usize> {
         let mut merged = 0;
         while !self.manifest.deltas.is_empty() && !base_is_needed(self.manifest.base.seq) {
-            let delta = self.manifest.deltas[0].clone();
-            let base_path = self.dir.join(BASE_FILE);
-            let base = OpenOptions::new()
-                .write(true)
-                .read(true)
-                .open(&base_path)
-                .context(|| format!("opening {}", base_path.display()))?;
-            // Applying a delta twice gives the same bytes, so a crash before the manifest
-            // names the new base only repeats this step on the next merge or recovery.
-            self.apply_delta(delta.seq, &base)?;
-            base.sync_all().context(|| format!("syncing {}", base_path.display()))?;
-            self.manifest.base = SnapshotInfo {
-                data_bytes: fsutil::data_ranges(&base, self.volume_size)
-                    .context(|| format!("mapping {}", base_path.display()))?
-                    .iter()
-                    .map(|r| r.1)
-                    .sum(),
-                extents: 0,
-                ..delta
-            };
-            self.manifest.deltas.remove(0);
+            self.manifest.merging_into_base = Some(self.manifest.deltas[0].seq);
             self.save_manifest()?;
-            let delta_path = self.delta_path(delta.seq);
-            fs::remove_file(&delta_path).context(|| format!("removing {}", delta_path.display()))?;
+            self.merge_first_delta()?;
             merged += 1;
         }
         Ok(merged)
+    }
+
+    /// Folds the first delta into the base. Applying a delta twice gives the same bytes, so
+    /// after a crash open repeats this from the start.
+    fn merge_first_delta(&mut self) -> Result<()> {
+        let delta = self.manifest.deltas[0].clone();
+        let base_path = self.dir.join(BASE_FILE);
+        let base = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&base_path)
+            .context(|| format!("opening {}", base_path.display()))?;
+        self.apply_delta(delta.seq, &base)?;
+        base.sync_all().context(|| format!("syncing {}", base_path.display()))?;
+        self.manifest.base = SnapshotInfo {
+            data_bytes: fsutil::data_ranges(&base, self.volume_size)
+                .context(|| format!("mapping {}", base_path.display()))?
+                .iter()
+                .map(|r| r.1)
+                .sum(),
+            extents: 0,
+            ..delta
+        };
+        self.manifest.deltas.remove(0);
+        self.manifest.merging_into_base = None;
+        self.save_manifest()?;
+        let delta_path = self.delta_path(delta.seq);
+        fs::remove_file(&delta_path).context(|| format!("removing {}", delta_path.display()))?;
+        Ok(())
     }
 
     /// Writes the volume at snapshot `seq` into `output` (sized to the volume, empty): the base

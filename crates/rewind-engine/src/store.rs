@@ -106,14 +106,42 @@ impl VolumeOp<'_> {
         }
     }
 
-    fn record(&self) -> NewRecord<'_> {
-        let (offset, length) = self.range();
-        let (kind, payload): (RecordKind, &[&[u8]]) = match self {
-            Self::Write { data, .. } => (RecordKind::Write, data),
-            Self::WriteZeroes { .. } => (RecordKind::WriteZeroes, &[]),
-            Self::Discard { .. } => (RecordKind::Discard, &[]),
-        };
-        NewRecord { kind, offset, length, payload }
+}
+
+/// A [`VolumeOp`] of a journaled batch, its data (if any) in the batch's own copy.
+enum CopiedOp {
+    Write { offset: u64, data: std::ops::Range<usize> },
+    WriteZeroes { offset: u64, len: u64 },
+    Discard { offset: u64, len: u64 },
+}
+
+impl CopiedOp {
+    /// Copies `op`'s data to the end of `copy`.
+    fn copy(op: &VolumeOp<'_>, copy: &mut Vec<u8>) -> Self {
+        match *op {
+            VolumeOp::Write { offset, data } => {
+                let start = copy.len();
+                for piece in data {
+                    copy.extend_from_slice(piece);
+                }
+                Self::Write { offset, data: start..copy.len() }
+            }
+            VolumeOp::WriteZeroes { offset, len } => Self::WriteZeroes { offset, len },
+            VolumeOp::Discard { offset, len } => Self::Discard { offset, len },
+        }
+    }
+
+    /// The op's record; `payload` is its data in the copy, as a one-piece list.
+    fn record<'a>(&self, payload: &'a [&'a [u8]]) -> NewRecord<'a> {
+        match *self {
+            Self::Write { offset, ref data } => {
+                NewRecord { kind: RecordKind::Write, offset, length: data.len() as u64, payload }
+            }
+            Self::WriteZeroes { offset, len } => {
+                NewRecord { kind: RecordKind::WriteZeroes, offset, length: len, payload: &[] }
+            }
+            Self::Discard { offset, len } => NewRecord { kind: RecordKind::Discard, offset, length: len, payload: &[] },
+        }
     }
 }
 
@@ -222,9 +250,15 @@ impl TokenBucket {
 pub struct ReadFence(Seq);
 
 /// A batch in the journal whose writes still have to reach the volume ([`Store::apply`]).
+///
+/// It holds its own copy of the writes' data, taken before the checksums were computed, and the
+/// volume is written from that copy too: the caller's buffers may change while the batch is in
+/// flight (a guest may modify a page under writeback), and a record whose bytes differ from its
+/// checksum would read as damage, or a volume from its journal.
 pub struct Journaled {
     ticket: ApplyTicket,
-    count: usize,
+    ops: Vec<CopiedOp>,
+    copy: Vec<u8>,
 }
 
 struct Maintenance {
@@ -607,26 +641,40 @@ impl Store {
     /// of the batch may be acknowledged.
     pub fn submit(&self, ops: &[VolumeOp<'_>]) -> Result<Seq> {
         let journaled = self.journal(ops)?;
-        self.apply(journaled, ops, |_| {})
+        self.apply(journaled, |_| {})
     }
 
     /// The first half of [`submit`](Self::submit): numbers `ops` and appends them to the
-    /// journal as one batch. The caller must then [`apply`](Self::apply) the same ops; until
-    /// it does, reads of their ranges and checkpoints wait.
+    /// journal as one batch, from a copy of their data (see [`Journaled`]). The caller must
+    /// then [`apply`](Self::apply) the batch; until it does, reads of its ranges and
+    /// checkpoints wait.
     pub fn journal(&self, ops: &[VolumeOp<'_>]) -> Result<Journaled> {
         for op in ops {
             let (offset, len) = op.range();
             check_range(offset, len, self.volume_size)?;
         }
         self.check_durable(false)?;
-        let mut writer = lock_poisoned(self.writer.lock());
-        self.catch_up_volume(&writer)?;
-        let records: Vec<NewRecord<'_>> = ops.iter().map(VolumeOp::record).collect();
-        let first = writer.journal.append(&records)?;
-        let ranges = ops.iter().map(|op| op.range()).map(|(offset, len)| (offset, offset + len)).collect();
-        // Registered before the writer lock is released, so batches queue in sequence order.
-        let ticket = self.applying.register(first, ranges);
-        Ok(Journaled { ticket, count: ops.len() })
+        // Copied before the writer lock is taken: queues copy in parallel.
+        let data_len = ops.iter().filter(|op| matches!(op, VolumeOp::Write { .. })).map(|op| op.range().1).sum::<u64>();
+        let mut copy = Vec::with_capacity(data_len as usize);
+        let copied: Vec<CopiedOp> = ops.iter().map(|op| CopiedOp::copy(op, &mut copy)).collect();
+        let payloads: Vec<[&[u8]; 1]> = copied
+            .iter()
+            .map(|op| match op {
+                CopiedOp::Write { data, .. } => [&copy[data.clone()]],
+                CopiedOp::WriteZeroes { .. } | CopiedOp::Discard { .. } => [&[][..]],
+            })
+            .collect();
+        let records: Vec<NewRecord<'_>> = copied.iter().zip(&payloads).map(|(op, payload)| op.record(payload)).collect();
+        let ticket = {
+            let mut writer = lock_poisoned(self.writer.lock());
+            self.catch_up_volume(&writer)?;
+            let first = writer.journal.append(&records)?;
+            let ranges = ops.iter().map(|op| op.range()).map(|(offset, len)| (offset, offset + len)).collect();
+            // Registered before the writer lock is released, so batches queue in sequence order.
+            self.applying.register(first, ranges)
+        };
+        Ok(Journaled { ticket, ops: copied, copy })
     }
 
     /// The second half of [`submit`](Self::submit): writes a journaled batch to the volume once
@@ -634,18 +682,15 @@ impl Store {
     /// index as soon as it is written (it may be acknowledged then). Returns the sequence
     /// number of the last op. On error the ops not reported applied must fail; the records
     /// stay journaled and the volume is caught up later.
-    pub fn apply(&self, journaled: Journaled, ops: &[VolumeOp<'_>], mut applied: impl FnMut(usize)) -> Result<Seq> {
-        let Journaled { ticket, count } = journaled;
-        debug_assert_eq!(count, ops.len(), "apply gets the ops that were journaled");
+    pub fn apply(&self, journaled: Journaled, mut applied: impl FnMut(usize)) -> Result<Seq> {
+        let Journaled { ticket, ops, copy } = journaled;
+        let count = ops.len();
         self.applying.wait_turn(&ticket);
         let first = ticket.first_seq();
         for (i, op) in ops.iter().enumerate() {
             let written = match *op {
-                VolumeOp::Write { offset, data } => {
-                    let slices: Vec<std::io::IoSlice<'_>> = data.iter().map(|d| std::io::IoSlice::new(d)).collect();
-                    fsutil::write_all_vectored_at(&self.volume, &slices, offset)
-                }
-                VolumeOp::WriteZeroes { offset, len } | VolumeOp::Discard { offset, len } => {
+                CopiedOp::Write { offset, ref data } => self.volume.write_all_at(&copy[data.clone()], offset),
+                CopiedOp::WriteZeroes { offset, len } | CopiedOp::Discard { offset, len } => {
                     fsutil::zero_range(&self.volume, offset, len)
                 }
             };

@@ -296,6 +296,33 @@ fn a_snapshot_chain_past_the_journal_head_is_refused() {
     assert!(volume == *fixture.states.last().unwrap());
 }
 
+/// A journal of ten 4 KiB writes in `dir`, with the volume after each (index 0: before any).
+/// The first five writes go to blocks of their own, the last five to two of them.
+fn ten_writes(dir: &Path) -> (Journal, Vec<Vec<u8>>) {
+    let mut journal = Journal::create(&dir.join("journal"), [7; 16], SEGMENT, 1).unwrap();
+    let mut states = vec![vec![0u8; VOLUME as usize]];
+    for i in 0..10u64 {
+        let data = vec![i as u8 + 1; 4096];
+        let offset = if i < 5 { i * 8192 } else { (i % 2) * 8192 };
+        journal.append(&[NewRecord { kind: RecordKind::Write, offset, length: 4096, payload: &[&data] }]).unwrap();
+        let mut next = states.last().unwrap().clone();
+        next[offset as usize..][..4096].copy_from_slice(&data);
+        states.push(next);
+    }
+    (journal, states)
+}
+
+/// The volume at snapshot `seq` of the snapshot area in `dir`, opened as after a crash.
+fn materialized(dir: &Path, seq: u64) -> Result<Vec<u8>, Error> {
+    let snapshots = rewind_engine::snapshot::SnapshotStore::open(dir, VOLUME, 10)?;
+    let output = tempfile::tempfile().unwrap();
+    output.set_len(VOLUME).unwrap();
+    snapshots.materialize(seq, &output, &mut |_, _| {}, &std::sync::atomic::AtomicBool::new(false))?;
+    let mut bytes = vec![0u8; VOLUME as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&output, &mut bytes, 0).unwrap();
+    Ok(bytes)
+}
+
 /// Found by the power-loss torture with retention working hard: a snapshot inserted before the
 /// newest one splits that one's delta in two. The delta after it was rewritten before the
 /// manifest listed the new snapshot, so a crash in between left a chain whose last delta
@@ -304,45 +331,60 @@ fn a_snapshot_chain_past_the_journal_head_is_refused() {
 #[test]
 fn a_crash_while_a_snapshot_splits_a_delta_leaves_an_exact_chain_or_a_refused_one() {
     use rewind_engine::snapshot::{SnapshotOrigin, SnapshotStore};
-    use std::sync::atomic::AtomicBool;
 
     let dir = tempfile::tempdir().unwrap();
-    let (journal_dir, snapshot_dir) = (dir.path().join("journal"), dir.path().join("snapshots"));
-    let mut journal = Journal::create(&journal_dir, [7; 16], SEGMENT, 1).unwrap();
-    let mut expected = vec![0u8; VOLUME as usize];
-    for i in 0..10u64 {
-        let data = vec![i as u8 + 1; 4096];
-        // The first five writes go to blocks of their own, the last five to two of them.
-        let offset = if i < 5 { i * 8192 } else { (i % 2) * 8192 };
-        journal.append(&[NewRecord { kind: RecordKind::Write, offset, length: 4096, payload: &[&data] }]).unwrap();
-        expected[offset as usize..][..4096].copy_from_slice(&data);
-    }
+    let (journal, states) = ten_writes(dir.path());
+    let snapshot_dir = dir.path().join("snapshots");
     let mut snapshots = SnapshotStore::create(&snapshot_dir, VOLUME, None, &mut |_, _| {}).unwrap();
     snapshots.insert(&journal.view(), 10, SnapshotOrigin::Requested).unwrap();
-    let manifest_path = snapshot_dir.join("manifest.json");
-    let (manifest_before, whole_delta) =
-        (fs::read(&manifest_path).unwrap(), fs::read(snapshot_dir.join("000000000000000a.delta")).unwrap());
+    let (manifest_path, delta_path) = (snapshot_dir.join("manifest.json"), snapshot_dir.join("000000000000000a.delta"));
+    let (manifest_before, whole_delta) = (fs::read(&manifest_path).unwrap(), fs::read(&delta_path).unwrap());
     snapshots.insert(&journal.view(), 5, SnapshotOrigin::Requested).unwrap();
-    let (manifest_after, rest_delta) =
-        (fs::read(&manifest_path).unwrap(), fs::read(snapshot_dir.join("000000000000000a.delta")).unwrap());
+    let (manifest_after, rest_delta) = (fs::read(&manifest_path).unwrap(), fs::read(&delta_path).unwrap());
     assert!(rest_delta.len() < whole_delta.len(), "the split rewrote the later delta");
 
-    let recovered = |dir: &Path| {
-        let snapshots = SnapshotStore::open(dir, VOLUME, 10)?;
-        let output = tempfile::tempfile().unwrap();
-        output.set_len(VOLUME).unwrap();
-        snapshots.materialize(10, &output, &mut |_, _| {}, &AtomicBool::new(false))?;
-        let mut bytes = vec![0u8; VOLUME as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&output, &mut bytes, 0).unwrap();
-        Ok::<_, Error>(bytes)
-    };
-    assert!(recovered(&snapshot_dir).unwrap() == expected, "the split chain");
+    assert!(materialized(&snapshot_dir, 10).unwrap() == states[10], "the split chain");
     // The crash after the manifest listed the new snapshot, before the later delta was rewritten.
-    fs::write(snapshot_dir.join("000000000000000a.delta"), &whole_delta).unwrap();
-    assert!(recovered(&snapshot_dir).unwrap() == expected, "the new snapshot and the whole later delta");
+    fs::write(&delta_path, &whole_delta).unwrap();
+    assert!(materialized(&snapshot_dir, 10).unwrap() == states[10], "the new snapshot, the whole later delta");
+    assert!(materialized(&snapshot_dir, 5).unwrap() == states[5], "the new snapshot");
     // The state the old order could leave: the later delta rewritten, the manifest not yet.
-    fs::write(snapshot_dir.join("000000000000000a.delta"), &rest_delta).unwrap();
+    fs::write(&delta_path, &rest_delta).unwrap();
     fs::write(&manifest_path, &manifest_before).unwrap();
-    assert!(matches!(recovered(&snapshot_dir), Err(Error::SnapshotCorrupt { .. })));
+    assert!(matches!(materialized(&snapshot_dir, 10), Err(Error::SnapshotCorrupt { .. })));
     fs::write(&manifest_path, &manifest_after).unwrap();
+}
+
+/// A crash while a delta is folded into the base leaves a base holding part of it: the manifest
+/// says so first, and open finishes the merge, so no point recovers from a half-merged base.
+#[test]
+fn a_crash_while_a_delta_is_merged_into_the_base_is_finished_at_open() {
+    use rewind_engine::snapshot::{SnapshotOrigin, SnapshotStore};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, states) = ten_writes(dir.path());
+    let snapshot_dir = dir.path().join("snapshots");
+    let mut snapshots = SnapshotStore::create(&snapshot_dir, VOLUME, None, &mut |_, _| {}).unwrap();
+    snapshots.insert(&journal.view(), 5, SnapshotOrigin::Requested).unwrap();
+    snapshots.insert(&journal.view(), 10, SnapshotOrigin::Requested).unwrap();
+    drop(snapshots);
+    let manifest_path = snapshot_dir.join("manifest.json");
+    let original: serde_json::Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+
+    let mut naming_the_second = original.clone();
+    naming_the_second["merging-into-base"] = 10.into();
+    fs::write(&manifest_path, serde_json::to_vec(&naming_the_second).unwrap()).unwrap();
+    assert!(matches!(materialized(&snapshot_dir, 10), Err(Error::BadMetadata { .. })));
+
+    // The crash came when one block of the first delta had reached the base.
+    let mut merging = original.clone();
+    merging["merging-into-base"] = 5.into();
+    fs::write(&manifest_path, serde_json::to_vec(&merging).unwrap()).unwrap();
+    let base = fs::OpenOptions::new().write(true).open(snapshot_dir.join("base.img")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&base, &states[5][..4096], 0).unwrap();
+    assert!(materialized(&snapshot_dir, 10).unwrap() == states[10]);
+    let snapshots = SnapshotStore::open(&snapshot_dir, VOLUME, 10).unwrap();
+    let seqs: Vec<u64> = snapshots.list().iter().map(|s| s.seq).collect();
+    assert_eq!(seqs, [5, 10], "the base is now the merged snapshot");
+    assert!(materialized(&snapshot_dir, 5).unwrap() == states[5]);
 }

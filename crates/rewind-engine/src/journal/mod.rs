@@ -122,6 +122,9 @@ impl Payloads {
     }
 }
 
+/// Record size from which a walk stops reading ahead past the next header.
+const SKIP_READ_AHEAD_FROM: u64 = 64 * 1024;
+
 fn walk_segment(
     segment: &Segment,
     limit: Option<(u64, Seq)>,
@@ -182,6 +185,9 @@ fn walk_segment_from(
             None
         };
         visit(RecordRef { header, segment, position: pos, payload: payload.as_deref() })?;
+        // Records tend to come in runs of similar sizes: after a large one, the next header is
+        // read alone rather than with a chunk of (probably skipped) payload behind it.
+        reader.read_ahead(header.record_len() < SKIP_READ_AHEAD_FROM);
         pos = record_end;
         expected += 1;
         if limit.is_some_and(|(_, next)| expected >= next) {

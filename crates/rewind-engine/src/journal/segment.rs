@@ -112,20 +112,27 @@ pub struct ChunkReader<'a> {
     buf: Vec<u8>,
     buf_start: u64,
     buf_len: usize,
+    read_ahead: usize,
 }
 
 const CHUNK: usize = 1 << 20;
 
 impl<'a> ChunkReader<'a> {
     pub fn new(file: &'a File, path: &'a Path, len: u64) -> Self {
-        Self { file, path, len, buf: Vec::new(), buf_start: 0, buf_len: 0 }
+        Self { file, path, len, buf: Vec::new(), buf_start: 0, buf_len: 0, read_ahead: CHUNK }
+    }
+
+    /// Reads ahead only as far as each read asks, or (`true`, the default) a whole chunk: a
+    /// walk that skips large payloads would otherwise read all of them to find the headers.
+    pub fn read_ahead(&mut self, whole_chunks: bool) {
+        self.read_ahead = if whole_chunks { CHUNK } else { 0 };
     }
 
     /// Returns `len` bytes at `pos`, or fewer if the file ends first.
     pub fn read_at(&mut self, pos: u64, len: usize) -> Result<&[u8]> {
         let cached = pos >= self.buf_start && pos + len as u64 <= self.buf_start + self.buf_len as u64;
         if !cached {
-            let want = len.max(CHUNK.min(self.len.saturating_sub(pos) as usize));
+            let want = len.max(self.read_ahead.min(self.len.saturating_sub(pos) as usize));
             if self.buf.len() < want {
                 self.buf = vec![0; want];
             }
