@@ -45,6 +45,10 @@ pub struct ServeConfig {
     pub at: Option<RecoveryTarget>,
     /// Applied to the store's retention settings before serving.
     pub retention: Box<dyn Fn(&mut RetentionPolicy) + Send>,
+    /// The replica to ship the volume's history to (s3://BUCKET/PREFIX or file:///DIR).
+    pub replicate: Option<String>,
+    /// Remote retention: points older than this are freed from the replica.
+    pub replica_max_age: Option<Duration>,
 }
 
 /// Who serves a store, recorded in it so that offline commands can point at the control socket.
@@ -177,6 +181,22 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     let exports = Arc::new(Exports::new(Arc::clone(&store), options));
     let mut control =
         ControlServer::new(Arc::clone(&store), Arc::clone(&backend), config.socket.clone(), Arc::clone(&exports));
+    // Before maintenance starts (the shipper holds retention from the first moment) and before
+    // the sockets appear (query-replication answers from the first command).
+    let shipper = match &config.replicate {
+        Some(url) => {
+            let remote = rewind_replica::Remote::open(url).with_context(|| format!("--replicate {url}"))?;
+            let send = control.event_sender();
+            let events = Box::new(move |event: rewind_replica::ReplicationEvent| send(event.into()));
+            let shipping = rewind_replica::ShipperConfig { max_age: config.replica_max_age, ..Default::default() };
+            let shipper = rewind_replica::Shipper::start(Arc::clone(&store), remote, shipping, events)
+                .context("starting replication")?;
+            control.set_replication(shipper.status_handle());
+            log::info!("replicating to {url}");
+            Some(shipper)
+        }
+        None => None,
+    };
     for (path, channel) in [(&config.control, Channel::Host), (&config.agent_socket, Channel::Agent)] {
         if let Some(path) = path {
             control.listen(path, channel).with_context(|| format!("listening on {}", path.display()))?;
@@ -224,6 +244,8 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     let _ = signal_thread.join();
     drop(stop_maintenance);
     let _ = maintenance_thread.join();
+    // Ships what is durable once more (unless the replica is failing), before the store closes.
+    drop(shipper);
     control.shutdown();
     exports.remove_all();
     drop(exports);

@@ -176,6 +176,14 @@ pub struct ServeArgs {
     pub store: StoreArg,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    /// Ship the volume's history to this replica while serving: s3://BUCKET/PREFIX (endpoint,
+    /// keys, region and allow-http from the AWS_* environment variables) or file:///DIR.
+    #[arg(long, value_name = "URL")]
+    pub replicate: Option<String>,
+    /// Remote retention: free points older than this (e.g. 30d) from the replica, keeping every
+    /// later point recoverable. Without it the replica keeps everything.
+    #[arg(long, value_parser = parse_duration, requires = "replicate")]
+    pub replica_max_age: Option<std::time::Duration>,
     #[command(flatten)]
     pub at: AtArgs,
 }
@@ -261,8 +269,11 @@ pub struct NamedMarker {
     #[arg(value_name = "[IMAGE] NAME", num_args = 1..=2, required = true)]
     args: Vec<String>,
     /// The control socket of the daemon serving the image.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from")]
     control: Option<PathBuf>,
+    /// A replica (s3://BUCKET/PREFIX or file:///DIR), read-only.
+    #[arg(long, value_name = "URL")]
+    from: Option<String>,
     #[command(flatten)]
     store: StoreArg,
 }
@@ -270,25 +281,31 @@ pub struct NamedMarker {
 impl NamedMarker {
     /// Where to act, and the marker name.
     pub fn split(&self) -> Result<(Where<'_>, &str)> {
-        match (self.args.as_slice(), &self.control) {
-            ([name], Some(control)) => Ok((Where::Online(control), name)),
-            ([image, name], None) => Ok((Where::Offline(Path::new(image), &self.store), name)),
-            (_, Some(_)) => bail!("with --control, give only the marker NAME"),
-            _ => bail!("give IMAGE NAME, or NAME with --control PATH"),
+        match (self.args.as_slice(), &self.control, &self.from) {
+            ([name], Some(control), None) => Ok((Where::Online(control), name)),
+            ([name], None, Some(url)) => Ok((Where::Replica(url), name)),
+            ([image, name], None, None) => Ok((Where::Offline(Path::new(image), &self.store), name)),
+            (_, Some(_), _) => bail!("with --control, give only the marker NAME"),
+            (_, _, Some(_)) => bail!("with --from, give only the marker NAME"),
+            _ => bail!("give IMAGE NAME, or NAME with --control PATH or --from URL"),
         }
     }
 }
 
-/// Where a command acts: on the image directly, or through the control socket of the
-/// `rewind serve` that serves it.
+/// Where a command acts: on the image directly, through the control socket of the
+/// `rewind serve` that serves it, or on a replica in an object store.
 #[derive(Args, Debug)]
 pub struct Place {
-    /// The image (offline: it must not be served); or give --control instead.
-    #[arg(required_unless_present = "control", conflicts_with = "control")]
+    /// The image (offline: it must not be served); or give --control or --from instead.
+    #[arg(required_unless_present_any = ["control", "from"], conflicts_with_all = ["control", "from"])]
     pub image: Option<PathBuf>,
     /// The control socket of the daemon serving the image.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from")]
     pub control: Option<PathBuf>,
+    /// A replica (s3://BUCKET/PREFIX or file:///DIR) that `serve --replicate` ships to; S3
+    /// endpoint, keys and region come from the AWS_* environment variables.
+    #[arg(long, value_name = "URL")]
+    pub from: Option<String>,
     #[command(flatten)]
     pub store: StoreArg,
 }
@@ -297,14 +314,16 @@ pub struct Place {
 pub enum Where<'a> {
     Online(&'a Path),
     Offline(&'a Path, &'a StoreArg),
+    Replica(&'a str),
 }
 
 impl Place {
     pub fn resolve(&self) -> Where<'_> {
-        match (&self.control, &self.image) {
-            (Some(control), _) => Where::Online(control),
-            (None, Some(image)) => Where::Offline(image, &self.store),
-            (None, None) => unreachable!("clap requires IMAGE or --control"),
+        match (&self.control, &self.from, &self.image) {
+            (Some(control), _, _) => Where::Online(control),
+            (None, Some(url), _) => Where::Replica(url),
+            (None, None, Some(image)) => Where::Offline(image, &self.store),
+            (None, None, None) => unreachable!("clap requires IMAGE, --control or --from"),
         }
     }
 }

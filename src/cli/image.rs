@@ -42,6 +42,9 @@ pub(super) fn snapshot(place: &Place, json: bool) -> Result<()> {
         Where::Offline(image, store) => {
             with_store(image, store, |s| Ok(s.take_snapshot().context("taking a snapshot")?.into()))?
         }
+        Where::Replica(url) => {
+            bail!("{url} is a replica, read-only here: take snapshots of the image or through --control")
+        }
     };
     emit(json, &info, || {
         println!("snapshot at seq {} ({} of changed data)", info.seq, format_bytes(info.data_bytes));

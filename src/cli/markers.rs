@@ -1,10 +1,10 @@
 //! `marker add`, `marker list` and `marker get`, offline or through the control socket; both
 //! print the control protocol's marker.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use super::args::{MarkerCommand, NamedMarker, Place, Where};
-use super::{emit, with_store};
+use super::{emit, open_replica, with_store};
 use crate::control::protocol::AgentCommand;
 use crate::control::replies::{Marker, MarkerAdded};
 use crate::marker::MarkerSource;
@@ -33,6 +33,7 @@ fn add(marker: &NamedMarker, note: Option<String>, json: bool) -> Result<()> {
                 .with_context(|| format!("adding marker {name:?}"))?;
             Ok(s.marker(name)?.into())
         })?,
+        Where::Replica(url) => bail!("{url} is a replica, read-only: add markers to the image or through --control"),
     };
     emit(json, &added, || println!("marker {:?} (id {}) at seq {}", added.name, added.id, added.seq))
 }
@@ -43,6 +44,7 @@ fn list(place: &Place, json: bool) -> Result<()> {
         Where::Offline(image, store) => {
             with_store(image, store, |s| Ok(s.markers().into_iter().map(Marker::from).collect()))?
         }
+        Where::Replica(url) => open_replica(url)?.markers().into_iter().map(Marker::from).collect(),
     };
     emit(json, &markers, || print_markers(&markers))
 }
@@ -54,6 +56,12 @@ fn get(marker: &NamedMarker, json: bool) -> Result<()> {
             QmpClient::connect(control)?.execute(AgentCommand::MarkerGet { name: name.to_string() })?
         }
         Where::Offline(image, store) => with_store(image, store, |s| Ok(s.marker(name)?.into()))?,
+        Where::Replica(url) => open_replica(url)?
+            .markers()
+            .into_iter()
+            .find(|m| m.marker.name == name)
+            .ok_or_else(|| crate::Error::UnknownMarker(name.to_string()))?
+            .into(),
     };
     emit(json, &found, || print_markers(std::slice::from_ref(&found)))
 }

@@ -37,6 +37,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn serve(args: ServeArgs) -> Result<()> {
     let retention = args.retention;
+    let replicate = args.replicate;
     crate::serve::serve(crate::serve::ServeConfig {
         image: args.image,
         store_dir: args.store.dir,
@@ -51,6 +52,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         snapshot_every: args.snapshot_every,
         at: args.at.target(),
         retention: Box::new(move |policy| retention.apply_to(policy)),
+        replicate,
+        replica_max_age: args.replica_max_age,
     })
 }
 
@@ -108,6 +111,11 @@ fn with_store<T>(image: &Path, store: &StoreArg, action: impl FnOnce(&Store) -> 
     let result = action(&opened)?;
     opened.close()?;
     Ok(result)
+}
+
+/// Opens the replica at `url` (reads its manifest).
+fn open_replica(url: &str) -> Result<rewind_replica::Replica> {
+    rewind_replica::Replica::open(url).with_context(|| format!("reading the replica at {url}"))
 }
 
 /// Prints `value` as JSON with `--json`, else the way `human` shows it.

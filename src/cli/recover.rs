@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use super::args::{RecoverArgs, Where};
-use super::{emit, progress_bar, with_store};
+use super::{emit, open_replica, progress_bar, with_store};
 use crate::control::protocol::{self, HostCommand};
 use crate::control::replies::{Event, Job, JobStarted, JobStatus};
 use crate::qmp_client::QmpClient;
@@ -25,6 +25,21 @@ pub(super) fn recover(args: &RecoverArgs) -> Result<()> {
             emit(args.json, &job, || {
                 let seq = job.seq.map_or("?".to_string(), |seq| seq.to_string());
                 println!("recovered to seq {seq} into {} (job {})", args.output.display(), job.id);
+            })
+        }
+        Where::Replica(url) => {
+            let report = open_replica(url)?
+                .recover(&target, &args.output, &mut progress)
+                .with_context(|| format!("recovering to {target} from {url}"))?;
+            bar.finish_and_clear();
+            emit(args.json, &report, || {
+                println!(
+                    "recovered {url} to seq {} (base {} + {} journal records) into {}",
+                    report.seq,
+                    report.snapshot_seq,
+                    report.records_replayed,
+                    report.output.display()
+                );
             })
         }
         Where::Offline(image, store) => {

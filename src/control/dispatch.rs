@@ -102,6 +102,10 @@ impl Shared {
             }
             HostCommand::QueryPointExports => reply(&self.exports.list()),
             HostCommand::PointExportPromote { export_id, output } => reply(&self.start_promote(&export_id, output)?),
+            HostCommand::QueryReplication => match self.replication.get() {
+                Some(replication) => reply(&replication.get()),
+                None => Err(QmpError::generic("replication is off: start rewind serve with --replicate URL")),
+            },
         }
     }
 

@@ -58,6 +58,8 @@ pub enum HostCommand {
     PointExportRemove { export_id: String },
     QueryPointExports,
     PointExportPromote { export_id: String, output: PathBuf },
+    /// How far shipping to the replica has got (`serve --replicate`).
+    QueryReplication,
 }
 
 /// Any command. Which of the two types a command belongs to decides which channels offer it,

@@ -280,6 +280,22 @@ pub enum Event {
     /// The job as in `query-jobs`, `concluded` or `failed`.
     #[serde(rename = "JOB_COMPLETED")]
     JobCompleted(Job),
+    /// Shipping to the replica failed (it is retried), or the local journal outgrew its limit
+    /// because of records not shipped yet. Once per run of failures.
+    #[serde(rename = "REPLICATION_ERROR")]
+    ReplicationError(rewind_replica::ship::ReplicationError),
+    /// Everything durable is in the replica: after the first catch-up, and after failures.
+    #[serde(rename = "REPLICATION_CAUGHT_UP")]
+    ReplicationCaughtUp(rewind_replica::ship::ReplicationCaughtUp),
+}
+
+impl From<rewind_replica::ReplicationEvent> for Event {
+    fn from(event: rewind_replica::ReplicationEvent) -> Self {
+        match event {
+            rewind_replica::ReplicationEvent::Error(error) => Self::ReplicationError(error),
+            rewind_replica::ReplicationEvent::CaughtUp(caught_up) => Self::ReplicationCaughtUp(caught_up),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -45,6 +45,8 @@ pub(super) struct Shared {
     next_client: AtomicU64,
     /// Set by `shutdown`: accept loops, clients and recoveries end.
     pub(super) stopping: AtomicBool,
+    /// What `query-replication` reports, when the daemon ships to a replica.
+    pub(super) replication: std::sync::OnceLock<rewind_replica::ship::StatusHandle>,
 }
 
 /// The control sockets of one daemon.
@@ -220,9 +222,21 @@ impl ControlServer {
                 open: Mutex::new(Vec::new()),
                 next_client: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
+                replication: std::sync::OnceLock::new(),
             }),
             listeners: Vec::new(),
         }
+    }
+
+    /// Has `query-replication` report what `replication` says.
+    pub fn set_replication(&self, replication: rewind_replica::ship::StatusHandle) {
+        let _ = self.shared.replication.set(replication);
+    }
+
+    /// Sends events to every host client that negotiated, from any thread.
+    pub fn event_sender(&self) -> impl Fn(Event) + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        move |event| shared.emit(event)
     }
 
     /// Starts accepting clients of `channel` on `path`.

@@ -305,6 +305,9 @@ pub struct Store {
     recoverability: Mutex<Recoverability>,
     /// Open point-in-time views: retention keeps what they read.
     view_pins: ViewPins,
+    /// Retention keeps every record numbered at or above this (see
+    /// [`keep_journal_from`](Self::keep_journal_from)); `Seq::MAX` when nothing asks.
+    retention_floor: std::sync::atomic::AtomicU64,
     _spares: SparePreparer,
     _uncache: CacheDropper,
 }
@@ -570,6 +573,7 @@ impl Store {
             _lock: lock,
             recoverability: Mutex::new(Recoverability::default()),
             view_pins: ViewPins::default(),
+            retention_floor: std::sync::atomic::AtomicU64::new(Seq::MAX),
             maintenance: Mutex::new(Maintenance { snapshots, meta }),
             writer: Mutex::new(Writer {
                 journal,
@@ -615,6 +619,24 @@ impl Store {
     /// The directory holding the journal, snapshots and metadata.
     pub fn store_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Has retention keep every record numbered `seq` or later, whatever its policy says: for a
+    /// reader that still has to copy them elsewhere (replication). `Seq::MAX` lifts the hold.
+    pub fn keep_journal_from(&self, seq: Seq) {
+        self.retention_floor.store(seq, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The journal as it is now, to read records from. Segments are freed only by retention,
+    /// which keeps what [`keep_journal_from`](Self::keep_journal_from) holds: read only records
+    /// at or above the hold.
+    pub fn journal_view(&self) -> JournalView {
+        lock_poisoned(self.writer.lock()).journal.view()
+    }
+
+    /// The last record known to be durable (0 until the first [`sync`](Self::sync) after open).
+    pub fn durable_seq(&self) -> Seq {
+        *lock_poisoned(self.durable.lock())
     }
 
     /// Newest sequence number (0 before the first record).
@@ -953,9 +975,12 @@ impl Store {
             &retention::RetentionInputs {
                 now_ns: fsutil::now_ns(),
                 // Only checkpointed records may be freed; the checkpoint below covers them all.
-                // An open point-in-time view reads the records after its snapshot in place:
-                // to the planner they are records still awaiting replay.
-                checkpoint: (view.next_seq() - 1).min(oldest_view_snapshot.unwrap_or(Seq::MAX)),
+                // An open point-in-time view reads the records after its snapshot in place, and
+                // replication has yet to ship those at or above its floor: to the planner they
+                // are records still awaiting replay.
+                checkpoint: (view.next_seq() - 1)
+                    .min(oldest_view_snapshot.unwrap_or(Seq::MAX))
+                    .min(self.retention_floor.load(std::sync::atomic::Ordering::SeqCst).saturating_sub(1)),
                 oldest: recoverability.oldest,
                 snapshot_points: &recoverability.snapshot_points,
                 marker_seqs: &marker_seqs,

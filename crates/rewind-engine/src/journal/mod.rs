@@ -132,6 +132,17 @@ fn walk_segment(
     segment: &Segment,
     limit: Option<(u64, Seq)>,
     payloads: impl Fn(&RecordHeader) -> bool,
+    visit: impl FnMut(RecordRef<'_>) -> Result<()>,
+) -> Result<WalkEnd> {
+    walk_segment_from(segment, (SEGMENT_HEADER_LEN, segment.first_seq), limit, payloads, visit)
+}
+
+/// [`walk_segment`] from byte `start.0` of the segment, where record `start.1` begins.
+fn walk_segment_from(
+    segment: &Segment,
+    start: (u64, Seq),
+    limit: Option<(u64, Seq)>,
+    payloads: impl Fn(&RecordHeader) -> bool,
     mut visit: impl FnMut(RecordRef<'_>) -> Result<()>,
 ) -> Result<WalkEnd> {
     let file_len = match limit {
@@ -139,8 +150,7 @@ fn walk_segment(
         None => segment.file.metadata().context(|| format!("reading size of {}", segment.path.display()))?.len(),
     };
     let mut reader = ChunkReader::new(&segment.file, &segment.path, file_len);
-    let mut pos = SEGMENT_HEADER_LEN;
-    let mut expected = segment.first_seq;
+    let (mut pos, mut expected) = start;
     let fault = loop {
         if pos + HEADER_LEN as u64 > file_len {
             // Zeroes too few for a header: the unused rest of a segment whose size is not a
@@ -932,6 +942,11 @@ pub struct JournalView {
 }
 
 impl JournalView {
+    /// The segments, oldest first.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
     pub fn first_seq(&self) -> Seq {
         self.segments.first().map_or(0, |s| s.first_seq)
     }
@@ -1005,6 +1020,42 @@ impl JournalView {
             }
         }
         Ok(())
+    }
+
+    /// [`for_each`](Self::for_each) from record `from`, which a previous walk found starting at
+    /// byte `position` of segment `segment` (a replication reader remembers where it stopped,
+    /// rather than walk the segment from its start again). A position that does not hold
+    /// record `from` is damage.
+    pub fn for_each_from_position(
+        &self,
+        from: Seq,
+        (segment, position): (u64, u64),
+        to: Seq,
+        payloads: Payloads,
+        mut visit: impl FnMut(RecordRef<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let Some(first) = self.segment(segment).filter(|s| s.first_seq <= from && from < s.next_seq) else {
+            return self.for_each(from, to, payloads, visit);
+        };
+        if from > to {
+            return Ok(());
+        }
+        let until = first.next_seq.min(to + 1);
+        let walked = walk_segment_from(
+            first,
+            (position, from),
+            Some((first.end, until)),
+            |h| payloads.wanted(h.kind),
+            &mut visit,
+        )?;
+        // A walk that ended early found no record `from` (or a gap after it) at that position.
+        let fault = walked.fault.or_else(|| {
+            (walked.next_seq != until).then(|| format!("record {} is not where it was found before", walked.next_seq))
+        });
+        if let Some(reason) = fault {
+            return Err(Error::JournalCorrupt { segment: first.path.clone(), offset: walked.end, reason });
+        }
+        self.for_each(first.next_seq, to, payloads, visit)
     }
 
     /// Sequence number of the last record with a timestamp at or before `time_ns`, if any.

@@ -1,0 +1,367 @@
+//! Replication figures: 4 KiB random write IOPS at QD32 with `--replicate` on and off
+//! (alternating, in the same run), the lag from a write's completion to its record being
+//! counted by the replica's manifest (p50/p99), catch-up speed after the store was unreachable,
+//! and recovery from the replica against reading its objects alone. Against a one-node Ceph
+//! (radosgw) started here when Ceph is installed, else against a directory.
+//!
+//!   cargo bench --bench replication      # writes target/bench/replication.{md,json}
+//!   REWIND_BENCH_QUICK=1 ...             # shorter runs
+
+#[path = "../tests/common/ceph.rs"]
+mod ceph;
+#[path = "../crates/rewind-engine/tests/common/rng.rs"]
+mod rng;
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Completion, ReqFlags};
+use rewind::control::protocol::{AgentCommand, HostCommand};
+use rewind::control::replies::Status;
+use rewind::qmp_client::QmpClient;
+use rewind_replica::ReplicationStatus;
+use rng::Rng;
+
+const IMAGE_SIZE: u64 = 256 << 20;
+const BLOCK: usize = 4096;
+const DEPTH: usize = 32;
+/// A write rate this machine's one-node Ceph keeps up with, for the lag of a store that is not
+/// the bottleneck.
+const PACED_IOPS: f64 = 2000.0;
+
+struct Target {
+    url: String,
+    env: Vec<(String, String)>,
+}
+
+/// A sparse image: the replica's base holds no data, so what is measured is the journal's
+/// shipping (and the one-node cluster's memory store stays far from full: a full Ceph hangs).
+fn prepare_image(path: &Path) {
+    let _ = fs::remove_file(path);
+    let file = OpenOptions::new().write(true).create(true).truncate(true).open(path).unwrap();
+    file.set_len(IMAGE_SIZE).unwrap();
+}
+
+/// Deletes a replica, so that the next round does not fill the cluster.
+fn delete_replica(target: &Target) {
+    let remote = remote(target);
+    for object in remote.list("").unwrap() {
+        remote.delete(&object.key).unwrap();
+    }
+}
+
+fn remote(target: &Target) -> rewind_replica::Remote {
+    // The bench's own client reads the endpoint and keys from the environment, as the CLI does.
+    for (k, v) in &target.env {
+        std::env::set_var(k, v);
+    }
+    rewind_replica::Remote::open(&target.url).unwrap()
+}
+
+fn serve(work: &Path, image: &Path, target: Option<&Target>) -> (Child, PathBuf, PathBuf) {
+    let _ = fs::remove_dir_all(rewind::store::default_store_dir(image));
+    let socket = work.join("bench.sock");
+    let control = work.join("bench.ctl");
+    let _ = fs::remove_file(&socket);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rewind"));
+    command
+        .arg("serve")
+        .arg(image)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--queue-size", "1024", "--control"])
+        .arg(&control);
+    if let Some(target) = target {
+        command.args(["--replicate", &target.url]).envs(target.env.iter().map(|(k, v)| (k, v)));
+    }
+    let mut child =
+        command.env("RUST_LOG", "error").stderr(File::create(work.join("rewind.log")).unwrap()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(socket.exists() && control.exists()) {
+        assert!(child.try_wait().unwrap().is_none(), "rewind serve exited early");
+        assert!(Instant::now() < deadline, "rewind serve did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (child, socket, control)
+}
+
+fn stop(mut child: Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+}
+
+/// 4 KiB random writes at QD32 for `secs`, as fast as they complete or paced at `rate` a
+/// second; returns IOPS.
+fn drive(socket: &Path, secs: f64, rate: Option<f64>) -> f64 {
+    let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
+    blkio.set_str("path", socket.to_str().unwrap()).unwrap();
+    blkio.connect().unwrap();
+    blkio.set_i32("num-queues", 1).unwrap();
+    let region = blkio.alloc_mem_region(BLOCK * DEPTH).unwrap();
+    let mut queues = blkio.start().unwrap().queues;
+    blkio.map_mem_region(&region).unwrap();
+    let q = &mut queues[0];
+    let mut rng = Rng(0x5eed);
+    let blocks = IMAGE_SIZE / BLOCK as u64;
+    for slot in 0..DEPTH {
+        let buf = (region.addr + slot * BLOCK) as *const u8;
+        q.write((rng.next() % blocks) * BLOCK as u64, buf, BLOCK, slot, ReqFlags::empty());
+    }
+    let mut completions: Vec<std::mem::MaybeUninit<Completion>> =
+        (0..DEPTH).map(|_| std::mem::MaybeUninit::uninit()).collect();
+    let begin = Instant::now();
+    let deadline = begin + Duration::from_secs_f64(secs);
+    let mut ios = 0u64;
+    let mut idle: Vec<usize> = Vec::new();
+    while Instant::now() < deadline {
+        // Paced, nothing may be in flight: poll, and sleep below between submissions.
+        let n = q.do_io(&mut completions, usize::from(rate.is_none()), None, None).unwrap();
+        for c in &completions[..n] {
+            // SAFETY: do_io initialised the first n entries.
+            let c = unsafe { c.assume_init_ref() };
+            assert_eq!(c.ret, 0, "I/O error");
+            ios += 1;
+            idle.push(c.user_data);
+        }
+        let allowed = rate.map_or(usize::MAX, |rate| {
+            ((rate * begin.elapsed().as_secs_f64()) as usize).saturating_sub(ios as usize + DEPTH - idle.len())
+        });
+        for _ in 0..allowed.min(idle.len()) {
+            let Some(slot) = idle.pop() else { break };
+            let buf = (region.addr + slot * BLOCK) as *const u8;
+            q.write((rng.next() % blocks) * BLOCK as u64, buf, BLOCK, slot, ReqFlags::empty());
+        }
+        if rate.is_some() && !idle.is_empty() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    let elapsed = begin.elapsed().as_secs_f64();
+    let mut left = DEPTH - idle.len();
+    while left > 0 {
+        left -= q.do_io(&mut completions, 1, None, None).unwrap();
+    }
+    ios as f64 / elapsed
+}
+
+fn head(control: &Path) -> u64 {
+    let status: Status = QmpClient::connect(control).unwrap().execute(AgentCommand::QueryStatus).unwrap();
+    status.head
+}
+
+fn replication(client: &mut QmpClient) -> ReplicationStatus {
+    client.execute(HostCommand::QueryReplication).unwrap()
+}
+
+/// Serves `image` replicating to `target` and drives writes for `secs` (paced at `rate`, if
+/// given) while sampling the lag; returns the IOPS and the lags in ms.
+fn run_replicated(work: &Path, image: &Path, target: &Target, secs: f64, rate: Option<f64>) -> (f64, Vec<f64>) {
+    let (child, socket, control) = serve(work, image, Some(target));
+    wait_caught_up(&control, Duration::from_secs(120));
+    let running = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (control, running) = (control.clone(), Arc::clone(&running));
+        std::thread::spawn(move || sample_lag(control, running))
+    };
+    let iops = drive(&socket, secs, rate);
+    running.store(false, Ordering::Relaxed);
+    let lags = sampler.join().unwrap();
+    stop(child);
+    (iops, lags)
+}
+
+/// While `running`, takes the head every 50 ms and finds when the manifest first counted it:
+/// the lag of the writes completed by then (±10 ms, the polling interval).
+fn sample_lag(control: PathBuf, running: Arc<AtomicBool>) -> Vec<f64> {
+    let mut client = QmpClient::connect(&control).unwrap();
+    let mut pending: Vec<(Instant, u64)> = Vec::new();
+    let mut lags = Vec::new();
+    let mut last_sample = Instant::now() - Duration::from_secs(1);
+    while running.load(Ordering::Relaxed) || !pending.is_empty() {
+        if running.load(Ordering::Relaxed) && last_sample.elapsed() >= Duration::from_millis(50) {
+            let status: Status = client.execute(AgentCommand::QueryStatus).unwrap();
+            last_sample = Instant::now();
+            pending.push((last_sample, status.head));
+        }
+        let shipped = replication(&mut client).shipped_seq;
+        let now = Instant::now();
+        pending.retain(|&(at, seq)| {
+            let done = shipped >= seq;
+            if done {
+                lags.push((now - at).as_secs_f64() * 1e3);
+            }
+            !done
+        });
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    lags
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p) as usize]
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values[values.len() / 2]
+}
+
+fn wait_caught_up(control: &Path, limit: Duration) -> ReplicationStatus {
+    let target = head(control);
+    let mut client = QmpClient::connect(control).unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        let status = replication(&mut client);
+        if status.shipped_seq >= target && !status.failing {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "no catch-up: {status:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return;
+    }
+    let quick = std::env::var_os("REWIND_BENCH_QUICK").is_some();
+    let (rounds, secs) = if quick { (2, 3.0) } else { (3, 5.0) };
+    let work =
+        PathBuf::from(std::env::var("REWIND_BENCH_DIR").unwrap_or_else(|_| "target/bench/replication-work".into()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).unwrap();
+    let image = work.join("bench.img");
+    let mut cluster = ceph::Cluster::start_if_installed();
+    let (target, store_name) = match &cluster {
+        Some(cluster) => {
+            cluster.create_bucket("bench");
+            (Target { url: "s3://bench/vol".into(), env: cluster.s3_env() }, "one-node Ceph (radosgw, memstore OSD)")
+        }
+        None => (
+            Target {
+                url: format!("file://{}", fs::canonicalize(&work).unwrap().join("replica").display()),
+                env: Vec::new(),
+            },
+            "a local directory",
+        ),
+    };
+    let mut md =
+        format!("Replica: {store_name}, on this machine; 4 KiB random writes at QD32 over a 256 MiB image.\n\n");
+
+    let (mut off, mut on, mut lags): (Vec<f64>, Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        prepare_image(&image);
+        let (child, socket, _) = serve(&work, &image, None);
+        off.push(drive(&socket, secs, None));
+        stop(child);
+        prepare_image(&image);
+        let round_target = Target { url: format!("{}/round{round}", target.url), env: target.env.clone() };
+        let (iops, round_lags) = run_replicated(&work, &image, &round_target, secs, None);
+        on.push(iops);
+        lags.extend(round_lags);
+        delete_replica(&round_target);
+        eprintln!("round {round}: off {:.0} IOPS, on {:.0} IOPS", off[round], on[round]);
+    }
+    lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    prepare_image(&image);
+    let paced_target = Target { url: format!("{}/paced", target.url), env: target.env.clone() };
+    let (paced_iops, mut paced_lags) = run_replicated(&work, &image, &paced_target, secs * 2.0, Some(PACED_IOPS));
+    delete_replica(&paced_target);
+    paced_lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (iops_off, iops_on) = (median(off), median(on));
+    let line = format!(
+        "| replication | 4 KiB random write IOPS, QD32 (median of {rounds}) | lag p50 | lag p99 |\n|---|---|---|---|\n\
+         | off | {iops_off:.0} | | |\n| on | {iops_on:.0} ({:.2}×) | {:.0} ms | {:.0} ms |\n\
+         | on, paced at {PACED_IOPS:.0}/s | {paced_iops:.0} | {:.0} ms | {:.0} ms |\n\n\
+         Lag: a write completed by the time the head was sampled (every 50 ms) until the manifest counts it \
+         (polled every 10 ms).\n",
+        iops_on / iops_off,
+        percentile(&lags, 0.5),
+        percentile(&lags, 0.99),
+        percentile(&paced_lags, 0.5),
+        percentile(&paced_lags, 0.99)
+    );
+    print!("{line}");
+    md.push_str(&line);
+    let mut json = serde_json::json!({"store": store_name, "iops_off": iops_off, "iops_on": iops_on,
+        "lag_p50_ms": percentile(&lags, 0.5), "lag_p99_ms": percentile(&lags, 0.99),
+        "paced_iops": paced_iops, "paced_lag_p50_ms": percentile(&paced_lags, 0.5), "paced_lag_p99_ms": percentile(&paced_lags, 0.99)});
+
+    // Catch-up after an outage (Ceph only: radosgw stopped under load), then recovery.
+    prepare_image(&image);
+    let url = format!("{}/catch-up", target.url);
+    let catch_target = Target { url: url.clone(), env: target.env.clone() };
+    let (child, socket, control) = serve(&work, &image, Some(&catch_target));
+    wait_caught_up(&control, Duration::from_secs(120));
+    if let Some(cluster) = cluster.as_mut() {
+        cluster.stop_gateway();
+        drive(&socket, 1.0, None);
+        let mut client = QmpClient::connect(&control).unwrap();
+        let backlog = replication(&mut client).bytes_pending;
+        cluster.start_gateway();
+        let begin = Instant::now();
+        wait_caught_up(&control, Duration::from_secs(600));
+        let took = begin.elapsed().as_secs_f64();
+        let line = format!(
+            "\ncatch-up after radosgw was down for 1 s of QD32 writes: {:.1} MiB shipped in {took:.1} s ({:.1} MiB/s, \
+             counted from radosgw's restart, retry back-off included)\n",
+            backlog as f64 / (1 << 20) as f64,
+            backlog as f64 / (1 << 20) as f64 / took
+        );
+        print!("{line}");
+        md.push_str(&line);
+        json["catch_up_mib_s"] = (backlog as f64 / (1 << 20) as f64 / took).into();
+    } else {
+        drive(&socket, 1.0, None);
+        wait_caught_up(&control, Duration::from_secs(600));
+    }
+    stop(child);
+
+    // Recovery from the replica against downloading its objects alone.
+    let remote = remote(&catch_target);
+    let keys: Vec<String> = remote.list("").unwrap().into_iter().map(|o| o.key).collect();
+    let begin = Instant::now();
+    let mut bytes = 0u64;
+    remote
+        .get_each(&keys, |_, data| {
+            bytes += data.len() as u64;
+            Ok(true)
+        })
+        .unwrap();
+    let download = begin.elapsed().as_secs_f64();
+    let output = work.join("recovered.img");
+    let shipped = rewind_replica::Replica::open(&url).unwrap().manifest().shipped_seq;
+    let begin_recovery = Instant::now();
+    let recovered = Command::new(env!("CARGO_BIN_EXE_rewind"))
+        .args(["recover", "--from", &url, "--seq", &shipped.to_string()])
+        .envs(target.env.iter().map(|(k, v)| (k, v)))
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(recovered.status.success(), "{}", String::from_utf8_lossy(&recovered.stderr));
+    let recovery = begin_recovery.elapsed().as_secs_f64();
+    let mib = bytes as f64 / (1 << 20) as f64;
+    let line = format!(
+        "\nrecovery from the replica ({mib:.1} MiB of objects, {} objects): {recovery:.2} s ({:.0} MiB/s); \
+         downloading the same objects alone: {download:.2} s ({:.0} MiB/s)\n",
+        keys.len(),
+        mib / recovery,
+        mib / download
+    );
+    print!("{line}");
+    md.push_str(&line);
+    json["recovery_s"] = recovery.into();
+    delete_replica(&catch_target);
+    json["download_s"] = download.into();
+    let out = Path::new("target/bench");
+    fs::create_dir_all(out).unwrap();
+    fs::write(out.join("replication.md"), &md).unwrap();
+    fs::write(out.join("replication.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    drop(cluster);
+    let _ = fs::remove_dir_all(&work);
+}

@@ -1,0 +1,478 @@
+//! The remote layout, version 1 (docs/format.md, "Replica"): object names, the manifest, and
+//! the two object formats, journal batches and base parts. Every object carries its own
+//! CRC32C checksums and names the store it belongs to; the manifest is written after the
+//! objects it counts, so an upload cut short is never taken for history.
+
+use rewind_engine::journal::{RecordHeader, HEADER_LEN};
+use rewind_engine::marker::Marker;
+use rewind_engine::Seq;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_KEY: &str = "rewind-replica.json";
+pub const JOURNAL_DIR: &str = "journal";
+pub const BASE_DIR: &str = "base";
+const JOURNAL_MAGIC: [u8; 8] = *b"RWREPJ\0\0";
+const BASE_MAGIC: [u8; 8] = *b"RWREPB\0\0";
+/// Both object kinds start with a header of this many bytes.
+pub const OBJECT_HEADER_LEN: usize = 64;
+const EXTENT_ENTRY_LEN: usize = 24;
+/// What `format` says in every manifest, so that a stray JSON file is not taken for one.
+const FORMAT_NAME: &str = "rewind-replica";
+
+/// `rewind-replica.json`: what the replica holds, complete. Replaced (never appended to) after
+/// the objects it counts are stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub store_uuid: uuid::Uuid,
+    pub volume_size: u64,
+    pub block_size: u32,
+    /// The volume at `base.seq`, in parts; the oldest remote point.
+    pub base: BaseInfo,
+    /// Every record in `base.seq + 1 ..= shipped_seq` is in the journal objects.
+    pub shipped_seq: Seq,
+    /// Timestamp of record `shipped_seq` (ns since the epoch).
+    pub shipped_time_ns: u64,
+    /// Markers shipped, in sequence order; those below the base are expired.
+    pub markers: Vec<Marker>,
+    /// Remote retention: points older than this many seconds are freed (none: keep all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_secs: Option<u64>,
+    /// When the manifest was written (ns since the epoch).
+    pub updated_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BaseInfo {
+    pub seq: Seq,
+    /// Timestamp of the record at `seq` (0 for the store's initial state).
+    pub time_ns: u64,
+    pub parts: u64,
+    /// Data bytes held by the parts (holes are not stored).
+    pub data_bytes: u64,
+}
+
+impl Manifest {
+    pub fn new(store_uuid: uuid::Uuid, volume_size: u64, block_size: u32, base: BaseInfo) -> Self {
+        Self {
+            format: FORMAT_NAME.to_string(),
+            format_version: FORMAT_VERSION,
+            store_uuid,
+            volume_size,
+            block_size,
+            shipped_seq: base.seq,
+            shipped_time_ns: base.time_ns,
+            base,
+            markers: Vec::new(),
+            max_age_secs: None,
+            updated_ns: 0,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("the manifest serialises")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let corrupt = |reason: String| Error::Corrupt { key: MANIFEST_KEY.to_string(), reason };
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+            return Err(corrupt(format!("not a {FORMAT_NAME} manifest")));
+        }
+        let version = value.get("format-version").and_then(|v| v.as_u64()).unwrap_or(0);
+        if version != u64::from(FORMAT_VERSION) {
+            return Err(Error::UnsupportedVersion {
+                key: MANIFEST_KEY.to_string(),
+                found: u32::try_from(version).unwrap_or(u32::MAX),
+                supported: FORMAT_VERSION,
+            });
+        }
+        let manifest: Self = serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
+        if manifest.shipped_seq < manifest.base.seq {
+            return Err(corrupt(format!(
+                "shipped seq {} is older than the base at seq {}",
+                manifest.shipped_seq, manifest.base.seq
+            )));
+        }
+        Ok(manifest)
+    }
+
+    /// Whether a marker's point can be rebuilt from the replica.
+    pub fn marker_expired(&self, marker: &Marker) -> bool {
+        marker.seq < self.base.seq
+    }
+}
+
+/// `journal/<first>-<last>.rwj`, both 16 hex digits: the name says which records it holds, so
+/// a listing is enough to chain them.
+pub fn journal_key(first: Seq, last: Seq) -> String {
+    format!("{JOURNAL_DIR}/{first:016x}-{last:016x}.rwj")
+}
+
+/// The record range a journal object's key names, if it is one.
+pub fn parse_journal_key(key: &str) -> Option<(Seq, Seq)> {
+    let name = key.strip_prefix(JOURNAL_DIR)?.strip_prefix('/')?.strip_suffix(".rwj")?;
+    let (first, last) = name.split_once('-')?;
+    let hex = |s: &str| (s.len() == 16).then(|| u64::from_str_radix(s, 16).ok()).flatten();
+    let (first, last) = (hex(first)?, hex(last)?);
+    (first <= last).then_some((first, last))
+}
+
+/// `base/<seq>/<part>.rwb`.
+pub fn base_key(seq: Seq, part: u64) -> String {
+    format!("{BASE_DIR}/{seq:016x}/{part:08x}.rwb")
+}
+
+/// The base sequence number a base part's key names, if it is one.
+pub fn parse_base_key(key: &str) -> Option<Seq> {
+    let rest = key.strip_prefix(BASE_DIR)?.strip_prefix('/')?;
+    let (seq, part) = rest.split_once('/')?;
+    part.strip_suffix(".rwb")?;
+    (seq.len() == 16).then(|| u64::from_str_radix(seq, 16).ok()).flatten()
+}
+
+/// The common object header: magic, version, a count, the store, a range, the body's length
+/// and checksum, and the header's own checksum.
+struct ObjectHeader {
+    magic: [u8; 8],
+    count: u32,
+    store_uuid: uuid::Uuid,
+    first: u64,
+    second: u64,
+    body_len: u64,
+    body_crc: u32,
+}
+
+impl ObjectHeader {
+    fn encode(&self) -> [u8; OBJECT_HEADER_LEN] {
+        let mut buf = [0u8; OBJECT_HEADER_LEN];
+        buf[0..8].copy_from_slice(&self.magic);
+        buf[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        buf[12..16].copy_from_slice(&self.count.to_le_bytes());
+        buf[16..32].copy_from_slice(self.store_uuid.as_bytes());
+        buf[32..40].copy_from_slice(&self.first.to_le_bytes());
+        buf[40..48].copy_from_slice(&self.second.to_le_bytes());
+        buf[48..56].copy_from_slice(&self.body_len.to_le_bytes());
+        buf[56..60].copy_from_slice(&self.body_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&buf[0..60]);
+        buf[60..64].copy_from_slice(&crc.to_le_bytes());
+        buf
+    }
+
+    /// Decodes and checks the header and the body's checksum; returns the header and body.
+    fn decode<'a>(key: &str, magic: [u8; 8], store_uuid: uuid::Uuid, bytes: &'a [u8]) -> Result<(Self, &'a [u8])> {
+        let corrupt = |reason: &str| Error::Corrupt { key: key.to_string(), reason: reason.to_string() };
+        if bytes.len() < OBJECT_HEADER_LEN || bytes[0..8] != magic {
+            return Err(corrupt("no object header"));
+        }
+        if crc32c::crc32c(&bytes[0..60]) != u32_at(bytes, 60) {
+            return Err(corrupt("header checksum mismatch"));
+        }
+        let version = u32_at(bytes, 8);
+        if version != FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion { key: key.to_string(), found: version, supported: FORMAT_VERSION });
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&bytes[16..32]);
+        let header = Self {
+            magic,
+            count: u32_at(bytes, 12),
+            store_uuid: uuid::Uuid::from_bytes(uuid),
+            first: u64_at(bytes, 32),
+            second: u64_at(bytes, 40),
+            body_len: u64_at(bytes, 48),
+            body_crc: u32_at(bytes, 56),
+        };
+        if header.store_uuid != store_uuid {
+            return Err(corrupt("the object belongs to another store"));
+        }
+        let body = &bytes[OBJECT_HEADER_LEN..];
+        if body.len() as u64 != header.body_len {
+            return Err(corrupt("object length does not match its header"));
+        }
+        if crc32c::crc32c(body) != header.body_crc {
+            return Err(corrupt("body checksum mismatch"));
+        }
+        Ok((header, body))
+    }
+}
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    let mut bytes = [0u8; 4];
+    bytes.copy_from_slice(&buf[at..at + 4]);
+    u32::from_le_bytes(bytes)
+}
+
+fn u64_at(buf: &[u8], at: usize) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&buf[at..at + 8]);
+    u64::from_le_bytes(bytes)
+}
+
+/// A batch of consecutive journal records being gathered for one object, in the journal's own
+/// record encoding (64-byte header, payload padded to 64 bytes).
+#[derive(Debug, Default)]
+pub struct JournalBatch {
+    pub first: Seq,
+    pub last: Seq,
+    /// Timestamp of the last record.
+    pub last_time_ns: u64,
+    count: u32,
+    records: Vec<u8>,
+}
+
+impl JournalBatch {
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes of records gathered.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn push(&mut self, header: &RecordHeader, payload: &[u8]) {
+        if self.count == 0 {
+            self.first = header.seq;
+        }
+        self.last = header.seq;
+        self.last_time_ns = header.timestamp_ns;
+        self.count += 1;
+        self.records.extend_from_slice(&header.encode());
+        self.records.extend_from_slice(payload);
+        let padded = rewind_engine::journal::record::padded_len(payload.len() as u64) as usize;
+        self.records.resize(self.records.len() + padded - payload.len(), 0);
+    }
+
+    /// The object's key and bytes.
+    pub fn encode(&self, store_uuid: uuid::Uuid) -> (String, Vec<u8>) {
+        let header = ObjectHeader {
+            magic: JOURNAL_MAGIC,
+            count: self.count,
+            store_uuid,
+            first: self.first,
+            second: self.last,
+            body_len: self.records.len() as u64,
+            body_crc: crc32c::crc32c(&self.records),
+        };
+        let mut bytes = Vec::with_capacity(OBJECT_HEADER_LEN + self.records.len());
+        bytes.extend_from_slice(&header.encode());
+        bytes.extend_from_slice(&self.records);
+        (journal_key(self.first, self.last), bytes)
+    }
+}
+
+/// Decodes a journal object and hands each record to `visit`, checking every checksum and that
+/// the records are exactly those its key names, in order.
+pub fn decode_journal_object(
+    key: &str,
+    store_uuid: uuid::Uuid,
+    bytes: &[u8],
+    mut visit: impl FnMut(&RecordHeader, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let corrupt = |reason: String| Error::Corrupt { key: key.to_string(), reason };
+    let (header, body) = ObjectHeader::decode(key, JOURNAL_MAGIC, store_uuid, bytes)?;
+    if parse_journal_key(key).is_some_and(|range| range != (header.first, header.second)) {
+        return Err(corrupt("the header's record range does not match the object's name".into()));
+    }
+    let mut pos = 0usize;
+    let mut expected = header.first;
+    for _ in 0..header.count {
+        let raw: &[u8; HEADER_LEN] = body
+            .get(pos..pos + HEADER_LEN)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| corrupt(format!("record {expected} is cut short")))?;
+        let record = RecordHeader::decode(raw).map_err(|fault| corrupt(format!("record {expected}: {fault}")))?;
+        if record.seq != expected {
+            return Err(corrupt(format!("record {} where {expected} was expected", record.seq)));
+        }
+        let payload_at = pos + HEADER_LEN;
+        let payload = body
+            .get(payload_at..payload_at + record.payload_len as usize)
+            .ok_or_else(|| corrupt(format!("record {expected}'s payload is cut short")))?;
+        if crc32c::crc32c(payload) != record.payload_crc {
+            return Err(corrupt(format!("record {expected}: payload checksum mismatch")));
+        }
+        visit(&record, payload)?;
+        pos += record.record_len() as usize;
+        expected += 1;
+    }
+    if expected != header.second + 1 || pos != body.len() {
+        return Err(corrupt("the object holds other records than its header says".into()));
+    }
+    Ok(())
+}
+
+/// One stored range of a base part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseExtent {
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// Encodes a base part: a table of (volume offset, length, CRC32C) and the data after it.
+pub fn encode_base_part(store_uuid: uuid::Uuid, seq: Seq, part: u64, extents: &[BaseExtent]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for extent in extents {
+        body.extend_from_slice(&extent.offset.to_le_bytes());
+        body.extend_from_slice(&(extent.data.len() as u64).to_le_bytes());
+        body.extend_from_slice(&crc32c::crc32c(&extent.data).to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+    }
+    for extent in extents {
+        body.extend_from_slice(&extent.data);
+    }
+    let header = ObjectHeader {
+        magic: BASE_MAGIC,
+        count: u32::try_from(extents.len()).expect("a part holds few extents"),
+        store_uuid,
+        first: seq,
+        second: part,
+        body_len: body.len() as u64,
+        body_crc: crc32c::crc32c(&body),
+    };
+    let mut bytes = header.encode().to_vec();
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+/// Decodes a base part of the base at `seq`, handing each extent (offset, data) to `visit`.
+pub fn decode_base_part(
+    key: &str,
+    store_uuid: uuid::Uuid,
+    seq: Seq,
+    volume_size: u64,
+    bytes: &[u8],
+    mut visit: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let corrupt = |reason: String| Error::Corrupt { key: key.to_string(), reason };
+    let (header, body) = ObjectHeader::decode(key, BASE_MAGIC, store_uuid, bytes)?;
+    if header.first != seq {
+        return Err(corrupt(format!("a part of the base at seq {}, not {seq}", header.first)));
+    }
+    let table_len = header.count as usize * EXTENT_ENTRY_LEN;
+    let mut data_at = table_len;
+    for entry in 0..header.count as usize {
+        let at = entry * EXTENT_ENTRY_LEN;
+        let table = body.get(at..at + EXTENT_ENTRY_LEN).ok_or_else(|| corrupt("extent table cut short".into()))?;
+        let (offset, len, crc) = (u64_at(table, 0), u64_at(table, 8), u32_at(table, 16));
+        if offset.checked_add(len).is_none_or(|end| end > volume_size) {
+            return Err(corrupt(format!("extent {offset}+{len} lies outside the volume")));
+        }
+        let data = usize::try_from(len)
+            .ok()
+            .and_then(|len| body.get(data_at..data_at + len))
+            .ok_or_else(|| corrupt("extent data cut short".into()))?;
+        if crc32c::crc32c(data) != crc {
+            return Err(corrupt(format!("extent at volume offset {offset}: checksum mismatch")));
+        }
+        visit(offset, data)?;
+        data_at += data.len();
+    }
+    if data_at != body.len() {
+        return Err(corrupt("bytes after the last extent".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rewind_engine::journal::RecordKind;
+
+    fn write_record(seq: Seq, data: &[u8]) -> RecordHeader {
+        RecordHeader {
+            kind: RecordKind::Write,
+            seq,
+            timestamp_ns: seq * 10,
+            offset: seq * 4096,
+            length: data.len() as u64,
+            payload_len: data.len() as u32,
+            payload_crc: crc32c::crc32c(data),
+        }
+    }
+
+    #[test]
+    fn journal_objects_round_trip_and_every_flipped_byte_is_caught() {
+        let store = uuid::Uuid::new_v4();
+        let mut batch = JournalBatch::default();
+        for seq in 5..8 {
+            let data = vec![seq as u8; 100 + seq as usize];
+            batch.push(&write_record(seq, &data), &data);
+        }
+        let (key, bytes) = batch.encode(store);
+        assert_eq!(parse_journal_key(&key), Some((5, 7)));
+        let mut seen = Vec::new();
+        decode_journal_object(&key, store, &bytes, |h, p| {
+            seen.push((h.seq, p.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [5, 6, 7]);
+        assert_eq!(seen[1].1, vec![6u8; 106]);
+        for at in (0..bytes.len()).step_by(7) {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x40;
+            let result = decode_journal_object(&key, store, &damaged, |_, _| Ok(()));
+            assert!(matches!(result, Err(Error::Corrupt { .. })), "byte {at} flip went unnoticed");
+        }
+        let cut = decode_journal_object(&key, store, &bytes[..bytes.len() - 64], |_, _| Ok(()));
+        assert!(matches!(cut, Err(Error::Corrupt { .. })));
+        let other = decode_journal_object(&key, uuid::Uuid::new_v4(), &bytes, |_, _| Ok(()));
+        assert!(matches!(other, Err(Error::Corrupt { .. })));
+        let renamed = decode_journal_object(&journal_key(5, 9), store, &bytes, |_, _| Ok(()));
+        assert!(matches!(renamed, Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn base_parts_round_trip_and_refuse_damage() {
+        let store = uuid::Uuid::new_v4();
+        let extents =
+            vec![BaseExtent { offset: 0, data: vec![1; 4096] }, BaseExtent { offset: 65536, data: vec![2; 8192] }];
+        let bytes = encode_base_part(store, 42, 3, &extents);
+        let key = base_key(42, 3);
+        assert_eq!(parse_base_key(&key), Some(42));
+        let mut seen = Vec::new();
+        decode_base_part(&key, store, 42, 1 << 20, &bytes, |offset, data| {
+            seen.push(BaseExtent { offset, data: data.to_vec() });
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, extents);
+        let mut damaged = bytes.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert!(decode_base_part(&key, store, 42, 1 << 20, &damaged, |_, _| Ok(())).is_err());
+        assert!(decode_base_part(&key, store, 41, 1 << 20, &bytes, |_, _| Ok(())).is_err());
+        assert!(decode_base_part(&key, store, 42, 65536, &bytes, |_, _| Ok(())).is_err());
+    }
+
+    #[test]
+    fn manifests_round_trip_and_refuse_other_versions_and_files() {
+        let base = BaseInfo { seq: 3, time_ns: 7, parts: 1, data_bytes: 4096 };
+        let manifest = Manifest::new(uuid::Uuid::new_v4(), 1 << 20, 4096, base);
+        assert_eq!(Manifest::decode(&manifest.encode()).unwrap(), manifest);
+        let mut newer: serde_json::Value = serde_json::from_slice(&manifest.encode()).unwrap();
+        newer["format-version"] = 2.into();
+        let newer = serde_json::to_vec(&newer).unwrap();
+        assert!(matches!(Manifest::decode(&newer), Err(Error::UnsupportedVersion { found: 2, .. })));
+        assert!(matches!(Manifest::decode(b"{}"), Err(Error::Corrupt { .. })));
+        assert!(matches!(Manifest::decode(b"not json"), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn only_canonical_object_names_parse() {
+        assert_eq!(parse_journal_key("journal/0000000000000001-0000000000000002.rwj"), Some((1, 2)));
+        assert_eq!(parse_journal_key("journal/0000000000000003-0000000000000002.rwj"), None);
+        assert_eq!(parse_journal_key("journal/1-2.rwj"), None);
+        assert_eq!(parse_journal_key("base/0000000000000001/00000000.rwb"), None);
+        assert_eq!(parse_base_key("base/0000000000000001/00000000.rwb"), Some(1));
+        assert_eq!(parse_base_key("base/1/00000000.rwb"), None);
+    }
+}

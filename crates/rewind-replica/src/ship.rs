@@ -1,0 +1,635 @@
+//! The shipping thread: beside the daemon's I/O path, it copies durable journal records to the
+//! replica in order, a batch at a time, and rewrites the manifest after each batch is stored.
+//!
+//! Guest I/O never waits for it: it reads records through a journal view (the page cache, not
+//! the writer's lock), and a slow, full or unreachable store only makes it fall behind. What it
+//! has not shipped stays in the local journal: it holds retention at its shipped point
+//! (`Store::keep_journal_from`). When that makes the local journal outgrow its size limit, it
+//! says so (a `REPLICATION_ERROR` event and `journal-over-limit` in the status) and keeps the
+//! records: remote history is never given up silently. See docs/format.md, "Replica".
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rewind_engine::fsutil;
+use rewind_engine::journal::segment::SEGMENT_HEADER_LEN;
+use rewind_engine::journal::{JournalView, Payloads, RecordKind, RecordRef};
+use rewind_engine::marker;
+use rewind_engine::recovery::RecoveryTarget;
+use rewind_engine::{Seq, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::layout::{self, BaseExtent, BaseInfo, JournalBatch, Manifest, BASE_DIR, MANIFEST_KEY};
+use crate::remote::Remote;
+use crate::restore::{self, list_journal, read_manifest};
+
+/// How the shipper groups and paces its uploads.
+#[derive(Debug, Clone)]
+pub struct ShipperConfig {
+    /// Durable records are shipped at least this often: a write reaches the store within about
+    /// this plus one upload.
+    pub interval: Duration,
+    /// A journal object is closed once it holds this many bytes of records.
+    pub max_object_bytes: usize,
+    /// Remote retention: points older than this are freed from the replica (see `rebase`).
+    pub max_age: Option<Duration>,
+}
+
+impl Default for ShipperConfig {
+    fn default() -> Self {
+        Self { interval: Duration::from_millis(200), max_object_bytes: 8 << 20, max_age: None }
+    }
+}
+
+/// `query-replication`: how far shipping has got.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReplicationStatus {
+    pub url: String,
+    /// Every record up to here is in the replica (0 before the first manifest).
+    pub shipped_seq: Seq,
+    /// The local journal's newest record.
+    pub head: Seq,
+    /// Age of the oldest record not shipped yet; 0 when caught up.
+    pub seconds_behind: f64,
+    /// Journal bytes not shipped yet.
+    pub bytes_pending: u64,
+    /// The most recent failure, kept after recovery from it (see `failing`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Whether the last attempt failed.
+    pub failing: bool,
+    /// The oldest point the replica can rebuild.
+    pub remote_oldest_seq: Seq,
+    pub objects_shipped: u64,
+    pub bytes_shipped: u64,
+    /// The local journal is over its size limit because of records held for shipping.
+    pub journal_over_limit: bool,
+}
+
+/// `REPLICATION_ERROR`: shipping failed (it is retried), or the local journal outgrew its
+/// limit because of records held for shipping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReplicationError {
+    pub error: String,
+    pub shipped_seq: Seq,
+}
+
+/// `REPLICATION_CAUGHT_UP`: everything durable is shipped again, after a failure or at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReplicationCaughtUp {
+    pub shipped_seq: Seq,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationEvent {
+    Error(ReplicationError),
+    CaughtUp(ReplicationCaughtUp),
+}
+
+/// Reads a running shipper's status.
+#[derive(Clone)]
+pub struct StatusHandle(Arc<Mutex<ReplicationStatus>>);
+
+impl StatusHandle {
+    pub fn get(&self) -> ReplicationStatus {
+        locked(&self.0).clone()
+    }
+}
+
+/// Receives the shipper's events (the daemon sends them to its control clients).
+pub type EventSink = Box<dyn Fn(ReplicationEvent) + Send>;
+
+/// Longest wait between attempts while the store fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Data read per piece when cutting the base into parts; all-zero pieces are not stored.
+const BASE_PIECE: u64 = 1 << 20;
+/// Where the base is built before it is uploaded, in the store's directory.
+const BASE_BUILD_FILE: &str = "replica-base.tmp";
+
+/// Set to stop the thread; the condition variable wakes it.
+type StopSignal = Arc<(Mutex<bool>, Condvar)>;
+
+/// The running shipper. Stopping it (or dropping it) ships one more walk of what is durable
+/// (at most a segment), unless the store is failing.
+pub struct Shipper {
+    status: Arc<Mutex<ReplicationStatus>>,
+    stop: StopSignal,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shipper {
+    /// Holds the store's retention at once (nothing unshipped may be freed from here on), then
+    /// starts shipping to `remote` in a thread of its own.
+    pub fn start(store: Arc<Store>, remote: Remote, config: ShipperConfig, events: EventSink) -> Result<Self> {
+        store.keep_journal_from(0);
+        let status = Arc::new(Mutex::new(ReplicationStatus { url: remote.url().to_string(), ..Default::default() }));
+        let stop: StopSignal = Arc::new((Mutex::new(false), Condvar::new()));
+        let mut worker = Worker {
+            store,
+            remote,
+            config,
+            events,
+            status: Arc::clone(&status),
+            stop: Arc::clone(&stop),
+            manifest: None,
+            retry_at: None,
+            backoff: FIRST_BACKOFF,
+            caught_up_due: true,
+            error_reported: false,
+            over_limit_reported: false,
+            shipped_end: None,
+            unshipped_time: None,
+            retention_checked: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("rewind-replica".into())
+            .spawn(move || worker.run())
+            .map_err(|e| Error::Io { context: "starting the replication thread".into(), cause: e })?;
+        Ok(Self { status, stop, thread: Some(thread) })
+    }
+
+    pub fn status(&self) -> ReplicationStatus {
+        locked(&self.status).clone()
+    }
+
+    /// A handle that reads the status from elsewhere (the control socket).
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle(Arc::clone(&self.status))
+    }
+
+    /// Ships one more walk of what is durable (unless failing) and ends the thread.
+    pub fn stop(mut self) {
+        self.stop_thread();
+    }
+
+    fn stop_thread(&mut self) {
+        *locked(&self.stop.0) = true;
+        self.stop.1.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+struct Worker {
+    store: Arc<Store>,
+    remote: Remote,
+    config: ShipperConfig,
+    events: EventSink,
+    status: Arc<Mutex<ReplicationStatus>>,
+    stop: StopSignal,
+    /// The replica's manifest as last written or read; None until connected.
+    manifest: Option<Manifest>,
+    /// After a failure: no attempt before this.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// REPLICATION_CAUGHT_UP is sent when everything durable is shipped (at start, after errors).
+    caught_up_due: bool,
+    /// A REPLICATION_ERROR was sent for the current run of failures.
+    error_reported: bool,
+    over_limit_reported: bool,
+    /// Segment index and byte offset where the last shipped record ends, for `bytes-pending`.
+    shipped_end: Option<(u64, u64)>,
+    /// The first unshipped record's sequence number and timestamp, for `seconds-behind`.
+    unshipped_time: Option<(Seq, u64)>,
+    /// When remote retention last looked at the base's age.
+    retention_checked: Option<Instant>,
+}
+
+impl Worker {
+    fn stopping(&self) -> bool {
+        *locked(&self.stop.0)
+    }
+
+    fn run(&mut self) {
+        loop {
+            if self.stopping() {
+                if self.retry_at.is_none() {
+                    if let Err(e) = self.ship_durable() {
+                        log::warn!("replication: final shipping to {} failed: {e}", self.remote.url());
+                    }
+                }
+                return;
+            }
+            self.tick();
+            let stop = locked(&self.stop.0);
+            if !*stop {
+                let _ = self.stop.1.wait_timeout(stop, self.config.interval);
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        if self.retry_at.is_none_or(|at| Instant::now() >= at) {
+            match self.ship_durable() {
+                Ok(()) => {
+                    self.retry_at = None;
+                    self.backoff = FIRST_BACKOFF;
+                    self.error_reported = false;
+                    locked(&self.status).failing = false;
+                }
+                Err(e) => self.failed(e),
+            }
+        }
+        if let Err(e) = self.refresh_status() {
+            log::debug!("replication: cannot read the journal's state: {e}");
+        }
+    }
+
+    fn failed(&mut self, error: Error) {
+        let shipped_seq = self.manifest.as_ref().map_or(0, |m| m.shipped_seq);
+        log::warn!("replication to {}: {error} (retrying in {:?})", self.remote.url(), self.backoff);
+        {
+            let mut status = locked(&self.status);
+            status.last_error = Some(error.to_string());
+            status.failing = true;
+        }
+        if !self.error_reported {
+            (self.events)(ReplicationEvent::Error(ReplicationError { error: error.to_string(), shipped_seq }));
+            self.error_reported = true;
+        }
+        self.caught_up_due = true;
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Connects if need be, then ships every record durable now.
+    fn ship_durable(&mut self) -> Result<()> {
+        if self.manifest.is_none() {
+            let manifest = self.connect()?;
+            self.set_shipped(&manifest);
+            self.manifest = Some(manifest);
+        }
+        if self.store.durable_seq() < self.store.head() {
+            // Only durable records are shipped: a record lost in a crash is numbered again,
+            // and the replica must never hold the lost one.
+            self.store.sync()?;
+        }
+        let durable = self.store.durable_seq();
+        while self.shipped() < durable {
+            self.ship_walk(durable)?;
+            // Stopping ships at most one more walk (a segment), so that the daemon exits in
+            // seconds; the rest stays in the local journal for the next start.
+            if self.stopping() {
+                break;
+            }
+        }
+        if self.caught_up_due && self.shipped() >= durable {
+            self.caught_up_due = false;
+            let shipped_seq = self.shipped();
+            log::info!("replication to {}: caught up at seq {shipped_seq}", self.remote.url());
+            (self.events)(ReplicationEvent::CaughtUp(ReplicationCaughtUp { shipped_seq }));
+        }
+        self.apply_remote_retention()
+    }
+
+    /// Remote retention: once the replica's base is older than `max_age` by a quarter more
+    /// (so that rebases are spaced out: each downloads the base and the journal it drops), the
+    /// replica is rebased to its last point older than `max_age`. Every point from there on
+    /// stays recoverable; markers before it are listed as expired.
+    fn apply_remote_retention(&mut self) -> Result<()> {
+        let (Some(max_age), Some(manifest)) = (self.config.max_age, self.manifest.as_ref()) else { return Ok(()) };
+        let check_every = (max_age / 4).max(Duration::from_secs(1));
+        if self.retention_checked.is_some_and(|at| at.elapsed() < check_every) {
+            return Ok(());
+        }
+        self.retention_checked = Some(Instant::now());
+        let now = fsutil::now_ns();
+        let max_age_ns = u64::try_from(max_age.as_nanos()).unwrap_or(u64::MAX);
+        if manifest.base.time_ns.saturating_add(max_age_ns.saturating_add(max_age_ns / 4)) >= now {
+            return Ok(());
+        }
+        let cutoff = now.saturating_sub(max_age_ns);
+        let build_path = self.store.store_dir().join(BASE_BUILD_FILE);
+        let _ = std::fs::remove_file(&build_path);
+        let rebuilt =
+            restore::recover(&self.remote, manifest, &RecoveryTarget::Time(cutoff), &build_path, &mut |_, _| {});
+        let rebased = rebuilt.and_then(|(report, time_ns)| {
+            if report.seq <= manifest.base.seq {
+                return Ok(None);
+            }
+            let image = File::open(&build_path).context(|| format!("opening {}", build_path.display()))?;
+            let (parts, data_bytes) =
+                self.upload_base_parts(&image, manifest.store_uuid, report.seq, manifest.volume_size)?;
+            let mut next = manifest.clone();
+            next.base = BaseInfo { seq: report.seq, time_ns, parts, data_bytes };
+            next.max_age_secs = Some(max_age.as_secs());
+            next.updated_ns = fsutil::now_ns();
+            self.remote.put(MANIFEST_KEY, next.encode())?;
+            Ok(Some(next))
+        });
+        let _ = std::fs::remove_file(&build_path);
+        if let Some(next) = rebased? {
+            log::info!(
+                "replication to {}: remote retention rebased the replica from seq {} to seq {}",
+                self.remote.url(),
+                manifest.base.seq,
+                next.base.seq
+            );
+            remove_unlisted(&self.remote, &next)?;
+            self.set_shipped(&next);
+            self.manifest = Some(next);
+        }
+        Ok(())
+    }
+
+    fn shipped(&self) -> Seq {
+        self.manifest.as_ref().map_or(0, |m| m.shipped_seq)
+    }
+
+    fn set_shipped(&self, manifest: &Manifest) {
+        self.store.keep_journal_from(manifest.shipped_seq + 1);
+        let mut status = locked(&self.status);
+        status.shipped_seq = manifest.shipped_seq;
+        status.remote_oldest_seq = manifest.base.seq;
+    }
+
+    /// Reads the replica's manifest and resumes from it, or starts the replica with a base.
+    fn connect(&mut self) -> Result<Manifest> {
+        let uuid = self.store.status().uuid;
+        let Some(manifest) = read_manifest(&self.remote)? else {
+            return self.upload_base();
+        };
+        if manifest.store_uuid != uuid {
+            return Err(Error::OtherStore {
+                url: self.remote.url().to_string(),
+                remote: manifest.store_uuid,
+                local: uuid,
+            });
+        }
+        let head = self.store.head();
+        if manifest.shipped_seq > head {
+            return Err(Error::Diverged {
+                url: self.remote.url().to_string(),
+                remote: manifest.shipped_seq,
+                local: head,
+            });
+        }
+        let first_local = self.store.journal_view().first_seq();
+        if manifest.shipped_seq + 1 < first_local {
+            let error = format!(
+                "the replica ends at seq {} but the local journal starts at seq {first_local} (it was served without \
+                 --replicate meanwhile): starting the replica again from a new base; remote points before it are lost",
+                manifest.shipped_seq
+            );
+            log::warn!("replication to {}: {error}", self.remote.url());
+            (self.events)(ReplicationEvent::Error(ReplicationError { error, shipped_seq: manifest.shipped_seq }));
+            return self.upload_base();
+        }
+        remove_unlisted(&self.remote, &manifest)?;
+        log::info!("replication to {}: resuming after seq {}", self.remote.url(), manifest.shipped_seq);
+        // The next manifest written says what this run keeps.
+        let max_age_secs = self.config.max_age.map(|age| age.as_secs());
+        Ok(Manifest { max_age_secs, ..manifest })
+    }
+
+    /// Uploads the volume at the store's oldest recoverable point as the replica's base, then
+    /// a manifest naming it (and nothing shipped after it yet).
+    fn upload_base(&mut self) -> Result<Manifest> {
+        let status = self.store.status();
+        let seq = status.oldest_recoverable;
+        let build_path = self.store.store_dir().join(BASE_BUILD_FILE);
+        let _ = std::fs::remove_file(&build_path);
+        log::info!("replication to {}: uploading the base at seq {seq}", self.remote.url());
+        self.store.recover(&RecoveryTarget::Seq(seq), &build_path, &mut |_, _| {})?;
+        let uploaded = File::open(&build_path)
+            .context(|| format!("opening {}", build_path.display()))
+            .and_then(|image| self.upload_base_parts(&image, status.uuid, seq, status.volume_size));
+        let _ = std::fs::remove_file(&build_path);
+        let (parts, data_bytes) = uploaded?;
+        let time_ns = self.record_time(seq).unwrap_or_else(|| {
+            // The record itself was freed: the snapshot taken at it is no older than it.
+            status.snapshots.iter().find(|s| s.seq == seq).map_or(0, |s| s.created_ns)
+        });
+        let mut manifest = Manifest::new(
+            status.uuid,
+            status.volume_size,
+            status.block_size,
+            BaseInfo { seq, time_ns, parts, data_bytes },
+        );
+        manifest.max_age_secs = self.config.max_age.map(|age| age.as_secs());
+        manifest.markers = self.store.markers().into_iter().map(|m| m.marker).filter(|m| m.seq <= seq).collect();
+        manifest.updated_ns = fsutil::now_ns();
+        self.remote.put(MANIFEST_KEY, manifest.encode())?;
+        remove_unlisted(&self.remote, &manifest)?;
+        Ok(manifest)
+    }
+
+    /// Cuts the image into base parts of at most `max_object_bytes` of data, leaving out holes
+    /// and all-zero pieces. Returns the parts and data bytes stored.
+    fn upload_base_parts(&self, image: &File, uuid: uuid::Uuid, seq: Seq, volume_size: u64) -> Result<(u64, u64)> {
+        let ranges = fsutil::data_ranges(image, volume_size).context(|| "mapping the base image".to_string())?;
+        let mut extents: Vec<BaseExtent> = Vec::new();
+        let mut held = 0usize;
+        let mut parts = 0u64;
+        let mut data_bytes = 0u64;
+        let mut upload = |extents: &mut Vec<BaseExtent>, held: &mut usize| -> Result<()> {
+            if extents.is_empty() {
+                return Ok(());
+            }
+            let bytes = layout::encode_base_part(uuid, seq, parts, extents);
+            self.remote.put(&layout::base_key(seq, parts), bytes)?;
+            parts += 1;
+            extents.clear();
+            *held = 0;
+            Ok(())
+        };
+        for (start, len) in ranges {
+            let mut offset = start;
+            while offset < start + len {
+                let piece = BASE_PIECE.min(start + len - offset);
+                let mut data = vec![0u8; piece as usize];
+                image.read_exact_at(&mut data, offset).context(|| format!("reading the base at {offset}"))?;
+                if data.iter().any(|&b| b != 0) {
+                    held += data.len();
+                    data_bytes += piece;
+                    extents.push(BaseExtent { offset, data });
+                    if held >= self.config.max_object_bytes {
+                        upload(&mut extents, &mut held)?;
+                    }
+                }
+                offset += piece;
+            }
+        }
+        upload(&mut extents, &mut held)?;
+        Ok((parts, data_bytes))
+    }
+
+    /// The timestamp of record `seq`, if the local journal still holds it.
+    fn record_time(&self, seq: Seq) -> Option<u64> {
+        let view = self.store.journal_view();
+        if seq == 0 || seq < view.first_seq() {
+            return None;
+        }
+        let mut time = None;
+        view.for_each(seq, seq, Payloads::Skip, |rec| {
+            time = Some(rec.header.timestamp_ns);
+            Ok(())
+        })
+        .ok()?;
+        time
+    }
+
+    /// Ships the records after the shipped point up to `durable` or the end of the segment
+    /// holding the first of them (so a catch-up holds at most a segment in memory), in
+    /// objects of at most `max_object_bytes`, then the manifest that counts them.
+    fn ship_walk(&mut self, durable: Seq) -> Result<()> {
+        let Some(manifest) = self.manifest.as_ref() else { return Ok(()) };
+        let from = manifest.shipped_seq + 1;
+        let view = self.store.journal_view();
+        let Some(segment) = view.segments().iter().find(|s| s.first_seq <= from && from < s.next_seq) else {
+            return Ok(());
+        };
+        let to = durable.min(segment.next_seq - 1);
+        let mut batches = vec![JournalBatch::default()];
+        let mut markers = Vec::new();
+        let mut end = None;
+        let max_object_bytes = self.config.max_object_bytes;
+        self.walk_unshipped(&view, to, Payloads::All, |rec| {
+            let payload = rec.payload.unwrap_or(&[]);
+            if batches.last().is_some_and(|b| b.len() >= max_object_bytes) {
+                batches.push(JournalBatch::default());
+            }
+            if let Some(batch) = batches.last_mut() {
+                batch.push(&rec.header, payload);
+            }
+            if rec.header.kind == RecordKind::Marker {
+                markers.extend(marker::decode_payload(payload, rec.header.seq, rec.header.timestamp_ns));
+            }
+            end = Some((rec.segment.index, rec.position + rec.header.record_len()));
+            Ok(())
+        })?;
+        let Some(last) = batches.last().filter(|b| !b.is_empty()) else { return Ok(()) };
+        let mut next = manifest.clone();
+        next.shipped_seq = last.last;
+        next.shipped_time_ns = last.last_time_ns;
+        next.markers.extend(markers);
+        next.updated_ns = fsutil::now_ns();
+        let objects = batches.iter().map(|batch| batch.encode(manifest.store_uuid)).collect();
+        self.remote.put_all(objects, |_, len| {
+            let mut status = locked(&self.status);
+            status.objects_shipped += 1;
+            status.bytes_shipped += len;
+        })?;
+        // Only once every object it counts is stored.
+        self.remote.put(MANIFEST_KEY, next.encode())?;
+        self.set_shipped(&next);
+        self.manifest = Some(next);
+        self.shipped_end = end;
+        Ok(())
+    }
+
+    /// Head, lag and pending bytes for `query-replication`, and the journal's size against its
+    /// limit.
+    fn refresh_status(&mut self) -> Result<()> {
+        let view = self.store.journal_view();
+        let head = view.next_seq() - 1;
+        let shipped = self.shipped();
+        let bytes_pending = pending_bytes(&view, shipped, self.shipped_end);
+        let seconds_behind = if shipped < head { self.age_of(&view, shipped + 1)? } else { 0.0 };
+        let journal_bytes: u64 = view.segments().iter().map(|s| s.used_bytes()).sum();
+        let limit = self.store.retention().max_bytes;
+        let over_limit = shipped < head && limit.is_some_and(|max| journal_bytes > max);
+        if over_limit && !self.over_limit_reported {
+            let error = format!(
+                "the local journal holds {journal_bytes} bytes, over its limit of {} bytes, because records after seq \
+                 {shipped} are not shipped yet; they are kept until shipped (guest I/O goes on)",
+                limit.unwrap_or_default()
+            );
+            log::warn!("replication to {}: {error}", self.remote.url());
+            (self.events)(ReplicationEvent::Error(ReplicationError { error, shipped_seq: shipped }));
+        }
+        self.over_limit_reported = over_limit;
+        let mut status = locked(&self.status);
+        status.head = head;
+        status.bytes_pending = bytes_pending;
+        status.seconds_behind = seconds_behind;
+        status.journal_over_limit = over_limit;
+        Ok(())
+    }
+
+    /// Visits the unshipped records up to `to`, from where the last shipped one ended when that
+    /// is known (a walk from a segment's start costs a read of all of it).
+    fn walk_unshipped(
+        &self,
+        view: &JournalView,
+        to: Seq,
+        payloads: Payloads,
+        visit: impl FnMut(RecordRef<'_>) -> rewind_engine::Result<()>,
+    ) -> Result<()> {
+        let from = self.shipped() + 1;
+        match self.shipped_end {
+            Some(position) => view.for_each_from_position(from, position, to, payloads, visit)?,
+            None => view.for_each(from, to, payloads, visit)?,
+        }
+        Ok(())
+    }
+
+    /// Seconds since the first unshipped record, `seq`, was written.
+    fn age_of(&mut self, view: &JournalView, seq: Seq) -> Result<f64> {
+        let time_ns = match self.unshipped_time {
+            Some((cached, time_ns)) if cached == seq => time_ns,
+            _ => {
+                let mut time_ns = fsutil::now_ns();
+                self.walk_unshipped(view, seq, Payloads::Skip, |rec| {
+                    time_ns = rec.header.timestamp_ns;
+                    Ok(())
+                })?;
+                self.unshipped_time = Some((seq, time_ns));
+                time_ns
+            }
+        };
+        Ok(fsutil::now_ns().saturating_sub(time_ns) as f64 / 1e9)
+    }
+}
+
+/// Journal bytes after the last shipped record, which ends at `shipped_end` (segment index and
+/// offset) when known.
+fn pending_bytes(view: &JournalView, shipped: Seq, shipped_end: Option<(u64, u64)>) -> u64 {
+    view.segments()
+        .iter()
+        .filter(|s| s.next_seq > shipped + 1)
+        .map(|s| match shipped_end {
+            Some((index, end)) if index == s.index => s.end.saturating_sub(end),
+            // A later segment, or (before the first walk after a restart, an over-estimate) the
+            // one holding the shipped point.
+            _ => s.end - SEGMENT_HEADER_LEN,
+        })
+        .sum()
+}
+
+/// Deletes what the manifest does not count: journal objects past the shipped point (an
+/// upload cut short) or wholly before the base, and parts of other bases.
+fn remove_unlisted(remote: &Remote, manifest: &Manifest) -> Result<()> {
+    for object in list_journal(remote)? {
+        if object.last > manifest.shipped_seq || object.last <= manifest.base.seq {
+            log::info!("replication to {}: removing {} (not counted by the manifest)", remote.url(), object.key);
+            remote.delete(&object.key)?;
+        }
+    }
+    for object in remote.list(BASE_DIR)? {
+        if layout::parse_base_key(&object.key) != Some(manifest.base.seq) {
+            log::info!("replication to {}: removing {} (not the manifest's base)", remote.url(), object.key);
+            remote.delete(&object.key)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! The shipper and the replica reader against object_store's in-memory backend: what a store
+//! ships is what a recovery from the replica alone rebuilds, byte for byte.
+
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::memory::InMemory;
+use object_store::ObjectStore;
+use rewind_engine::marker::MarkerSource;
+use rewind_engine::recovery::RecoveryTarget;
+use rewind_engine::retention::RetentionPolicy;
+use rewind_engine::store::CreateOptions;
+use rewind_engine::Store;
+
+use crate::layout::{self, MANIFEST_KEY};
+use crate::restore::list_journal;
+use crate::{Error, Remote, Replica, ReplicationEvent, Shipper, ShipperConfig};
+
+const VOLUME: u64 = 1 << 20;
+const BLOCK: usize = 4096;
+
+fn remote(objects: &Arc<InMemory>) -> Remote {
+    let store: Arc<dyn ObjectStore> = Arc::clone(objects) as Arc<dyn ObjectStore>;
+    Remote::with_store("memory:///", store, Duration::from_secs(5)).unwrap()
+}
+
+fn new_store(dir: &Path, segment_capacity: u64) -> Store {
+    let options = CreateOptions { size: Some(VOLUME), segment_capacity, ..Default::default() };
+    Store::create(&dir.join("disk.img"), None, &options, &mut |_, _| {}).unwrap().0
+}
+
+/// A shipper whose events arrive on the returned channel.
+fn ship(store: &Arc<Store>, objects: &Arc<InMemory>, config: ShipperConfig) -> (Shipper, Receiver<ReplicationEvent>) {
+    let (sender, events) = mpsc::channel();
+    let sink = Box::new(move |event| {
+        let _ = sender.send(event);
+    });
+    (Shipper::start(Arc::clone(store), remote(objects), config, sink).unwrap(), events)
+}
+
+fn wait_for_shipped(shipper: &Shipper, seq: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shipper.status().shipped_seq < seq {
+        assert!(Instant::now() < deadline, "seq {seq} not shipped: {:?}", shipper.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes `count` blocks of seeded content into the store and a reference copy of the volume.
+fn write_blocks(store: &Store, model: &mut [u8], seed: u64, count: u64) -> u64 {
+    let mut last = 0;
+    for i in 0..count {
+        let block = ((seed * 7919 + i * 104_729) % (VOLUME / BLOCK as u64)) as usize;
+        let fill = (seed + i) as u8;
+        let data = vec![fill; BLOCK];
+        last = store.write((block * BLOCK) as u64, &data).unwrap();
+        model[block * BLOCK..(block + 1) * BLOCK].copy_from_slice(&data);
+    }
+    last
+}
+
+fn recover_bytes(objects: &Arc<InMemory>, target: RecoveryTarget, dir: &Path) -> Vec<u8> {
+    let output = dir.join(format!("out-{}", rand_name()));
+    let replica = Replica::from_remote(remote(objects)).unwrap();
+    replica.recover(&target, &output, &mut |_, _| {}).unwrap();
+    std::fs::read(&output).unwrap()
+}
+
+fn rand_name() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+#[test]
+fn markers_and_writes_are_recovered_byte_exact_from_the_replica_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 64 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    write_blocks(&store, &mut model, 1, 40);
+    let (shipper, events) = ship(&store, &objects, ShipperConfig { max_object_bytes: 20_000, ..Default::default() });
+    let first = model.clone();
+    store.add_marker("first", Some("forty blocks"), MarkerSource::Host).unwrap();
+    write_blocks(&store, &mut model, 2, 100);
+    let second = model.clone();
+    let marker = store.add_marker("second", None, MarkerSource::Guest).unwrap();
+    let last = write_blocks(&store, &mut model, 3, 30);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, last);
+    let caught_up = events.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(matches!(caught_up, ReplicationEvent::CaughtUp(_)), "{caught_up:?}");
+    shipper.stop();
+
+    let replica = Replica::from_remote(remote(&objects)).unwrap();
+    let names: Vec<String> = replica.markers().iter().map(|m| m.marker.name.clone()).collect();
+    assert_eq!(names, ["first", "second"]);
+    assert_eq!(replica.manifest().shipped_seq, last);
+    assert!(list_journal(&remote(&objects)).unwrap().len() > 3, "objects are cut by size");
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Marker("first".into()), dir.path()), first);
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Marker("second".into()), dir.path()), second);
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Time(marker.time_ns), dir.path()), second);
+    // The same points recovered locally give the same bytes.
+    let local = dir.path().join("local");
+    store.recover(&RecoveryTarget::Marker("second".into()), &local, &mut |_, _| {}).unwrap();
+    assert_eq!(std::fs::read(&local).unwrap(), second);
+}
+
+#[test]
+fn shipping_resumes_from_the_manifest_without_gaps_or_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 64 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    let (shipper, _events) = ship(&store, &objects, ShipperConfig::default());
+    let last = write_blocks(&store, &mut model, 1, 50);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, last);
+    shipper.stop();
+    // An upload cut short by a crash: an object past the manifest's shipped point.
+    let remote = remote(&objects);
+    let manifest = crate::restore::read_manifest(&remote).unwrap().unwrap();
+    let stale = layout::journal_key(manifest.shipped_seq + 1, manifest.shipped_seq + 500);
+    remote.put(&stale, b"cut short".to_vec()).unwrap();
+
+    let last = write_blocks(&store, &mut model, 2, 50);
+    let (shipper, _events) = ship(&store, &objects, ShipperConfig::default());
+    wait_for_shipped(&shipper, last);
+    shipper.stop();
+    let journal = list_journal(&remote).unwrap();
+    assert!(journal.iter().all(|o| o.key != stale), "the stale object was removed");
+    let mut next = manifest.base.seq + 1;
+    for object in &journal {
+        assert_eq!(object.first, next, "objects follow each other: {journal:?}");
+        next = object.last + 1;
+    }
+    assert_eq!(next, last + 1);
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
+}
+
+#[test]
+fn a_store_with_freed_journal_ships_a_base_and_retention_waits_for_shipping() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 16 << 10));
+    let mut model = vec![0u8; VOLUME as usize];
+    write_blocks(&store, &mut model, 1, 60);
+    store.set_retention(RetentionPolicy { max_bytes: Some(20 << 10), ..Default::default() }).unwrap();
+    store.enforce_retention().unwrap();
+    let oldest = store.status().oldest_recoverable;
+    assert!(oldest > 0, "retention freed the start of the journal");
+    let objects = Arc::new(InMemory::new());
+    let (shipper, _events) =
+        ship(&store, &objects, ShipperConfig { interval: Duration::from_secs(3600), ..Default::default() });
+    // The first tick (at start) ships what is durable; later writes wait for the next tick.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shipper.status().remote_oldest_seq == 0 && shipper.status().shipped_seq < oldest {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = model.clone();
+    let head = store.head();
+    wait_for_shipped(&shipper, head);
+    write_blocks(&store, &mut model, 2, 60);
+    store.enforce_retention().unwrap();
+    let status = store.status();
+    assert!(status.first_seq <= head + 1, "retention keeps what is not shipped: {status:?}");
+    assert!(status.journal_bytes > 20 << 10, "the unshipped records outgrow the limit: {status:?}");
+    shipper.stop();
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(head), dir.path()), before);
+}
+
+#[test]
+fn missing_and_corrupt_objects_are_named_and_leave_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 64 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    let (shipper, _events) = ship(&store, &objects, ShipperConfig { max_object_bytes: 10_000, ..Default::default() });
+    let last = write_blocks(&store, &mut model, 1, 20);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, last);
+    shipper.stop();
+    let bucket = remote(&objects);
+    let journal = list_journal(&bucket).unwrap();
+    let victim = &journal[journal.len() / 2];
+    let mut bytes = bucket.get(&victim.key).unwrap().to_vec();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    bucket.put(&victim.key, bytes).unwrap();
+    let output = dir.path().join("out");
+    let replica = Replica::from_remote(remote(&objects)).unwrap();
+    match replica.recover(&RecoveryTarget::Seq(last), &output, &mut |_, _| {}) {
+        Err(Error::Corrupt { key, .. }) => assert_eq!(key, victim.key),
+        other => panic!("expected a corrupt object error, got {other:?}"),
+    }
+    assert!(!output.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+            .count(),
+        0
+    );
+    bucket.delete(&victim.key).unwrap();
+    match replica.recover(&RecoveryTarget::Seq(last), &output, &mut |_, _| {}) {
+        Err(Error::Gap { seq }) => assert_eq!(seq, victim.first),
+        other => panic!("expected a gap error, got {other:?}"),
+    }
+    bucket.delete(MANIFEST_KEY).unwrap();
+    assert!(matches!(Replica::from_remote(remote(&objects)), Err(Error::NoReplica(_))));
+}
+
+#[test]
+fn a_replica_of_another_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = Arc::new(InMemory::new());
+    let one = Arc::new(new_store(&dir.path().join("a").tap_create(), 64 << 10));
+    let (shipper, _events) = ship(&one, &objects, ShipperConfig::default());
+    wait_for_shipped(&shipper, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while crate::restore::read_manifest(&remote(&objects)).unwrap().is_none() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    shipper.stop();
+    let other = Arc::new(new_store(&dir.path().join("b").tap_create(), 64 << 10));
+    let (shipper, events) = ship(&other, &objects, ShipperConfig::default());
+    match events.recv_timeout(Duration::from_secs(10)).unwrap() {
+        ReplicationEvent::Error(e) => assert!(e.error.contains("belongs to store"), "{}", e.error),
+        other => panic!("expected an error event, got {other:?}"),
+    }
+    assert!(shipper.status().failing);
+    // Guest writes go on meanwhile.
+    other.write(0, &[1; 4096]).unwrap();
+    shipper.stop();
+}
+
+trait TapCreate {
+    fn tap_create(self) -> Self;
+}
+
+impl TapCreate for std::path::PathBuf {
+    fn tap_create(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+#[test]
+fn remote_retention_rebases_and_keeps_every_later_point_recoverable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 64 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    let config = ShipperConfig {
+        interval: Duration::from_millis(50),
+        max_object_bytes: 20_000,
+        max_age: Some(Duration::from_secs(1)),
+    };
+    let (shipper, _events) = ship(&store, &objects, config);
+    write_blocks(&store, &mut model, 1, 30);
+    let old = store.add_marker("old", None, MarkerSource::Host).unwrap();
+    write_blocks(&store, &mut model, 2, 30);
+    store.sync().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shipper.status().remote_oldest_seq <= old.seq {
+        assert!(Instant::now() < deadline, "no rebase: {:?}", shipper.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let newer = write_blocks(&store, &mut model, 3, 30);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, newer);
+    shipper.stop();
+
+    let bucket = remote(&objects);
+    let replica = Replica::from_remote(remote(&objects)).unwrap();
+    let base = replica.manifest().base.clone();
+    assert!(base.seq > old.seq);
+    assert_eq!(replica.manifest().max_age_secs, Some(1));
+    assert!(replica.markers().iter().all(|m| m.expired), "the old marker is listed as expired");
+    assert!(bucket.list("base").unwrap().iter().all(|o| layout::parse_base_key(&o.key) == Some(base.seq)));
+    assert!(list_journal(&bucket).unwrap().iter().all(|o| o.last > base.seq), "freed objects are deleted");
+    let output = dir.path().join("old.img");
+    match replica.recover(&RecoveryTarget::Marker("old".into()), &output, &mut |_, _| {}) {
+        Err(Error::Engine(rewind_engine::Error::Unrecoverable { .. })) => {}
+        other => panic!("expected the old marker to be unrecoverable, got {other:?}"),
+    }
+    // The new base holds what the local store recovers at its point.
+    let local = dir.path().join("local-base");
+    store.recover(&RecoveryTarget::Seq(base.seq), &local, &mut |_, _| {}).unwrap();
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(base.seq), dir.path()), std::fs::read(local).unwrap());
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(newer), dir.path()), model);
+}
+
+#[test]
+fn a_walk_from_a_remembered_position_sees_what_a_walk_from_the_start_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 64 << 10);
+    let mut model = vec![0u8; VOLUME as usize];
+    let head = write_blocks(&store, &mut model, 1, 60);
+    let view = store.journal_view();
+    let all_from = |from: u64| {
+        let mut seen = Vec::new();
+        view.for_each(from, head, rewind_engine::journal::Payloads::All, |rec| {
+            seen.push((rec.header.seq, rec.payload.map(<[u8]>::to_vec)));
+            Ok(())
+        })
+        .unwrap();
+        seen
+    };
+    let mut positions = Vec::new();
+    view.for_each(1, head, rewind_engine::journal::Payloads::Skip, |rec| {
+        positions.push((rec.header.seq, rec.segment.index, rec.position));
+        Ok(())
+    })
+    .unwrap();
+    assert!(positions.iter().any(|p| p.1 != positions[0].1), "the records span segments");
+    for &(seq, segment, position) in positions.iter().step_by(7) {
+        let mut seen = Vec::new();
+        view.for_each_from_position(seq, (segment, position), head, rewind_engine::journal::Payloads::All, |rec| {
+            seen.push((rec.header.seq, rec.payload.map(<[u8]>::to_vec)));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, all_from(seq), "from seq {seq}");
+    }
+    // A position that does not hold the record is damage, not a silent skip.
+    let (seq, segment, position) = positions[3];
+    let wrong =
+        view.for_each_from_position(seq + 1, (segment, position), head, rewind_engine::journal::Payloads::Skip, |_| {
+            Ok(())
+        });
+    assert!(matches!(wrong, Err(rewind_engine::Error::JournalCorrupt { .. })));
+}
