@@ -6,6 +6,7 @@
 //!
 //!   cargo bench --bench replication      # writes target/bench/replication.{md,json}
 //!   REWIND_BENCH_QUICK=1 ...             # shorter runs
+//!   REWIND_BENCH_REPLICA_DIRECTORY=1 ... # a directory replica even when Ceph is installed
 
 #[path = "../tests/common/ceph.rs"]
 mod ceph;
@@ -235,7 +236,12 @@ fn main() {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).unwrap();
     let image = work.join("bench.img");
-    let mut cluster = ceph::Cluster::start_if_installed();
+    // REWIND_BENCH_REPLICA_DIRECTORY: a directory even when Ceph is installed, to tell the
+    // shipper's own cost from that of a cluster sharing this machine's cores.
+    let mut cluster = match std::env::var_os("REWIND_BENCH_REPLICA_DIRECTORY") {
+        Some(_) => None,
+        None => ceph::Cluster::start_if_installed(),
+    };
     let (target, store_name) = match &cluster {
         Some(cluster) => {
             cluster.create_bucket("bench");
