@@ -183,11 +183,11 @@ fn walk_segment_from(
             if crc32c::crc32c(payload) != header.payload_crc {
                 break Some("payload checksum mismatch".to_string());
             }
-            Some(payload.to_vec())
+            Some(payload)
         } else {
             None
         };
-        visit(RecordRef { header, segment, position: pos, payload: payload.as_deref() })?;
+        visit(RecordRef { header, segment, position: pos, payload })?;
         // Records tend to come in runs of similar sizes: after a large one, the next header is
         // read alone rather than with a chunk of (probably skipped) payload behind it.
         reader.read_ahead(header.record_len() < SKIP_READ_AHEAD_FROM);
