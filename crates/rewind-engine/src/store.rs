@@ -308,6 +308,9 @@ pub struct Store {
     /// Retention keeps every record numbered at or above this (see
     /// [`keep_journal_from`](Self::keep_journal_from)); `Seq::MAX` when nothing asks.
     retention_floor: std::sync::atomic::AtomicU64,
+    /// Set while a reader holds the journal (see `keep_journal_from`): sealed segments then
+    /// stay in the page cache for it.
+    keep_sealed_cached: Arc<std::sync::atomic::AtomicBool>,
     _spares: SparePreparer,
     _uncache: CacheDropper,
 }
@@ -560,7 +563,8 @@ impl Store {
         report.volume_rebuilt = rebuild_reason;
         let spares = SparePreparer::spawn(&dir.join(JOURNAL_DIR), meta.segment_capacity);
         journal.use_preparer(&spares);
-        let uncache = CacheDropper::spawn();
+        let keep_sealed_cached = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let uncache = CacheDropper::spawn(Arc::clone(&keep_sealed_cached));
         journal.use_cache_dropper(&uncache);
         report.tail_repair = tail_repair;
         meta.open_in_boot = this_boot.or_else(|| Some("unknown".to_string()));
@@ -574,6 +578,7 @@ impl Store {
             recoverability: Mutex::new(Recoverability::default()),
             view_pins: ViewPins::default(),
             retention_floor: std::sync::atomic::AtomicU64::new(Seq::MAX),
+            keep_sealed_cached,
             maintenance: Mutex::new(Maintenance { snapshots, meta }),
             writer: Mutex::new(Writer {
                 journal,
@@ -625,6 +630,7 @@ impl Store {
     /// reader that still has to copy them elsewhere (replication). `Seq::MAX` lifts the hold.
     pub fn keep_journal_from(&self, seq: Seq) {
         self.retention_floor.store(seq, std::sync::atomic::Ordering::SeqCst);
+        self.keep_sealed_cached.store(seq != Seq::MAX, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The journal as it is now, to read records from. Segments are freed only by retention,

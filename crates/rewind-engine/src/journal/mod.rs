@@ -901,13 +901,18 @@ pub struct CacheDropper {
 }
 
 impl CacheDropper {
-    pub fn spawn() -> Self {
+    /// Segments sealed while `keep_cached` is set stay cached: a reader is about to copy them
+    /// elsewhere (replication), and would otherwise read them back from the disk.
+    pub fn spawn(keep_cached: Arc<AtomicBool>) -> Self {
         let (sealed, segments) = mpsc::channel::<SealedMessage>();
         let thread = std::thread::Builder::new()
             .name("rewind-uncache".into())
             .spawn(move || {
                 fsutil::lower_thread_priority();
                 while let Ok(Some((file, len))) = segments.recv() {
+                    if keep_cached.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     if let Err(e) = fsutil::write_back_and_uncache(&file, len) {
                         log::debug!("journal: cannot uncache a sealed segment: {e}");
                     }
