@@ -205,12 +205,17 @@ pub struct AtArgs {
 
 impl AtArgs {
     pub fn target(&self) -> Option<RecoveryTarget> {
-        match (&self.at_marker, self.at_seq, self.at_time) {
-            (Some(name), _, _) => Some(RecoveryTarget::Marker(name.clone())),
-            (_, Some(seq), _) => Some(RecoveryTarget::Seq(seq)),
-            (_, _, Some(ns)) => Some(RecoveryTarget::Time(ns)),
-            _ => None,
-        }
+        target_of(&self.at_marker, self.at_seq, self.at_time)
+    }
+}
+
+/// The point a marker, sequence number or time flag names (clap lets at most one through).
+fn target_of(marker: &Option<String>, seq: Option<u64>, time_ns: Option<u64>) -> Option<RecoveryTarget> {
+    match (marker, seq, time_ns) {
+        (Some(name), _, _) => Some(RecoveryTarget::Marker(name.clone())),
+        (_, Some(seq), _) => Some(RecoveryTarget::Seq(seq)),
+        (_, _, Some(ns)) => Some(RecoveryTarget::Time(ns)),
+        _ => None,
     }
 }
 
@@ -351,12 +356,7 @@ pub struct TargetArgs {
 
 impl TargetArgs {
     pub fn target(&self) -> RecoveryTarget {
-        match (&self.marker, self.seq, self.time) {
-            (Some(name), _, _) => RecoveryTarget::Marker(name.clone()),
-            (_, Some(seq), _) => RecoveryTarget::Seq(seq),
-            (_, _, Some(ns)) => RecoveryTarget::Time(ns),
-            _ => unreachable!("clap requires exactly one target"),
-        }
+        target_of(&self.marker, self.seq, self.time).expect("clap requires exactly one target")
     }
 }
 
