@@ -107,7 +107,6 @@ impl VolumeOp<'_> {
             Self::WriteZeroes { offset, len } | Self::Discard { offset, len } => (offset, len),
         }
     }
-
 }
 
 /// A [`VolumeOp`] of a journaled batch, its data (if any) in the batch's own copy.
@@ -307,10 +306,8 @@ pub struct Store {
     view_pins: ViewPins,
     /// Retention keeps every record numbered at or above this (see
     /// [`keep_journal_from`](Self::keep_journal_from)); `Seq::MAX` when nothing asks.
-    retention_floor: std::sync::atomic::AtomicU64,
-    /// Set while a reader holds the journal (see `keep_journal_from`): sealed segments then
-    /// stay in the page cache for it.
-    keep_sealed_cached: Arc<std::sync::atomic::AtomicBool>,
+    /// Shared with the cache dropper, which leaves sealed segments cached while it holds.
+    retention_floor: Arc<std::sync::atomic::AtomicU64>,
     _spares: SparePreparer,
     _uncache: CacheDropper,
 }
@@ -563,8 +560,8 @@ impl Store {
         report.volume_rebuilt = rebuild_reason;
         let spares = SparePreparer::spawn(&dir.join(JOURNAL_DIR), meta.segment_capacity);
         journal.use_preparer(&spares);
-        let keep_sealed_cached = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let uncache = CacheDropper::spawn(Arc::clone(&keep_sealed_cached));
+        let retention_floor = Arc::new(std::sync::atomic::AtomicU64::new(Seq::MAX));
+        let uncache = CacheDropper::spawn(Arc::clone(&retention_floor));
         journal.use_cache_dropper(&uncache);
         report.tail_repair = tail_repair;
         meta.open_in_boot = this_boot.or_else(|| Some("unknown".to_string()));
@@ -577,8 +574,7 @@ impl Store {
             _lock: lock,
             recoverability: Mutex::new(Recoverability::default()),
             view_pins: ViewPins::default(),
-            retention_floor: std::sync::atomic::AtomicU64::new(Seq::MAX),
-            keep_sealed_cached,
+            retention_floor,
             maintenance: Mutex::new(Maintenance { snapshots, meta }),
             writer: Mutex::new(Writer {
                 journal,
@@ -630,7 +626,6 @@ impl Store {
     /// reader that still has to copy them elsewhere (replication). `Seq::MAX` lifts the hold.
     pub fn keep_journal_from(&self, seq: Seq) {
         self.retention_floor.store(seq, std::sync::atomic::Ordering::SeqCst);
-        self.keep_sealed_cached.store(seq != Seq::MAX, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The journal as it is now, to read records from. Segments are freed only by retention,
@@ -679,7 +674,8 @@ impl Store {
                 CopiedOp::WriteZeroes { .. } | CopiedOp::Discard { .. } => [&[][..]],
             })
             .collect();
-        let records: Vec<NewRecord<'_>> = copied.iter().zip(&payloads).map(|(op, payload)| op.record(payload)).collect();
+        let records: Vec<NewRecord<'_>> =
+            copied.iter().zip(&payloads).map(|(op, payload)| op.record(payload)).collect();
         let ticket = {
             let mut writer = lock_poisoned(self.writer.lock());
             self.catch_up_volume(&writer)?;

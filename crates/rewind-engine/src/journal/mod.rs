@@ -19,7 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::IoSlice;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -901,16 +901,17 @@ pub struct CacheDropper {
 }
 
 impl CacheDropper {
-    /// Segments sealed while `keep_cached` is set stay cached: a reader is about to copy them
-    /// elsewhere (replication), and would otherwise read them back from the disk.
-    pub fn spawn(keep_cached: Arc<AtomicBool>) -> Self {
+    /// Segments sealed while `retention_floor` holds the journal (anything but `Seq::MAX`) stay
+    /// cached: a reader is about to copy them elsewhere (replication), and would otherwise read
+    /// them back from the disk.
+    pub fn spawn(retention_floor: Arc<AtomicU64>) -> Self {
         let (sealed, segments) = mpsc::channel::<SealedMessage>();
         let thread = std::thread::Builder::new()
             .name("rewind-uncache".into())
             .spawn(move || {
                 fsutil::lower_thread_priority();
                 while let Ok(Some((file, len))) = segments.recv() {
-                    if keep_cached.load(Ordering::Relaxed) {
+                    if retention_floor.load(Ordering::Relaxed) != Seq::MAX {
                         continue;
                     }
                     if let Err(e) = fsutil::write_back_and_uncache(&file, len) {

@@ -204,7 +204,7 @@ fn zero_filled_spares_are_used_in_order_and_uncached_segments_read_back() {
     let preparer = SparePreparer::spawn(dir.path(), 4096);
     journal.use_preparer(&preparer);
     // Sealed segments are also written back and dropped from the cache: they must read back.
-    let dropper = CacheDropper::spawn(Arc::default());
+    let dropper = CacheDropper::spawn(Arc::new(AtomicU64::new(Seq::MAX)));
     journal.use_cache_dropper(&dropper);
     // Records across many segments, some of them zero-filled spares made meanwhile.
     let payloads = records(12);

@@ -140,9 +140,7 @@ fn a_later_batch_waits_for_an_earlier_overlapping_one_and_reads_wait_for_both() 
     store.apply(disjoint, |_| {}).unwrap();
     let later = {
         let store = Arc::clone(&store);
-        std::thread::spawn(move || {
-            store.apply(second, |_| {}).unwrap()
-        })
+        std::thread::spawn(move || store.apply(second, |_| {}).unwrap())
     };
     let reader = {
         let store = Arc::clone(&store);
