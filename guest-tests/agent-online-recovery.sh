@@ -34,12 +34,7 @@ boot() { # boot LOG SCRIPT NAME
     guest_boot "$work/$1.log" "$2" "$work/data" $(qemu_args "$3") || { cat "$work/$1.log" >&2; return 1; }
 }
 
-mkdir -p "$work/data/a" "$work/data/b"
-for i in 1 2 3 4; do
-    head -c $((i * 120000 + 5)) /dev/urandom > "$work/data/a/file$i"
-    head -c $((i * 80000 + 9)) /dev/urandom > "$work/data/b/file$i"
-done
-(cd "$work/data" && sha256sum a/* > a.sha256 && sha256sum b/* > b.sha256)
+file_sets "$work/data"
 
 # The agent helper the guest uses: QMP over the virtio-serial port. The port is one stream for
 # the whole boot, so the greeting and negotiation happen once, in agent_open.

@@ -33,12 +33,7 @@ boot() { # boot LOG SCRIPT SOCKET
     guest_boot "$work/$1.log" "$2" "$work/data" $(disk "$3") || { cat "$work/$1.log" >&2; return 1; }
 }
 
-mkdir -p "$work/data/a" "$work/data/b"
-for i in 1 2 3 4; do
-    head -c $((i * 120000 + 5)) /dev/urandom > "$work/data/a/file$i"
-    head -c $((i * 80000 + 9)) /dev/urandom > "$work/data/b/file$i"
-done
-(cd "$work/data" && sha256sum a/* > a.sha256 && sha256sum b/* > b.sha256)
+file_sets "$work/data"
 
 cat > "$work/write-a.sh" <<'S'
 set -e

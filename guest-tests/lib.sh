@@ -119,3 +119,15 @@ wait_for_socket() {
     echo "no socket at $path" >&2
     return 1
 }
+
+# file_sets DIR: two sets of random files for a guest to write and check, DIR/a and DIR/b, with
+# their checksums in DIR/a.sha256 and DIR/b.sha256.
+file_sets() {
+    local dir=$1 i
+    mkdir -p "$dir/a" "$dir/b"
+    for i in 1 2 3 4; do
+        head -c $((i * 120000 + 5)) /dev/urandom > "$dir/a/file$i"
+        head -c $((i * 80000 + 9)) /dev/urandom > "$dir/b/file$i"
+    done
+    (cd "$dir" && sha256sum a/* > a.sha256 && sha256sum b/* > b.sha256)
+}
