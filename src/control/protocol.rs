@@ -55,9 +55,14 @@ pub enum HostCommand {
     Recover(RecoverArgs),
     QueryJobs,
     PointExportAdd(PointExportArgs),
-    PointExportRemove { export_id: String },
+    PointExportRemove {
+        export_id: String,
+    },
     QueryPointExports,
-    PointExportPromote { export_id: String, output: PathBuf },
+    PointExportPromote {
+        export_id: String,
+        output: PathBuf,
+    },
     /// How far shipping to the replica has got (`serve --replicate`).
     QueryReplication,
 }
