@@ -8,14 +8,13 @@
 //! (it holds the store's lock, so no one else can be using them).
 
 use std::collections::BTreeMap;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
-use vhost_user_backend::ShutdownHandle;
 
 use crate::export::PointExport;
 use crate::journal::Seq;
@@ -87,7 +86,7 @@ struct ExportServer {
     export: Arc<PointExport>,
     backend: Arc<BlkBackend>,
     stopping: Arc<AtomicBool>,
-    connection: Arc<Mutex<Option<ShutdownHandle>>>,
+    connection: Arc<Mutex<Option<UnixStream>>>,
     /// A handle on the listening socket, to wake an accept that waits for a frontend.
     waker: UnixListener,
     thread: Option<JoinHandle<()>>,
@@ -134,7 +133,7 @@ impl Drop for ExportServer {
     /// Disconnects the frontend (in-flight requests finish), stops listening and removes the
     /// socket; the overlay goes with the last user of the export.
     fn drop(&mut self) {
-        crate::serve::stop_serving(&self.stopping, &self.connection, &self.waker);
+        crate::serve::stop_serving(&self.stopping, &self.backend, &self.connection, &self.waker);
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 log::error!("{}: the serving thread panicked", self.info.export_id);

@@ -4,7 +4,7 @@
 //! a retained point instead (a point-in-time export, writes to a scratch overlay), and the
 //! control socket can add exports of other points while it serves.
 
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -13,9 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost::vhost_user::BackendReqHandler;
 
 use crate::control::{Channel, ControlServer};
 use crate::export::PointExport;
@@ -23,7 +21,7 @@ use crate::point_exports::{self, Exports};
 use crate::recovery::RecoveryTarget;
 use crate::retention::RetentionPolicy;
 use crate::store::{CreateOptions, Store};
-use crate::vhost_user::{BlkBackend, BlkOptions, BlockSource};
+use crate::vhost_user::{BlkBackend, BlkOptions, BlockSource, Connection};
 use crate::virtio_blk::ID_BYTES;
 
 pub struct ServeConfig {
@@ -220,14 +218,15 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     let waker = listener.try_clone().context("sharing the listening socket")?;
 
     let stopping = Arc::new(AtomicBool::new(false));
-    let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    let connection: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
     let signal_thread = {
         let stopping = Arc::clone(&stopping);
         let connection = Arc::clone(&connection);
+        let backend = Arc::clone(&backend);
         thread::spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 log::info!("signal {signal}: finishing in-flight requests and exiting");
-                stop_serving(&stopping, &connection, &waker);
+                stop_serving(&stopping, &backend, &connection, &waker);
             }
         })
     };
@@ -273,13 +272,26 @@ fn export_point(store: &Store, target: &RecoveryTarget) -> Result<PointExport> {
     Ok(export)
 }
 
-/// Makes [`accept_loop`] return: disconnects its frontend (in-flight requests finish) or wakes
-/// its accept.
-pub(crate) fn stop_serving(stopping: &AtomicBool, connection: &Mutex<Option<ShutdownHandle>>, waker: &UnixListener) {
+/// Makes [`accept_loop`] return: every request taken off a ring completes, then the frontend
+/// is disconnected (it finds nothing in flight when it reconnects to the next daemon), or the
+/// accept that waits for one is woken.
+pub(crate) fn stop_serving(
+    stopping: &AtomicBool,
+    backend: &BlkBackend,
+    connection: &Mutex<Option<UnixStream>>,
+    waker: &UnixListener,
+) {
     stopping.store(true, Ordering::SeqCst);
+    backend.finish_in_flight();
     match connection.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        Some(handle) => handle.shutdown(),
+        Some(stream) => hang_up(stream),
         None => crate::control::wake_accept(waker),
+    }
+}
+
+fn hang_up(stream: &UnixStream) {
+    if let Err(e) = stream.shutdown(std::net::Shutdown::Both) {
+        log::warn!("cannot disconnect the frontend: {e}");
     }
 }
 
@@ -289,41 +301,55 @@ pub(crate) fn accept_loop(
     socket: &Path,
     backend: &Arc<BlkBackend>,
     stopping: &AtomicBool,
-    connection: &Mutex<Option<ShutdownHandle>>,
+    connection: &Mutex<Option<UnixStream>>,
 ) -> Result<()> {
-    let mut listener = Listener::from(listener);
     log::info!("listening on {} ({} queue(s))", socket.display(), backend.options().num_queues);
     while !stopping.load(Ordering::SeqCst) {
-        let mut daemon = VhostUserDaemon::new(
-            "rewind-vhost-user".to_string(),
-            Arc::clone(backend),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| anyhow!("creating the vhost-user daemon: {e}"))?;
-        if let Err(e) = daemon.start(&mut listener) {
-            if stopping.load(Ordering::SeqCst) {
-                break;
-            }
-            return Err(anyhow!("accepting a frontend: {e}"));
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(_) if stopping.load(Ordering::SeqCst) => break,
+            Err(e) => return Err(anyhow!("accepting a frontend: {e}")),
+        };
+        serve_frontend(stream, backend, stopping, connection)?;
+    }
+    Ok(())
+}
+
+/// Answers one frontend's vhost-user requests until it goes away or is disconnected.
+fn serve_frontend(
+    stream: UnixStream,
+    backend: &Arc<BlkBackend>,
+    stopping: &AtomicBool,
+    connection: &Mutex<Option<UnixStream>>,
+) -> Result<()> {
+    let hangup = stream.try_clone().context("sharing the frontend's socket")?;
+    let state = Arc::new(Mutex::new(Connection::new(Arc::clone(backend)).context("setting up the queues")?));
+    let mut requests = BackendReqHandler::from_stream(stream, Arc::clone(&state));
+    *connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(hangup);
+    backend.connected.store(true, Ordering::Relaxed);
+    // A stop that came between the accept and the line above found no connection to end.
+    if stopping.load(Ordering::SeqCst) {
+        if let Some(stream) = connection.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            hang_up(stream);
         }
-        *connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
-        backend.connected.store(true, Ordering::Relaxed);
-        if stopping.load(Ordering::SeqCst) {
-            daemon.request_shutdown();
-        } else {
-            log::info!("frontend connected");
+    } else {
+        log::info!("frontend connected");
+    }
+    let ended = loop {
+        if let Err(e) = requests.handle_request() {
+            break e;
         }
-        let ended = daemon.wait();
-        *connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        backend.connected.store(false, Ordering::Relaxed);
-        backend.disconnected();
-        drop(daemon);
-        match ended {
-            Ok(()) | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {
-                log::info!("frontend disconnected")
-            }
-            Err(e) => log::warn!("frontend connection ended: {e}"),
+    };
+    *connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    state.lock().unwrap_or_else(|p| p.into_inner()).close();
+    backend.connected.store(false, Ordering::Relaxed);
+    use vhost::vhost_user::Error as ProtocolError;
+    match ended {
+        ProtocolError::Disconnected | ProtocolError::SocketBroken(_) | ProtocolError::PartialMessage => {
+            log::info!("frontend disconnected")
         }
+        _ if stopping.load(Ordering::SeqCst) => log::info!("frontend disconnected"),
+        e => log::warn!("frontend connection ended: {e}"),
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::counters::Counters;
+use super::inflight::QueueTracker;
 use crate::virtio_blk::{RequestError, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
 /// Signalling policy: the applier signals the driver once per this many completions of a
@@ -123,11 +124,18 @@ pub struct Completer {
     vring: VringRwLock,
     event_idx: bool,
     counters: Arc<Counters>,
+    /// The queue's inflight tracking, which each completion updates.
+    tracker: Option<Arc<QueueTracker>>,
 }
 
 impl Completer {
-    pub fn new(vring: VringRwLock, event_idx: bool, counters: Arc<Counters>) -> Self {
-        Self { vring, event_idx, counters }
+    pub fn new(
+        vring: VringRwLock,
+        event_idx: bool,
+        counters: Arc<Counters>,
+        tracker: Option<Arc<QueueTracker>>,
+    ) -> Self {
+        Self { vring, event_idx, counters, tracker }
     }
 
     pub fn counters(&self) -> &Counters {
@@ -174,7 +182,11 @@ impl Completer {
                 0
             }
         });
-        self.vring.add_used(head, used).map_err(|e| io::Error::other(e.to_string()))
+        let put_used = || self.vring.add_used(head, used).map_err(|e| io::Error::other(e.to_string()));
+        match &self.tracker {
+            Some(tracker) => tracker.complete(head, put_used),
+            None => put_used(),
+        }
     }
 }
 

@@ -9,17 +9,20 @@
 //!   failure to a virtio status;
 //! - `source`: the disk served, the live store or a point-in-time export, behind one type;
 //! - `guest_memory`: host views of guest buffers, the only `unsafe` code here;
-//! - `ring`: taking chains off the ring, treating it as untrusted input.
+//! - `ring`: taking chains off the ring, treating it as untrusted input;
+//! - `connection`: a frontend's vhost-user requests and its queues' worker threads;
+//! - `inflight`: the shared region that lets a restarted backend resubmit unfinished requests.
 //!
 //! Parsing and validating a chain is `virtio_blk`'s (pure, no I/O). Each layer uses only those
-//! below it: mod → pipeline → applier → source → completion → guest_memory, ring and counters.
+//! below it: connection → mod → pipeline → applier → source → completion → guest_memory, ring,
+//! inflight and counters.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::VringRwLock;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -27,22 +30,24 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::virtio_blk::{self, ConfigSpace, Limits};
 
 mod applier;
 mod completion;
+mod connection;
 mod counters;
 mod guest_memory;
+mod inflight;
 mod pipeline;
 mod source;
 // Public for the fuzz targets (fuzz/), not an API.
 #[doc(hidden)]
 pub mod ring;
 
+pub use connection::Connection;
 pub use counters::Counters;
+use inflight::QueueTracker;
 use pipeline::{BlkQueue, Device};
 pub use source::BlockSource;
 
@@ -62,8 +67,6 @@ pub struct BlkOptions {
 pub struct BlkBackend {
     device: Device,
     options: BlkOptions,
-    /// Exit notifiers handed to the current connection's worker threads.
-    exit_notifiers: Mutex<Vec<EventNotifier>>,
     /// One per queue.
     queues: Vec<BlkQueue>,
     pub counters: Arc<Counters>,
@@ -91,11 +94,11 @@ impl BlkBackend {
             memory: Mutex::new(None),
             event_idx: AtomicBool::new(false),
             writeback: AtomicBool::new(true),
+            finishing: AtomicBool::new(false),
         };
         Self {
             device,
             options,
-            exit_notifiers: Mutex::new(Vec::new()),
             queues,
             counters,
             connected: AtomicBool::new(false),
@@ -106,13 +109,23 @@ impl BlkBackend {
         &self.options
     }
 
-    /// Ends what belonged to a frontend's connection: its worker threads exit (after their
-    /// current pass), and its queues, broken or not, are set up afresh by the next frontend.
-    pub fn disconnected(&self) {
-        for notifier in self.exit_notifiers.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
-            let _ = notifier.notify();
-        }
+    /// The largest inflight region a frontend may ask for: (queues, entries per queue).
+    fn queue_limits(&self) -> (usize, usize) {
+        (self.options.num_queues, self.options.queue_size)
+    }
+
+    /// Ends what belonged to a frontend's connection: its queues, broken or not, are set up
+    /// afresh by the next frontend.
+    fn disconnected(&self) {
         self.queues.iter().for_each(|queue| queue.mend(&self.counters, "the frontend disconnected"));
+    }
+
+    /// For a clean exit: no queue takes another request off its ring, and every request taken
+    /// completes before this returns. The frontend finds nothing in flight when it reconnects
+    /// to the next daemon.
+    pub fn finish_in_flight(&self) {
+        self.device.finishing.store(true, Ordering::SeqCst);
+        self.queues.iter().for_each(BlkQueue::quiesce);
     }
 
     fn config_space(&self) -> ConfigSpace {
@@ -129,18 +142,7 @@ impl BlkBackend {
     }
 }
 
-impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
-        self.options.num_queues
-    }
-
-    fn max_queue_size(&self) -> usize {
-        self.options.queue_size
-    }
-
+impl BlkBackend {
     fn features(&self) -> u64 {
         let bits = [
             VIRTIO_F_VERSION_1,
@@ -162,11 +164,12 @@ impl VhostUserBackend for BlkBackend {
         features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
-    fn acked_features(&self, features: u64) {
+    fn set_features(&self, features: u64) {
         // Without CONFIG_WCE the cache mode follows FLUSH: a driver that cannot flush gets
         // write-through, so every write is durable when it completes.
         let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
         self.device.writeback.store(flush, Ordering::Relaxed);
+        self.device.event_idx.store(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0, Ordering::Relaxed);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -174,15 +177,12 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn reset_device(&self) {
         self.device.writeback.store(true, Ordering::Relaxed);
         self.queues.iter().for_each(|queue| queue.mend(&self.counters, "the device was reset"));
-    }
-
-    fn set_event_idx(&self, enabled: bool) {
-        self.device.event_idx.store(enabled, Ordering::Relaxed);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -209,47 +209,32 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self.device.memory.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
-        Ok(())
+    fn set_memory(&self, memory: GuestMemoryAtomic<GuestMemoryMmap>) {
+        *self.device.memory.lock().unwrap_or_else(|p| p.into_inner()) = Some(memory);
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.options.num_queues).map(|q| 1u64 << q).collect()
+    /// A queue starts (its ring is set up and kicked), tracked in an inflight region or not;
+    /// the chains to resubmit run before anything new.
+    fn start_queue(&self, index: usize, tracking: Option<(Arc<QueueTracker>, Vec<u16>)>) {
+        if let Some(queue) = self.queues.get(index) {
+            queue.start(tracking);
+        }
     }
 
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // After GET_VRING_BASE the frontend owns the ring again: nothing may complete later.
-        if let Some(queue) = self.queues.get(queue_index as usize) {
+    /// After GET_VRING_BASE, or when the frontend goes, the frontend owns the ring again:
+    /// nothing may complete later.
+    fn stop_queue(&self, index: usize) {
+        if let Some(queue) = self.queues.get(index) {
             queue.quiesce();
-            queue.mend(&self.counters, "the frontend took the ring back (GET_VRING_BASE)");
+            queue.stop();
+            queue.mend(&self.counters, "the frontend took the ring back");
         }
-        Ok(())
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
-        let ours = notifier.try_clone().ok()?;
-        self.exit_notifiers.lock().unwrap_or_else(|p| p.into_inner()).push(ours);
-        Some((consumer, notifier))
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        thread: usize,
-    ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+    fn process_queue(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+        match self.queues.get(index) {
+            Some(queue) => queue.process(&self.device, vring),
+            None => Err(io::Error::other(format!("there is no queue {index}"))),
         }
-        // `vrings` are this thread's and `device_event` indexes them; thread N serves queue N
-        // alone (queues_per_thread), so the queue is the thread's.
-        let vring = vrings
-            .get(device_event as usize)
-            .filter(|_| device_event == 0 && thread < self.queues.len())
-            .ok_or_else(|| io::Error::other(format!("event {device_event} on thread {thread} names no queue")))?;
-        self.queues[thread].process(&self.device, vring)
     }
 }

@@ -21,6 +21,7 @@ use super::applier::{read_request, with_volume_ops, Applier, ApplyJob, BatchOp, 
 use super::completion::{Completer, Completion, ExecError};
 use super::counters::Counters;
 use super::guest_memory::{GuestBuffers, Memory};
+use super::inflight::QueueTracker;
 use super::ring::{self, RingFault};
 use super::source::BlockSource;
 use crate::marker::MarkerSource;
@@ -93,21 +94,55 @@ pub struct Device {
     /// The driver's cache mode: write-back, or write-through (each write durable before it
     /// completes).
     pub writeback: AtomicBool,
+    /// Set for a clean exit: no queue takes more requests off its ring.
+    pub finishing: AtomicBool,
 }
 
 type ParsedChain = Result<Parsed, RequestError>;
 
-/// One virtqueue as its worker serves it: its applier, and whether its ring is broken.
+/// A started queue's inflight tracking, and the chains a previous backend left unfinished.
+#[derive(Default)]
+struct Tracking {
+    tracker: Option<Arc<QueueTracker>>,
+    resubmit: Vec<u16>,
+}
+
+/// One virtqueue as its worker serves it: its applier, whether its ring is broken, and its
+/// inflight tracking.
 pub struct BlkQueue {
     index: usize,
     applier: Applier,
     /// Set when its ring was found in a state no correct driver produces.
     broken: AtomicBool,
+    tracking: Mutex<Tracking>,
 }
 
 impl BlkQueue {
     pub fn new(index: usize, source: BlockSource) -> Self {
-        Self { index, applier: Applier::spawn(index, source), broken: AtomicBool::new(false) }
+        Self {
+            index,
+            applier: Applier::spawn(index, source),
+            broken: AtomicBool::new(false),
+            tracking: Mutex::default(),
+        }
+    }
+
+    fn tracking(&self) -> std::sync::MutexGuard<'_, Tracking> {
+        self.tracking.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The queue starts, tracked in an inflight region (with the chains to resubmit) or not.
+    pub fn start(&self, tracking: Option<(Arc<QueueTracker>, Vec<u16>)>) {
+        *self.tracking() = match tracking {
+            Some((tracker, resubmit)) => Tracking { tracker: Some(tracker), resubmit },
+            None => Tracking::default(),
+        };
+    }
+
+    /// The queue stopped: chains not resubmitted yet stay flagged in the region, for the next
+    /// start to find.
+    pub fn stop(&self) {
+        *self.tracking() = Tracking::default();
     }
 
     /// Serves the ring until it is empty (and, with EVENT_IDX, stays empty for a moment).
@@ -119,7 +154,21 @@ impl BlkQueue {
         let Some(memory) = memory else { return Ok(()) };
         let _pass = self.applier.begin_pass();
         let queue_error = |e: virtio_queue::Error| io::Error::other(e.to_string());
+        let (tracker, resubmit) = {
+            let mut tracking = self.tracking();
+            (tracking.tracker.clone(), std::mem::take(&mut tracking.resubmit))
+        };
+        if !resubmit.is_empty() {
+            let resubmitted = ring::chains_at(vring.get_ref().get_queue(), &memory, &resubmit);
+            let event_idx = device.event_idx.load(Ordering::Relaxed);
+            if !self.run_pass(device, vring, resubmitted, tracker.as_ref(), event_idx, false)? {
+                return Ok(());
+            }
+        }
         loop {
+            if device.finishing.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let event_idx = device.event_idx.load(Ordering::Relaxed);
             if event_idx {
                 vring.disable_notification().map_err(queue_error)?;
@@ -127,17 +176,8 @@ impl BlkQueue {
             // A fresh view of guest memory each pass, loaded after the available index (see
             // `pop_chains`): the frontend may add regions while this loop runs.
             let popped = ring::pop_chains(vring.get_mut().get_queue_mut(), &memory);
-            let mem = popped.mem;
-            let parsed: Vec<(u16, ParsedChain)> = popped
-                .chains
-                .into_iter()
-                .map(|(head, descs)| (head, virtio_blk::parse(&descs, &mem, &device.limits)))
-                .collect();
-            let completer = Completer::new(vring.clone(), event_idx, Arc::clone(&device.counters));
-            let pass = Pass { device, applier: &self.applier, mem: &mem, completer: &completer, taken: parsed.len() };
-            pass.execute(&parsed)?;
-            if let Some(fault) = popped.fault {
-                self.break_down(&device.counters, &fault);
+            let mem = popped.mem.clone();
+            if !self.run_pass(device, vring, popped, tracker.as_ref(), event_idx, true)? {
                 return Ok(());
             }
             if watches_ring(event_idx, &self.applier) && more_requests_soon(vring, &mem) {
@@ -147,6 +187,40 @@ impl BlkQueue {
                 return Ok(());
             }
         }
+    }
+
+    /// Executes the chains of one look at the ring (`newly_taken`: flagged in the inflight
+    /// region first) or of the resubmit list; returns false if the queue broke down.
+    fn run_pass(
+        &self,
+        device: &Device,
+        vring: &VringRwLock,
+        popped: ring::Popped,
+        tracker: Option<&Arc<QueueTracker>>,
+        event_idx: bool,
+        newly_taken: bool,
+    ) -> io::Result<bool> {
+        let mem = popped.mem;
+        if let (Some(tracker), true) = (tracker, newly_taken) {
+            // Only an access outside the region fails, and its bounds were checked when the
+            // queue started; the requests still run, untracked, rather than hang.
+            if let Err(e) = tracker.taken(popped.chains.iter().map(|(head, _)| *head)) {
+                log::error!("queue {}: cannot flag requests in the inflight region: {e}", self.index);
+            }
+        }
+        let parsed: Vec<(u16, ParsedChain)> = popped
+            .chains
+            .into_iter()
+            .map(|(head, descs)| (head, virtio_blk::parse(&descs, &mem, &device.limits)))
+            .collect();
+        let completer = Completer::new(vring.clone(), event_idx, Arc::clone(&device.counters), tracker.cloned());
+        let pass = Pass { device, applier: &self.applier, mem: &mem, completer: &completer, taken: parsed.len() };
+        pass.execute(&parsed)?;
+        if let Some(fault) = popped.fault {
+            self.break_down(&device.counters, &fault);
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Waits for the worker's current pass and every job of the applier to complete.

@@ -10,9 +10,11 @@ use std::num::Wrapping;
 
 use std::sync::atomic::Ordering;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
 };
 
 use crate::virtio_blk::Desc;
@@ -113,6 +115,68 @@ pub fn pop_chains(queue: &mut Queue, memory: &GuestMemoryAtomic<GuestMemoryMmap>
         popped.chains.push((head, descs));
     }
     popped
+}
+
+/// The chains at `heads` of the descriptor table, for requests a previous backend took off the
+/// ring and did not complete (their heads come from the inflight region). They are walked here,
+/// not by virtio-queue, which only walks chains from the available ring, under the same rules:
+/// a loop, an index outside the table, a nested or unusable indirect table is a fault.
+pub fn chains_at(queue: &Queue, memory: &GuestMemoryAtomic<GuestMemoryMmap>, heads: &[u16]) -> Popped {
+    let mut popped = Popped { chains: Vec::new(), fault: None, mem: memory.memory() };
+    if let Err(fault) = check_ring_memory(queue, &popped.mem) {
+        popped.fault = Some(fault);
+        return popped;
+    }
+    for &head in heads {
+        match chain_at(queue, &popped.mem, head) {
+            Some(descs) => popped.chains.push((head, descs)),
+            None => {
+                popped.fault = Some(RingFault::BadChain { head, size: queue.size() });
+                break;
+            }
+        }
+    }
+    popped
+}
+
+fn chain_at(queue: &Queue, mem: &GuestMemoryMmap, head: u16) -> Option<Vec<Desc>> {
+    let mut table = queue.desc_table();
+    let mut table_len = queue.size();
+    // Descriptors left before the chain is too long to be anything but a loop.
+    let mut budget = table_len;
+    let mut index = head;
+    let mut indirect = false;
+    let mut descs = Vec::new();
+    loop {
+        if index >= table_len || budget == 0 {
+            return None;
+        }
+        budget -= 1;
+        let at = table.checked_add(u64::from(index) * DESC_BYTES)?;
+        let desc: Descriptor = mem.read_obj(GuestAddress(at)).ok()?;
+        if desc.refers_to_indirect_table() {
+            let entries = u64::from(desc.len()) / DESC_BYTES;
+            if indirect || u64::from(desc.len()) % DESC_BYTES != 0 || entries == 0 || entries > u64::from(u16::MAX) {
+                return None;
+            }
+            indirect = true;
+            table = desc.addr().0;
+            table_len = entries as u16;
+            budget = table_len;
+            index = 0;
+            continue;
+        }
+        descs.push(Desc {
+            addr: desc.addr(),
+            len: desc.len(),
+            write_only: desc.is_write_only(),
+            has_next: desc.has_next(),
+        });
+        if !desc.has_next() {
+            return Some(descs);
+        }
+        index = desc.next();
+    }
 }
 
 /// Checks that the descriptor table and both rings lie in guest memory, so that no read of
