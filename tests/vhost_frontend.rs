@@ -547,3 +547,154 @@ fn a_restarted_daemon_resumes_the_ring_or_breaks_the_queue_whatever_base_it_is_g
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("queue 0 is broken").count(), 1, "{text}");
 }
+
+/// Flags queue 0's chain `head` in an inflight region as taken and not completed, with
+/// `counter` (the region's layout: docs/virtio.md, "Restarts"), as a backend that died would
+/// leave it.
+fn flag_in_flight(region: &std::fs::File, head: u16, counter: u64) {
+    use std::os::unix::fs::FileExt;
+    let entry = 16 + 16 * u64::from(head);
+    region.write_all_at(&counter.to_le_bytes(), entry + 8).unwrap();
+    region.write_all_at(&[1], entry).unwrap();
+}
+
+fn verify_offline(image: &std::path::Path) {
+    let out = std::process::Command::new(rewind_bin()).arg("verify").arg(image).output().unwrap();
+    assert!(out.status.success(), "rewind verify: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn requests_a_backend_left_in_flight_run_again_in_the_order_it_took_them_before_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let socket = dir.path().join("vhost.sock");
+    let log = dir.path().join("daemon.log");
+    let daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
+    let mut vmm = Vmm::connect_with(&daemon.socket, 1, true, true);
+    let first = fill(&vmm, BUF + 0x10000, 1, 4096);
+    assert!(write_and_read_on(&mut vmm, 0, 8, &first) == first);
+    assert!(daemon.terminate().success());
+
+    // Two writes of one sector that a backend took off the ring, the second one first, and
+    // died before completing either: the last one it took decides the sector.
+    let used = vmm.used_idx(0);
+    let chains: Vec<(u16, Vec<u8>)> = (0..2u64)
+        .map(|i| {
+            let data = fill(&vmm, BUF + i * 4096, 20 + i as u8, 4096);
+            let descs =
+                [header(&vmm, HDR + i * 16, T_OUT, 16), d(BUF + i * 4096, 4096, 0), status_desc(&vmm, STATUS + i)];
+            let head = vmm.place_chain(0, &descs);
+            vmm.make_available(0, head, false);
+            (head, data)
+        })
+        .collect();
+    let region = vmm.inflight.as_ref().unwrap().1.try_clone().unwrap();
+    flag_in_flight(&region, chains[1].0, 4);
+    flag_in_flight(&region, chains[0].0, 9);
+
+    // QEMU restores the ring's base to the used index; the region says two more were taken.
+    let daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
+    vmm.reconnect(&socket, used);
+    let done = vmm.wait_used(0, 2);
+    let mut heads: Vec<u16> = done.iter().map(|&(head, _)| head).collect();
+    heads.sort_unstable();
+    let mut expected: Vec<u16> = chains.iter().map(|&(head, _)| head).collect();
+    expected.sort_unstable();
+    assert_eq!(heads, expected);
+    for i in 0..2 {
+        assert_eq!(vmm.mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), S_OK);
+    }
+    assert!(read_back(&mut vmm, 16, 4096) == chains[0].1, "resubmitted out of order");
+    // New requests come from the ring after the resubmitted ones.
+    let next = fill(&vmm, BUF + 0x20000, 3, 4096);
+    assert!(write_and_read_on(&mut vmm, 0, 24, &next) == next);
+    assert!(read_back(&mut vmm, 8, 4096) == first);
+    wait_for_log(&log, "resubmitting 2 request(s)", 1);
+    assert!(daemon.terminate().success());
+    verify_offline(&image);
+}
+
+#[test]
+fn a_bad_inflight_region_is_refused_with_its_reason_and_the_daemon_goes_on() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let socket = dir.path().join("vhost.sock");
+    let log = dir.path().join("daemon.log");
+    let daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
+    let mut vmm = Vmm::connect_with(&daemon.socket, 1, true, true);
+    let first = fill(&vmm, BUF + 0x10000, 1, 4096);
+    assert!(write_and_read_on(&mut vmm, 0, 8, &first) == first);
+    let region = vmm.inflight.as_ref().unwrap().1.try_clone().unwrap();
+    let used = vmm.used_idx(0);
+
+    // A version no backend writes, then an entry flag that is neither 0 nor 1.
+    region.write_all_at(&7u16.to_le_bytes(), 8).unwrap();
+    assert!(vmm.try_reconnect(&socket, used).is_err());
+    wait_for_log(&log, "inflight version is 7", 1);
+    region.write_all_at(&1u16.to_le_bytes(), 8).unwrap();
+    region.write_all_at(&[5], 16 + 16 * 3).unwrap();
+    assert!(vmm.try_reconnect(&socket, used).is_err());
+    wait_for_log(&log, "entry 3 has the flag 5", 1);
+
+    // A good region again: the same daemon serves, and nothing was lost.
+    region.write_all_at(&[0], 16 + 16 * 3).unwrap();
+    vmm.reconnect(&socket, used);
+    assert!(read_back(&mut vmm, 8, 4096) == first);
+    let next = fill(&vmm, BUF + 0x20000, 2, 4096);
+    assert!(write_and_read_on(&mut vmm, 0, 16, &next) == next);
+    assert!(daemon.terminate().success());
+    verify_offline(&image);
+}
+
+#[test]
+fn writes_in_flight_when_the_daemon_is_killed_complete_after_the_restart() {
+    // Three descriptors a write: the burst fits the 256-entry table without reusing a slot.
+    const WRITES: u64 = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let socket = dir.path().join("vhost.sock");
+    let log = dir.path().join("daemon.log");
+    let mut daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
+    let mut vmm = Vmm::connect_with(&daemon.socket, 1, true, true);
+    for round in 0..12u64 {
+        // A burst of writes to distinct sectors (with a flush among them), the daemon killed
+        // at once, a new one started: every request completes once it is back, OK, and the
+        // disk holds every write.
+        let mut expected = Vec::new();
+        for i in 0..WRITES {
+            let at = BUF + i * 4096;
+            let data = fill(&vmm, at, (round * WRITES + i) as u8, 4096);
+            let sector = 8 * (i + 1);
+            let descs = if i == WRITES / 2 {
+                vec![header(&vmm, HDR + i * 16, T_FLUSH, 0), status_desc(&vmm, STATUS + i)]
+            } else {
+                expected.push((sector, data));
+                vec![header(&vmm, HDR + i * 16, T_OUT, sector), d(at, 4096, 0), status_desc(&vmm, STATUS + i)]
+            };
+            let head = vmm.place_chain(0, &descs);
+            vmm.make_available(0, head, i + 1 == WRITES);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200 * round));
+        daemon.kill();
+        daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
+        vmm.reconnect(&socket, vmm.used_idx(0));
+        vmm.kick(0);
+        // Each request completes exactly once: a request completed before the kill and run
+        // again would show up twice, and the driver would complete a freed request.
+        let mut heads: Vec<u16> = vmm.wait_used(0, WRITES as usize).iter().map(|&(head, _)| head).collect();
+        heads.sort_unstable();
+        heads.dedup();
+        assert_eq!(heads.len(), WRITES as usize, "round {round}: a request completed twice");
+        for i in 0..WRITES {
+            assert_eq!(vmm.mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), S_OK, "round {round}, request {i}");
+        }
+        for (sector, data) in &expected {
+            assert!(read_back(&mut vmm, *sector, 4096) == *data, "round {round}, sector {sector}");
+        }
+    }
+    assert!(daemon.terminate().success());
+    verify_offline(&image);
+    let text = std::fs::read_to_string(&log).unwrap();
+    eprintln!("{} of 12 restarts resubmitted requests", text.matches("resubmitting").count());
+}

@@ -405,6 +405,11 @@ impl VhostUserBackendReqHandlerMut for Connection {
             self.backend.queue_limits(),
         )
         .map_err(|e| invalid(format!("SET_INFLIGHT_FD: {e}")))?;
+        log::info!(
+            "tracking in-flight requests in the frontend's region ({} queue(s) of {})",
+            inflight.num_queues,
+            inflight.queue_size
+        );
         self.inflight = Some(Arc::new(region));
         Ok(())
     }

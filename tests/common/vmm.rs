@@ -8,7 +8,7 @@ use std::fs::File;
 use std::os::unix::io::FromRawFd;
 use std::path::Path;
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -73,6 +73,9 @@ pub struct Vmm {
     /// the frontend's virtual addresses.
     host_base: u64,
     multiqueue: bool,
+    /// The inflight region the device made (GET_INFLIGHT_FD), handed back at every reconnect
+    /// as QEMU does.
+    pub inflight: Option<(VhostUserInflight, File)>,
 }
 
 /// One descriptor to place: guest address, length, flags (NEXT is added by `submit`).
@@ -111,6 +114,8 @@ fn handshake(socket: &Path, num_queues: usize, event_idx: bool) -> (Frontend, u6
     assert!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
     let protocol = frontend.get_protocol_features().unwrap();
     frontend.set_protocol_features(protocol).unwrap();
+    // As QEMU does with REPLY_ACK: every request that changes the device waits for its verdict.
+    frontend.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
     (frontend, features, protocol)
 }
 
@@ -118,6 +123,12 @@ impl Vmm {
     /// Connects and sets the device up with `num_queues` queues; `event_idx` chooses whether
     /// VIRTIO_RING_F_EVENT_IDX is negotiated.
     pub fn connect(socket: &Path, num_queues: usize, event_idx: bool) -> Self {
+        Self::connect_with(socket, num_queues, event_idx, false)
+    }
+
+    /// `connect`, and with `tracked` the device keeps an inflight region (INFLIGHT_SHMFD), as
+    /// QEMU's vhost-user-blk asks.
+    pub fn connect_with(socket: &Path, num_queues: usize, event_idx: bool, tracked: bool) -> Self {
         let (frontend, features, protocol) = handshake(socket, num_queues, event_idx);
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),
@@ -129,8 +140,14 @@ impl Vmm {
         let host_base = region.as_ptr() as u64;
 
         let multiqueue = protocol.contains(VhostUserProtocolFeatures::MQ);
-        let mut vmm = Self { frontend, mem, queues: Vec::new(), features, host_base, multiqueue };
+        let mut vmm = Self { frontend, mem, queues: Vec::new(), features, host_base, multiqueue, inflight: None };
         vmm.send_mem_table();
+        if tracked {
+            let asked = VhostUserInflight::new(0, 0, num_queues as u16, QUEUE_SIZE);
+            let (inflight, file) = vmm.frontend.get_inflight_fd(&asked).unwrap();
+            vmm.frontend.set_inflight_fd(&inflight, std::os::fd::AsRawFd::as_raw_fd(&file)).unwrap();
+            vmm.inflight = Some((inflight, file));
+        }
         for q in 0..num_queues {
             let queue = Queue {
                 rings: Rings::standard(q),
@@ -205,12 +222,29 @@ impl Vmm {
     /// as they are, every queue's next available entry set to `base` (QEMU sends what it
     /// restored, which need not match the ring).
     pub fn reconnect(&mut self, socket: &Path, base: u16) {
+        self.try_reconnect(socket, base).unwrap();
+    }
+
+    /// `reconnect`, failing if the device refuses the inflight region.
+    pub fn try_reconnect(&mut self, socket: &Path, base: u16) -> vhost::Result<()> {
         let event_idx = self.event_idx();
+        // The old connection goes first: the device serves one frontend at a time.
+        let (placeholder, _) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(std::mem::replace(&mut self.frontend, Frontend::from_stream(placeholder, self.queues.len() as u64)));
         (self.frontend, self.features, _) = handshake(socket, self.queues.len(), event_idx);
         self.send_mem_table();
+        if let Some((inflight, file)) = &self.inflight {
+            self.frontend.set_inflight_fd(inflight, std::os::fd::AsRawFd::as_raw_fd(file))?;
+        }
         for q in 0..self.queues.len() {
             self.set_up_queue(q, base);
         }
+        Ok(())
+    }
+
+    /// Queue `q`'s used index as the device last published it.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.mem.read_obj(GuestAddress(self.queues[q].used().0 + 2)).unwrap()
     }
 
     /// Resets queue `q` as a driver does after a device error: the device gives the ring back

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Daemon restarts under guest I/O: a Linux guest whose disk QEMU reconnects to
+# (`-chardev socket,…,reconnect=1`) runs fio with crc32c verification (direct I/O, libaio, four
+# jobs) on files of an ext4 file system, and beside it copies files and syncs them. On the host
+# `rewind serve` is restarted RESTARTS times at random instants, by SIGTERM and kill -9 in turn,
+# each time on the same image and socket. Expected: no I/O error in the guest's kernel log or
+# fio, no verify mismatch, every copied file intact, a clean e2fsck of the image afterwards and
+# `rewind verify` (the volume equals its journal). Prints each restart's stall: from the signal
+# until the new daemon completes its first request. The soak (README, Restarts) is
+# `RESTARTS=100 guest-tests/restart-under-io.sh`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source guest-tests/lib.sh
+
+REWIND=${REWIND:-target/debug/rewind}
+RESTARTS=${RESTARTS:-6}
+SEED=${SEED:-$$}
+STALLS=${STALLS:-}
+command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
+work=$(mktemp -d)
+daemon=
+guest=
+cleanup() {
+    [ -n "$guest" ] && kill "$guest" 2>/dev/null
+    [ -n "$daemon" ] && kill "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+RANDOM=$SEED
+echo "restart-under-io: $RESTARTS restarts, seed $SEED"
+
+image=$work/disk.img
+serve() {
+    RUST_LOG=${RUST_LOG:-info} "$REWIND" serve "$image" --socket "$work/vhost.sock" --control "$work/ctl.sock" \
+        --num-queues 2 --size 512M 2>> "$work/daemon.log" &
+    daemon=$!
+    wait_for_socket "$work/vhost.sock" "$daemon"
+}
+requests() { # requests: the running daemon's request count (0 until its control socket answers)
+    "$REWIND" status --control "$work/ctl.sock" --json 2>/dev/null |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["status"]["counters"]["requests"])' 2>/dev/null || echo 0
+}
+
+# fio and its libraries run through the dynamic loader from /data; /data/a holds files to copy.
+mkdir -p "$work/data/lib"
+cp /usr/bin/fio "$work/data/fio"
+for lib in $(ldd /usr/bin/fio | grep -o '/[^ ]*' | sort -u); do cp -L "$lib" "$work/data/lib/"; done
+file_sets "$work/data"
+# Each fio round writes its files in full and then verifies them; rounds go on for the time the
+# host needs for its restarts.
+runtime=$((RESTARTS * 4 + 20))
+cat > "$work/workload.sh" <<S
+set -e
+mkdir -p /tmp
+mkfs.ext4 -q -F /dev/vda
+mount -t ext4 /dev/vda /mnt
+echo WORKLOAD-START
+end=\$((\$(cut -d. -f1 /proc/uptime) + $runtime))
+fio_rounds() {
+    round=0
+    while [ "\$(cut -d. -f1 /proc/uptime)" -lt "\$end" ]; do
+        round=\$((round + 1))
+        /data/lib/ld-linux-x86-64.so.2 --library-path /data/lib /data/fio --name=verify --directory=/mnt \\
+            --rw=randwrite --bs=4k --size=8M --numjobs=4 --ioengine=libaio --iodepth=8 --direct=1 \\
+            --verify=crc32c --do_verify=1 --verify_fatal=1 --randrepeat=0 --group_reporting \\
+            --output=/tmp/fio.out || { cat /tmp/fio.out; echo FIO-FAILED; return 1; }
+        grep -q "err= 0" /tmp/fio.out || { cat /tmp/fio.out; echo FIO-ERROR; return 1; }
+    done
+    echo "fio rounds: \$round"
+}
+copy_rounds() {
+    round=0
+    while [ "\$(cut -d. -f1 /proc/uptime)" -lt "\$end" ]; do
+        round=\$((round + 1))
+        mkdir -p /mnt/copies/\$round/a
+        cp /data/a/* /mnt/copies/\$round/a/
+        sync
+    done
+    echo "copy rounds: \$round"
+}
+fio_rounds > /tmp/fio.log 2>&1 &
+fio_pid=\$!
+copy_rounds > /tmp/copy.log 2>&1 &
+copy_pid=\$!
+ok=1
+wait \$fio_pid || ok=0
+wait \$copy_pid || ok=0
+cat /tmp/fio.log /tmp/copy.log
+echo WORKLOAD-DONE
+for dir in /mnt/copies/*; do
+    (cd \$dir && sha256sum -c -s /data/a.sha256) || { echo "copies in \$dir differ"; ok=0; }
+done
+umount /mnt
+if busybox dmesg | grep -iE "I/O error|blk_update_request|Buffer I/O|EXT4-fs error|Remounting filesystem read-only|virtio_blk.*error"; then
+    echo "the kernel logged I/O errors"
+    ok=0
+fi
+[ \$ok = 1 ]
+S
+
+serve
+GUEST_TIMEOUT=$((runtime + 300)) guest_boot "$work/guest.log" "$work/workload.sh" "$work/data" \
+    -chardev socket,id=disk0,path="$work/vhost.sock",reconnect=1 \
+    -device vhost-user-blk-pci,chardev=disk0,num-queues=2 &
+guest=$!
+for _ in $(seq 1 1200); do
+    grep -q WORKLOAD-START "$work/guest.log" 2>/dev/null && break
+    kill -0 "$guest" 2>/dev/null || break
+    sleep 0.1
+done
+grep -q WORKLOAD-START "$work/guest.log" || { echo "the guest did not start its workload" >&2; cat "$work/guest.log" >&2; exit 1; }
+
+stalls=()
+for i in $(seq 1 "$RESTARTS"); do
+    # A random instant 1.0–3.0 s after the last restart, while the guest writes.
+    sleep "$((1 + RANDOM % 2)).$((RANDOM % 10))"
+    grep -q WORKLOAD-DONE "$work/guest.log" && { echo "the guest's workload ended after $((i - 1)) restarts" >&2; exit 1; }
+    before=$(requests)
+    if [ $((i % 2)) = 1 ]; then signal=TERM; else signal=KILL; fi
+    start=$(date +%s.%N)
+    kill -"$signal" "$daemon"
+    if wait "$daemon" 2>/dev/null; then status=0; else status=$?; fi
+    daemon=
+    if [ "$signal" = TERM ] && [ "$status" != 0 ]; then
+        echo "restart $i: rewind serve exited with $status on SIGTERM" >&2; tail -20 "$work/daemon.log" >&2; exit 1
+    fi
+    serve
+    # The stall ends when the new daemon completes a request (QEMU reconnects once a second).
+    until [ "$(requests)" -gt 0 ]; do
+        kill -0 "$guest" 2>/dev/null || break
+        sleep 0.01
+    done
+    stall=$(awk "BEGIN { printf \"%.2f\", $(date +%s.%N) - $start }")
+    stalls+=("$signal $stall")
+    echo "restart $i: SIG$signal (requests before: $before), stall ${stall} s"
+done
+echo "restarts done; waiting for the guest"
+if ! wait "$guest"; then
+    guest=
+    echo "the guest's workload failed; its console:" >&2; cat "$work/guest.log" >&2
+    echo "daemon log (tail):" >&2; tail -40 "$work/daemon.log" >&2
+    exit 1
+fi
+guest=
+grep -E "fio rounds|copy rounds" "$work/guest.log" || true
+tracked=$(grep -c "tracking in-flight requests" "$work/daemon.log" || true)
+resubmitted=$(grep -c "resubmitting" "$work/daemon.log" || true)
+echo "connections with inflight tracking: $tracked; queue starts that resubmitted requests: $resubmitted"
+if [ -n "${KEEP_LOG:-}" ]; then cp "$work/daemon.log" "$KEEP_LOG"; fi
+kill -TERM "$daemon"
+wait "$daemon" || { echo "rewind serve did not exit cleanly" >&2; tail -20 "$work/daemon.log" >&2; exit 1; }
+daemon=
+e2fsck -fn "$image" > "$work/fsck.log" 2>&1 || { echo "e2fsck found damage:" >&2; cat "$work/fsck.log" >&2; exit 1; }
+"$REWIND" verify "$image" > "$work/verify.log" 2>&1 || { echo "rewind verify failed:" >&2; cat "$work/verify.log" >&2; exit 1; }
+if [ -n "$STALLS" ]; then printf '%s\n' "${stalls[@]}" > "$STALLS"; fi
+echo "restart-under-io: OK ($RESTARTS restarts, file system clean, volume matches its journal)"
