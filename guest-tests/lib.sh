@@ -89,7 +89,7 @@ guest_accel() {
 
 # guest_boot LOG SCRIPT DATA_DIR QEMU_ARGS...: boots a guest that runs SCRIPT as /test.sh with
 # DATA_DIR's files under /data, then powers off (or is stopped after GUEST_TIMEOUT seconds,
-# default 300). Succeeds if the script did.
+# default 300). QEMU names another QEMU binary to run. Succeeds if the script did.
 guest_boot() {
     local log=$1 script=$2 data=$3; shift 3
     local base kernel extra initrd
@@ -101,7 +101,7 @@ guest_boot() {
     initrd=$(mktemp)
     { cat "$base"; (cd "$extra" && find . | cpio -o -H newc --quiet); } > "$initrd"
     # shellcheck disable=SC2046
-    timeout "${GUEST_TIMEOUT:-300}" qemu-system-x86_64 $(guest_accel) -m 512 -smp 2 \
+    timeout "${GUEST_TIMEOUT:-300}" "${QEMU:-qemu-system-x86_64}" $(guest_accel) -m 512 -smp 2 \
         -object memory-backend-memfd,id=mem,size=512M,share=on -machine pc,memory-backend=mem \
         -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 quiet panic=-1" \
         -nodefaults -display none -serial stdio -no-reboot "$@" > "$log" 2>&1 < /dev/null || true

@@ -7,7 +7,8 @@
 # fio, no verify mismatch, every copied file intact, a clean e2fsck of the image afterwards and
 # `rewind verify` (the volume equals its journal). Prints each restart's stall: from the signal
 # until the new daemon completes its first request. The soak (README, Restarts) is
-# `RESTARTS=100 guest-tests/restart-under-io.sh`.
+# `RESTARTS=100 guest-tests/restart-under-io.sh`. RECONNECT is the chardev's reconnect option
+# (`reconnect=1`, QEMU 7.2; QEMU 9.2 and later: e.g. `reconnect-ms=200`), QEMU the binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source guest-tests/lib.sh
@@ -36,6 +37,21 @@ serve() {
     daemon=$!
     wait_for_socket "$work/vhost.sock" "$daemon"
 }
+# await_exit PID: sets exit_code to the daemon's exit status once it exits; a daemon still
+# running 60 s after its signal has hung: it is killed and exit_code is 255.
+await_exit() {
+    local pid=$1 i
+    for i in $(seq 1 600); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "rewind serve $pid did not exit within 60 s of its signal" >&2
+        kill -9 "$pid"
+    fi
+    if wait "$pid" 2>/dev/null; then exit_code=0; else exit_code=$?; fi
+    if [ "$i" = 600 ]; then exit_code=255; fi
+}
 requests() { # requests: the running daemon's request count (0 until its control socket answers)
     "$REWIND" status --control "$work/ctl.sock" --json 2>/dev/null |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["status"]["counters"]["requests"])' 2>/dev/null || echo 0
@@ -46,19 +62,23 @@ mkdir -p "$work/data/lib"
 cp /usr/bin/fio "$work/data/fio"
 for lib in $(ldd /usr/bin/fio | grep -o '/[^ ]*' | sort -u); do cp -L "$lib" "$work/data/lib/"; done
 file_sets "$work/data"
-# Each fio round writes its files in full and then verifies them; rounds go on for the time the
-# host needs for its restarts.
-runtime=$((RESTARTS * 4 + 20))
+# Each fio round writes its files in full and then verifies them; rounds go on until the host,
+# its restarts done, says "stop" on a virtio console port (or a generous time has passed).
+runtime=$((RESTARTS * 7 + 60))
 cat > "$work/workload.sh" <<S
 set -e
 mkdir -p /tmp
 mkfs.ext4 -q -F /dev/vda
 mount -t ext4 /dev/vda /mnt
+port=\$(ls /dev/vport*p1 | head -n 1)
+# Reading a port the host has not connected to yet returns at once, empty: poll it.
+(until [ "\$(head -c 4 < "\$port" 2>/dev/null)" = stop ]; do sleep 1; done; touch /tmp/stop) &
 echo WORKLOAD-START
 end=\$((\$(cut -d. -f1 /proc/uptime) + $runtime))
+going() { [ ! -e /tmp/stop ] && [ "\$(cut -d. -f1 /proc/uptime)" -lt "\$end" ]; }
 fio_rounds() {
     round=0
-    while [ "\$(cut -d. -f1 /proc/uptime)" -lt "\$end" ]; do
+    while going; do
         round=\$((round + 1))
         /data/lib/ld-linux-x86-64.so.2 --library-path /data/lib /data/fio --name=verify --directory=/mnt \\
             --rw=randwrite --bs=4k --size=8M --numjobs=4 --ioengine=libaio --iodepth=8 --direct=1 \\
@@ -70,11 +90,13 @@ fio_rounds() {
 }
 copy_rounds() {
     round=0
-    while [ "\$(cut -d. -f1 /proc/uptime)" -lt "\$end" ]; do
+    while going; do
         round=\$((round + 1))
         mkdir -p /mnt/copies/\$round/a
         cp /data/a/* /mnt/copies/\$round/a/
         sync
+        # The newest rounds stay to be checked at the end; older ones make room.
+        rm -rf /mnt/copies/\$((round - 3))
     done
     echo "copy rounds: \$round"
 }
@@ -87,6 +109,9 @@ wait \$fio_pid || ok=0
 wait \$copy_pid || ok=0
 cat /tmp/fio.log /tmp/copy.log
 echo WORKLOAD-DONE
+# Checked from the disk, not the page cache.
+umount /mnt
+mount -t ext4 /dev/vda /mnt
 for dir in /mnt/copies/*; do
     (cd \$dir && sha256sum -c -s /data/a.sha256) || { echo "copies in \$dir differ"; ok=0; }
 done
@@ -100,8 +125,10 @@ S
 
 serve
 GUEST_TIMEOUT=$((runtime + 300)) guest_boot "$work/guest.log" "$work/workload.sh" "$work/data" \
-    -chardev socket,id=disk0,path="$work/vhost.sock",reconnect=1 \
-    -device vhost-user-blk-pci,chardev=disk0,num-queues=2 &
+    -chardev socket,id=disk0,path="$work/vhost.sock","${RECONNECT:-reconnect=1}" \
+    -device vhost-user-blk-pci,chardev=disk0,num-queues=2 \
+    -device virtio-serial-pci,id=serial0 -chardev socket,id=ctl,path="$work/guest-ctl.sock",server=on,wait=off \
+    -device virtserialport,bus=serial0.0,chardev=ctl,name=ctl &
 guest=$!
 for _ in $(seq 1 1200); do
     grep -q WORKLOAD-START "$work/guest.log" 2>/dev/null && break
@@ -119,9 +146,10 @@ for i in $(seq 1 "$RESTARTS"); do
     if [ $((i % 2)) = 1 ]; then signal=TERM; else signal=KILL; fi
     start=$(date +%s.%N)
     kill -"$signal" "$daemon"
-    if wait "$daemon" 2>/dev/null; then status=0; else status=$?; fi
+    await_exit "$daemon"
+    status=$exit_code
     daemon=
-    if [ "$signal" = TERM ] && [ "$status" != 0 ]; then
+    if [ "$status" = 255 ] || { [ "$signal" = TERM ] && [ "$status" != 0 ]; }; then
         echo "restart $i: rewind serve exited with $status on SIGTERM" >&2; tail -20 "$work/daemon.log" >&2; exit 1
     fi
     serve
@@ -134,7 +162,10 @@ for i in $(seq 1 "$RESTARTS"); do
     stalls+=("$signal $stall")
     echo "restart $i: SIG$signal (requests before: $before), stall ${stall} s"
 done
-echo "restarts done; waiting for the guest"
+echo "restarts done; telling the guest to stop"
+# The connection stays open until QEMU exits, so the guest's next poll finds the word.
+python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"stop"); s.recv(1)' \
+    "$work/guest-ctl.sock" 2>/dev/null &
 if ! wait "$guest"; then
     guest=
     echo "the guest's workload failed; its console:" >&2; cat "$work/guest.log" >&2
@@ -148,7 +179,8 @@ resubmitted=$(grep -c "resubmitting" "$work/daemon.log" || true)
 echo "connections with inflight tracking: $tracked; queue starts that resubmitted requests: $resubmitted"
 if [ -n "${KEEP_LOG:-}" ]; then cp "$work/daemon.log" "$KEEP_LOG"; fi
 kill -TERM "$daemon"
-wait "$daemon" || { echo "rewind serve did not exit cleanly" >&2; tail -20 "$work/daemon.log" >&2; exit 1; }
+await_exit "$daemon"
+[ "$exit_code" = 0 ] || { echo "rewind serve did not exit cleanly" >&2; tail -20 "$work/daemon.log" >&2; exit 1; }
 daemon=
 e2fsck -fn "$image" > "$work/fsck.log" 2>&1 || { echo "e2fsck found damage:" >&2; cat "$work/fsck.log" >&2; exit 1; }
 "$REWIND" verify "$image" > "$work/verify.log" 2>&1 || { echo "rewind verify failed:" >&2; cat "$work/verify.log" >&2; exit 1; }

@@ -593,7 +593,9 @@ fn requests_a_backend_left_in_flight_run_again_in_the_order_it_took_them_before_
     flag_in_flight(&region, chains[0].0, 9);
 
     // QEMU restores the ring's base to the used index; the region says two more were taken.
-    let daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
+    let control = dir.path().join("control.sock");
+    let args = ["--size", "8M", "--control", control.to_str().unwrap()];
+    let daemon = Daemon::start_logging_to(&image, &socket, &args, "info", &log);
     vmm.reconnect(&socket, used);
     let done = vmm.wait_used(0, 2);
     let mut heads: Vec<u16> = done.iter().map(|&(head, _)| head).collect();
@@ -610,6 +612,9 @@ fn requests_a_backend_left_in_flight_run_again_in_the_order_it_took_them_before_
     assert!(write_and_read_on(&mut vmm, 0, 24, &next) == next);
     assert!(read_back(&mut vmm, 8, 4096) == first);
     wait_for_log(&log, "resubmitting 2 request(s)", 1);
+    let mut qmp = rewind::qmp_client::QmpClient::connect(&control).unwrap();
+    let status: Status = qmp.execute(AgentCommand::QueryStatus).unwrap();
+    assert_eq!(status.counters.resubmitted, 2, "{status:?}");
     assert!(daemon.terminate().success());
     verify_offline(&image);
 }

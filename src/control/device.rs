@@ -36,6 +36,7 @@ impl DeviceStatus for BlkBackend {
             flushes: c.flushes.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             broken_queues: c.broken_queues.load(Ordering::Relaxed),
+            resubmitted: c.resubmitted.load(Ordering::Relaxed),
         }
     }
 }

@@ -268,6 +268,9 @@ pub struct Counters {
     pub errors: u64,
     /// Queues not served now because their ring state was impossible (docs/virtio.md).
     pub broken_queues: u64,
+    /// Requests a previous daemon left in flight and this one ran again (docs/virtio.md).
+    #[serde(default)]
+    pub resubmitted: u64,
 }
 
 /// The events, each with its data.

@@ -57,7 +57,9 @@ impl QueueWorker {
         let stop = Arc::clone(&exit);
         let thread = std::thread::Builder::new().name(format!("rewind-queue-{index}")).spawn(move || {
             let mut drained = [0u8; 64];
-            loop {
+            // Checked after every drain of `woken`: a stop that wrote its byte while the last
+            // drain ran has set the flag before, so it is seen here, not lost.
+            while !stop.load(Ordering::Acquire) {
                 if vring.get_ref().is_enabled() {
                     if let Err(e) = backend.process_queue(index, &vring) {
                         log::warn!("queue {index}: {e}");
@@ -74,10 +76,10 @@ impl QueueWorker {
                         return;
                     }
                 }
-                if stop.load(Ordering::Acquire) {
-                    return;
+                // Only a kick fd that is readable is read: a frontend's eventfd may block.
+                if fds[0].revents().contains(rustix::event::PollFlags::IN) {
+                    let _ = vring.read_kick();
                 }
-                let _ = vring.read_kick();
                 while matches!(woken.read(&mut drained), Ok(n) if n > 0) {}
             }
         })?;

@@ -14,4 +14,7 @@ pub struct Counters {
     pub errors: AtomicU64,
     /// Queues not served now because their ring state was impossible.
     pub broken_queues: AtomicU64,
+    /// Requests a previous daemon left in flight, run again after a restart (docs/virtio.md,
+    /// "Restarts").
+    pub resubmitted: AtomicU64,
 }

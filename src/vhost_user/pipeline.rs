@@ -159,6 +159,7 @@ impl BlkQueue {
             (tracking.tracker.clone(), std::mem::take(&mut tracking.resubmit))
         };
         if !resubmit.is_empty() {
+            device.counters.resubmitted.fetch_add(resubmit.len() as u64, Ordering::Relaxed);
             let resubmitted = ring::chains_at(vring.get_ref().get_queue(), &memory, &resubmit);
             let event_idx = device.event_idx.load(Ordering::Relaxed);
             if !self.run_pass(device, vring, resubmitted, tracker.as_ref(), event_idx, false)? {
