@@ -189,7 +189,8 @@ impl Connection {
         };
         vring.set_queue_ready(true);
         self.backend.start_queue(index, tracking);
-        let kick = self.kicks[index].as_ref().map(File::try_clone).transpose().map_err(ProtocolError::ReqHandlerError)?;
+        let kick =
+            self.kicks[index].as_ref().map(File::try_clone).transpose().map_err(ProtocolError::ReqHandlerError)?;
         if let Some(kick) = kick {
             let worker = QueueWorker::spawn(Arc::clone(&self.backend), index, vring.clone(), kick)
                 .map_err(ProtocolError::ReqHandlerError)?;
@@ -385,8 +386,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn get_inflight_fd(&mut self, inflight: &VhostUserInflight) -> ProtocolResult<(VhostUserInflight, File)> {
-        let (region, file) = InflightRegion::create(inflight.num_queues, inflight.queue_size, self.backend.queue_limits())
-            .map_err(|e| invalid(format!("GET_INFLIGHT_FD: {e}")))?;
+        let (region, file) =
+            InflightRegion::create(inflight.num_queues, inflight.queue_size, self.backend.queue_limits())
+                .map_err(|e| invalid(format!("GET_INFLIGHT_FD: {e}")))?;
         let size = crate::vhost_user::inflight::queue_region_size(inflight.queue_size) as u64;
         self.inflight = Some(Arc::new(region));
         log::debug!("inflight region created: {} queue(s) of {}", inflight.num_queues, inflight.queue_size);

@@ -151,7 +151,11 @@ impl InflightRegion {
     }
 }
 
-fn check_shape(num_queues: u16, queue_size: u16, (max_queues, max_queue_size): (usize, usize)) -> Result<(), InflightError> {
+fn check_shape(
+    num_queues: u16,
+    queue_size: u16,
+    (max_queues, max_queue_size): (usize, usize),
+) -> Result<(), InflightError> {
     if num_queues == 0 || usize::from(num_queues) > max_queues {
         return Err(InflightError::QueueCount { given: num_queues, max: max_queues });
     }
@@ -373,7 +377,8 @@ mod tests {
         let (tracker, _) = QueueTracker::start(Arc::clone(&region), 0, 8, 0).expect("start");
         tracker.taken([4, 6]).unwrap();
         // The backend dies inside put_used: the used ring has the entry, the flag is still set.
-        let died: Result<(), InflightError> = tracker.complete(4, || Err(InflightError::NoSuchQueue { queue: 9, queues: 0 }));
+        let died: Result<(), InflightError> =
+            tracker.complete(4, || Err(InflightError::NoSuchQueue { queue: 9, queues: 0 }));
         assert!(died.is_err());
         drop(tracker);
         let (_, resume) = QueueTracker::start(Arc::clone(&region), 0, 8, 1).expect("restart");
@@ -428,7 +433,10 @@ mod tests {
             QueueTracker::start(Arc::clone(&region), 0, 16, 0).err(),
             Some(InflightError::RingSize { ring: 16, region: 8, .. })
         ));
-        assert!(matches!(QueueTracker::start(Arc::clone(&region), 2, 8, 0).err(), Some(InflightError::NoSuchQueue { .. })));
+        assert!(matches!(
+            QueueTracker::start(Arc::clone(&region), 2, 8, 0).err(),
+            Some(InflightError::NoSuchQueue { .. })
+        ));
         // Changed after adoption: still refused at start, never used as an index.
         write_u16(&file, 192 + LAST_BATCH_HEAD_AT as u64, 40_000);
         assert!(matches!(

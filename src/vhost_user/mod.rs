@@ -38,7 +38,9 @@ mod completion;
 mod connection;
 mod counters;
 mod guest_memory;
-mod inflight;
+// Public for the fuzz targets (fuzz/), not an API.
+#[doc(hidden)]
+pub mod inflight;
 mod pipeline;
 mod source;
 // Public for the fuzz targets (fuzz/), not an API.
@@ -96,13 +98,7 @@ impl BlkBackend {
             writeback: AtomicBool::new(true),
             finishing: AtomicBool::new(false),
         };
-        Self {
-            device,
-            options,
-            queues,
-            counters,
-            connected: AtomicBool::new(false),
-        }
+        Self { device, options, queues, counters, connected: AtomicBool::new(false) }
     }
 
     pub fn options(&self) -> &BlkOptions {
