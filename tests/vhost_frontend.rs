@@ -558,6 +558,22 @@ fn flag_in_flight(region: &std::fs::File, head: u16, counter: u64) {
     region.write_all_at(&[1], entry).unwrap();
 }
 
+/// Where `start_tracked` puts the disk, the vhost socket and the daemon's log.
+fn tracked_paths(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    (dir.join("disk.img"), dir.join("vhost.sock"), dir.join("daemon.log"))
+}
+
+/// A daemon on a new 8 MiB disk in `dir` and a test VMM with an inflight region, after one
+/// 4 KiB write at sector 8 (its data returned) has completed.
+fn start_tracked(dir: &std::path::Path) -> (Daemon, Vmm, Vec<u8>) {
+    let (image, socket, log) = tracked_paths(dir);
+    let daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
+    let mut vmm = Vmm::connect_with(&daemon.socket, 1, true, true);
+    let first = fill(&vmm, BUF + 0x10000, 1, 4096);
+    assert!(write_and_read_on(&mut vmm, 0, 8, &first) == first);
+    (daemon, vmm, first)
+}
+
 fn verify_offline(image: &std::path::Path) {
     let out = std::process::Command::new(rewind_bin()).arg("verify").arg(image).output().unwrap();
     assert!(out.status.success(), "rewind verify: {}", String::from_utf8_lossy(&out.stdout));
@@ -566,13 +582,8 @@ fn verify_offline(image: &std::path::Path) {
 #[test]
 fn requests_a_backend_left_in_flight_run_again_in_the_order_it_took_them_before_new_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    let socket = dir.path().join("vhost.sock");
-    let log = dir.path().join("daemon.log");
-    let daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
-    let mut vmm = Vmm::connect_with(&daemon.socket, 1, true, true);
-    let first = fill(&vmm, BUF + 0x10000, 1, 4096);
-    assert!(write_and_read_on(&mut vmm, 0, 8, &first) == first);
+    let (daemon, mut vmm, first) = start_tracked(dir.path());
+    let (image, socket, log) = tracked_paths(dir.path());
     assert!(daemon.terminate().success());
 
     // Two writes of one sector that a backend took off the ring, the second one first, and
@@ -623,13 +634,8 @@ fn requests_a_backend_left_in_flight_run_again_in_the_order_it_took_them_before_
 fn a_bad_inflight_region_is_refused_with_its_reason_and_the_daemon_goes_on() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    let socket = dir.path().join("vhost.sock");
-    let log = dir.path().join("daemon.log");
-    let daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
-    let mut vmm = Vmm::connect_with(&daemon.socket, 1, true, true);
-    let first = fill(&vmm, BUF + 0x10000, 1, 4096);
-    assert!(write_and_read_on(&mut vmm, 0, 8, &first) == first);
+    let (daemon, mut vmm, first) = start_tracked(dir.path());
+    let (image, socket, log) = tracked_paths(dir.path());
     let region = vmm.inflight.as_ref().unwrap().1.try_clone().unwrap();
     let used = vmm.used_idx(0);
 
@@ -657,11 +663,8 @@ fn writes_in_flight_when_the_daemon_is_killed_complete_after_the_restart() {
     // Three descriptors a write: the burst fits the 256-entry table without reusing a slot.
     const WRITES: u64 = 64;
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    let socket = dir.path().join("vhost.sock");
-    let log = dir.path().join("daemon.log");
-    let mut daemon = Daemon::start_logging_to(&image, &socket, &["--size", "8M"], "info", &log);
-    let mut vmm = Vmm::connect_with(&daemon.socket, 1, true, true);
+    let (mut daemon, mut vmm, _) = start_tracked(dir.path());
+    let (image, socket, log) = tracked_paths(dir.path());
     for round in 0..12u64 {
         // A burst of writes to distinct sectors (with a flush among them), the daemon killed
         // at once, a new one started: every request completes once it is back, OK, and the
