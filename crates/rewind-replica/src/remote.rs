@@ -149,19 +149,27 @@ impl Remote {
         self.call("uploading", key, self.store.put(&path, PutPayload::from(data))).map(|_| ())
     }
 
-    /// Uploads `objects` (key and bytes), a few at a time; `each` hears of every one stored.
-    pub fn put_all(&self, objects: Vec<(String, Vec<u8>)>, mut each: impl FnMut(&str, u64)) -> Result<()> {
+    /// Uploads `objects` (key and bytes, or an error that ends the uploads), a few at a time:
+    /// the next object is taken from the iterator (which may read it from a disk) only when an
+    /// upload slot is free, so reading overlaps uploading and at most a few objects are held.
+    /// `each` hears of every one stored.
+    pub fn put_each(
+        &self,
+        objects: impl Iterator<Item = Result<(String, Vec<u8>)>>,
+        mut each: impl FnMut(&str, u64),
+    ) -> Result<()> {
         let timeout = self.timeout;
         self.runtime.block_on(async {
-            let mut uploads = futures::stream::iter(objects.into_iter().map(|(key, bytes)| async move {
+            let mut uploads = futures::stream::iter(objects.map(|object| async move {
+                let (key, bytes) = object?;
                 let len = bytes.len() as u64;
                 let path = ObjectPath::from(key.as_str());
-                let stored = bounded(timeout, "uploading", &key, self.store.put(&path, PutPayload::from(bytes))).await;
-                (key, len, stored)
+                bounded(timeout, "uploading", &key, self.store.put(&path, PutPayload::from(bytes))).await?;
+                Ok::<_, Error>((key, len))
             }))
             .buffer_unordered(PARALLEL_UPLOADS);
-            while let Some((key, len, stored)) = uploads.next().await {
-                stored?;
+            while let Some(stored) = uploads.next().await {
+                let (key, len) = stored?;
                 each(&key, len);
             }
             Ok(())

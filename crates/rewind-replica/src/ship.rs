@@ -15,15 +15,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rewind_engine::fsutil;
-use rewind_engine::journal::segment::SEGMENT_HEADER_LEN;
-use rewind_engine::journal::{JournalView, Payloads, RecordKind, RecordRef};
-use rewind_engine::marker;
+use rewind_engine::journal::segment::{Segment, SEGMENT_HEADER_LEN};
+use rewind_engine::journal::{JournalView, Payloads, RecordRef, HEADER_LEN};
+use rewind_engine::marker::Marker;
 use rewind_engine::recovery::RecoveryTarget;
 use rewind_engine::{Seq, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::layout::{self, BaseExtent, BaseInfo, JournalBatch, Manifest, BASE_DIR, MANIFEST_KEY};
+use crate::layout::{self, BaseExtent, BaseInfo, Manifest, BASE_DIR, MANIFEST_KEY, OBJECT_HEADER_LEN};
 use crate::remote::Remote;
 use crate::restore::{self, list_journal, read_manifest};
 
@@ -271,28 +271,25 @@ impl Worker {
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 
-    /// Connects if need be, then ships every record durable now.
+    /// Connects if need be, then ships every record appended by now (each walk makes what it
+    /// ships durable first).
     fn ship_durable(&mut self) -> Result<()> {
         if self.manifest.is_none() {
             let manifest = self.connect()?;
             self.set_shipped(&manifest);
             self.manifest = Some(manifest);
         }
-        if self.store.durable_seq() < self.store.head() {
-            // Only durable records are shipped: a record lost in a crash is numbered again,
-            // and the replica must never hold the lost one.
-            self.store.sync()?;
-        }
-        let durable = self.store.durable_seq();
-        while self.shipped() < durable {
-            self.ship_walk(durable)?;
+        // Records appended while this runs wait for the next tick, so that status and remote
+        // retention are not starved under a steady load.
+        let head = self.store.head();
+        while self.shipped() < head {
             // Stopping ships at most one more walk (a segment), so that the daemon exits in
             // seconds; the rest stays in the local journal for the next start.
-            if self.stopping() {
+            if !self.ship_walk()? || self.stopping() {
                 break;
             }
         }
-        if self.caught_up_due && self.shipped() >= durable {
+        if self.caught_up_due && self.shipped() >= head {
             self.caught_up_due = false;
             let shipped_seq = self.shipped();
             log::info!("replication to {}: caught up at seq {shipped_seq}", self.remote.url());
@@ -488,53 +485,56 @@ impl Worker {
         time
     }
 
-    /// Ships the records after the shipped point up to `durable` or the end of the segment
-    /// holding the first of them (so a catch-up holds at most a segment in memory), in
-    /// objects of at most `max_object_bytes`, then the manifest that counts them.
-    fn ship_walk(&mut self, durable: Seq) -> Result<()> {
-        let Some(manifest) = self.manifest.as_ref() else { return Ok(()) };
-        let from = manifest.shipped_seq + 1;
+    /// Ships the records after the shipped point up to the end of the segment holding the
+    /// first of them, as byte ranges of the segment cut into objects at record boundaries
+    /// (read while earlier objects upload), then the manifest that counts them. Returns
+    /// whether it shipped anything.
+    fn ship_walk(&mut self) -> Result<bool> {
+        let Some(manifest) = self.manifest.as_ref() else { return Ok(false) };
         let view = self.store.journal_view();
+        if self.store.durable_seq() + 1 < view.next_seq() {
+            // Only durable records are shipped: a record lost in a crash is numbered again,
+            // and the replica must never hold the lost one. A sync covers every record
+            // appended before it, so all of the view.
+            self.store.sync()?;
+        }
+        let from = manifest.shipped_seq + 1;
         let Some(segment) = view.segments().iter().find(|s| s.first_seq <= from && from < s.next_seq) else {
-            return Ok(());
+            return Ok(false);
         };
-        let to = durable.min(segment.next_seq - 1);
-        let mut batches = vec![JournalBatch::default()];
-        let mut markers = Vec::new();
-        let mut end = None;
-        let max_object_bytes = self.config.max_object_bytes;
-        self.walk_unshipped(&view, to, Payloads::All, |rec| {
-            let payload = rec.payload.unwrap_or(&[]);
-            if batches.last().is_some_and(|b| b.len() >= max_object_bytes) {
-                batches.push(JournalBatch::default());
-            }
-            if let Some(batch) = batches.last_mut() {
-                batch.push(&rec.header, payload);
-            }
-            if rec.header.kind == RecordKind::Marker {
-                markers.extend(marker::decode_payload(payload, rec.header.seq, rec.header.timestamp_ns));
-            }
-            end = Some((rec.segment.index, rec.position + rec.header.record_len()));
-            Ok(())
-        })?;
-        let Some(last) = batches.last().filter(|b| !b.is_empty()) else { return Ok(()) };
-        let mut next = manifest.clone();
-        next.shipped_seq = last.last;
-        next.shipped_time_ns = last.last_time_ns;
-        next.markers.extend(markers);
-        next.updated_ns = fsutil::now_ns();
-        let objects = batches.iter().map(|batch| batch.encode(manifest.store_uuid)).collect();
-        self.remote.put_all(objects, |_, len| {
+        let start = match self.shipped_end {
+            Some((index, end)) if index == segment.index => end,
+            _ => record_position(&view, from)?,
+        };
+        let mut objects = SegmentObjects {
+            segment,
+            store_uuid: manifest.store_uuid,
+            max_object_bytes: self.config.max_object_bytes,
+            pos: start,
+            next_seq: from,
+            last_time_ns: 0,
+            markers: Vec::new(),
+            failed: false,
+        };
+        self.remote.put_each(&mut objects, |_, len| {
             let mut status = locked(&self.status);
             status.objects_shipped += 1;
             status.bytes_shipped += len;
         })?;
+        if objects.next_seq == from {
+            return Ok(false);
+        }
+        let mut next = manifest.clone();
+        next.shipped_seq = objects.next_seq - 1;
+        next.shipped_time_ns = objects.last_time_ns;
+        next.markers.append(&mut objects.markers);
+        next.updated_ns = fsutil::now_ns();
         // Only once every object it counts is stored.
         self.remote.put(MANIFEST_KEY, next.encode())?;
+        self.shipped_end = Some((segment.index, objects.pos));
         self.set_shipped(&next);
         self.manifest = Some(next);
-        self.shipped_end = end;
-        Ok(())
+        Ok(true)
     }
 
     /// Head, lag and pending bytes for `query-replication`, and the journal's size against its
@@ -598,6 +598,87 @@ impl Worker {
             }
         };
         Ok(fsutil::now_ns().saturating_sub(time_ns) as f64 / 1e9)
+    }
+}
+
+/// Where record `seq` starts in its segment (after a restart, or when shipping moves on to
+/// another segment): from the segment's header index, else a walk of its headers.
+fn record_position(view: &JournalView, seq: Seq) -> Result<u64> {
+    let mut position = None;
+    view.for_each_header(seq, seq, |_, record| {
+        position = Some(record.payload_position - HEADER_LEN as u64);
+        Ok(())
+    })?;
+    position.ok_or(Error::Gap { seq })
+}
+
+/// The journal objects of one segment's unshipped records, read lazily: each is one read of
+/// the segment's bytes as they are (the objects use the journal's record encoding), checked
+/// header by header ([`layout::scan_records`]) and cut at the last whole record. Only the
+/// records of the view, all durable, are read.
+struct SegmentObjects<'a> {
+    segment: &'a Segment,
+    store_uuid: uuid::Uuid,
+    max_object_bytes: usize,
+    /// Where the next object's first record starts.
+    pos: u64,
+    next_seq: Seq,
+    /// Timestamp of the last record read.
+    last_time_ns: u64,
+    markers: Vec<Marker>,
+    failed: bool,
+}
+
+impl SegmentObjects<'_> {
+    fn read(&mut self) -> Result<(String, Vec<u8>)> {
+        let left = self.segment.end - self.pos;
+        let mut want = left.min(self.max_object_bytes as u64);
+        loop {
+            let mut object = vec![0u8; OBJECT_HEADER_LEN + want as usize];
+            JournalView::read_payload(self.segment, self.pos, &mut object[OBJECT_HEADER_LEN..])?;
+            let run = layout::scan_records(&object[OBJECT_HEADER_LEN..], self.next_seq).map_err(|fault| {
+                rewind_engine::Error::JournalCorrupt {
+                    segment: self.segment.path.clone(),
+                    offset: self.pos + fault.at as u64,
+                    reason: fault.reason,
+                }
+            })?;
+            match run.cut_short {
+                // A record larger than an object: it goes alone, read whole.
+                Some(len) if run.count == 0 && len <= left && len != want => want = len,
+                _ if run.count == 0 => {
+                    return Err(rewind_engine::Error::JournalCorrupt {
+                        segment: self.segment.path.clone(),
+                        offset: self.pos,
+                        reason: format!("record {} runs past the journal's end", self.next_seq),
+                    }
+                    .into())
+                }
+                _ => {
+                    object.truncate(OBJECT_HEADER_LEN + run.len);
+                    let key = layout::seal_journal_object(&mut object, self.store_uuid, &run);
+                    self.pos += run.len as u64;
+                    self.next_seq = run.last + 1;
+                    self.last_time_ns = run.last_time_ns;
+                    self.markers.extend(run.markers);
+                    return Ok((key, object));
+                }
+            }
+        }
+    }
+}
+
+impl Iterator for SegmentObjects<'_> {
+    type Item = Result<(String, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.segment.end || self.failed {
+            return None;
+        }
+        let object = self.read();
+        // The walk fails with the first error: the objects after it are not read.
+        self.failed = object.is_err();
+        Some(object)
     }
 }
 
