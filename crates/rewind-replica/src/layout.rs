@@ -239,16 +239,16 @@ pub struct RunFault {
     pub reason: String,
 }
 
-/// Checks the records at the start of `bytes`, which a journal segment holds from record
-/// `first` on, for shipping them as they are: every header (its checksum and fields), numbering
+/// Checks the records `first..=last` at the start of `bytes`, which a journal segment holds
+/// from record `first` on, for shipping them as they are: every header (its checksum and fields), numbering
 /// without a gap, and the payloads of markers (decoded for the manifest). Other payloads are
 /// not read: the journal computed their checksums as it wrote them, and every reader of the
 /// object checks them ([`decode_journal_object`]); reading them here cost the shipper more CPU
 /// than anything else it did.
-pub fn scan_records(bytes: &[u8], first: Seq) -> Result<RecordRun, RunFault> {
+pub fn scan_records(bytes: &[u8], first: Seq, last: Seq) -> Result<RecordRun, RunFault> {
     let mut run = RecordRun { first, last: first.saturating_sub(1), ..RecordRun::default() };
     let mut pos = 0usize;
-    while let Some(raw) = bytes.get(pos..pos + HEADER_LEN) {
+    while let Some(raw) = bytes.get(pos..pos + HEADER_LEN).filter(|_| run.last < last) {
         let fault = |reason: String| RunFault { at: pos, reason };
         let raw: &[u8; HEADER_LEN] = raw.try_into().map_err(|_| fault("short header".into()))?;
         let record = RecordHeader::decode(raw).map_err(|e| fault(e.to_string()))?;
@@ -437,7 +437,7 @@ mod tests {
 
     /// A journal object made as the shipper makes one: room for the header, then the bytes.
     fn object_of(store: uuid::Uuid, first: Seq, records: &[u8]) -> (String, Vec<u8>) {
-        let run = scan_records(records, first).unwrap();
+        let run = scan_records(records, first, Seq::MAX).unwrap();
         let mut object = vec![0u8; OBJECT_HEADER_LEN];
         object.extend_from_slice(&records[..run.len]);
         let key = seal_journal_object(&mut object, store, &run);
@@ -486,24 +486,27 @@ mod tests {
             (record(RecordKind::Write, 12, &[2; 100]), vec![2; 100]),
         ];
         let bytes = segment_bytes(&records);
-        let whole = scan_records(&bytes, 10).unwrap();
+        let whole = scan_records(&bytes, 10, 12).unwrap();
         assert_eq!((whole.first, whole.last, whole.count, whole.len, whole.cut_short), (10, 12, 3, bytes.len(), None));
         assert_eq!(whole.markers.iter().map(|m| (m.seq, m.name.as_str())).collect::<Vec<_>>(), [(11, "m")]);
+        // Up to a last record only (the last durable one).
+        let bounded = scan_records(&bytes, 10, 11).unwrap();
+        assert_eq!((bounded.last, bounded.count, bounded.len), (11, 2, bytes.len() - records[2].0.record_len() as usize));
         // Cut inside the last record: the run ends before it and says how long it is.
-        let cut = scan_records(&bytes[..bytes.len() - 10], 10).unwrap();
+        let cut = scan_records(&bytes[..bytes.len() - 10], 10, 12).unwrap();
         assert_eq!((cut.last, cut.count, cut.cut_short), (11, 2, Some(records[2].0.record_len())));
         // Cut inside the first: nothing whole.
-        let none = scan_records(&bytes[..100], 10).unwrap();
+        let none = scan_records(&bytes[..100], 10, 12).unwrap();
         assert_eq!((none.count, none.len, none.cut_short), (0, 0, Some(records[0].0.record_len())));
         // Numbered from elsewhere, a damaged header, a damaged marker: faults at the record.
-        assert_eq!(scan_records(&bytes, 9).unwrap_err().at, 0);
+        assert_eq!(scan_records(&bytes, 9, 12).unwrap_err().at, 0);
         let second = records[0].0.record_len() as usize;
         let mut damaged = bytes.clone();
         damaged[second + 20] ^= 1;
-        assert_eq!(scan_records(&damaged, 10).unwrap_err().at, second);
+        assert_eq!(scan_records(&damaged, 10, 12).unwrap_err().at, second);
         let mut damaged = bytes.clone();
         damaged[second + HEADER_LEN + 2] ^= 1;
-        assert_eq!(scan_records(&damaged, 10).unwrap_err().at, second);
+        assert_eq!(scan_records(&damaged, 10, 12).unwrap_err().at, second);
         // A write's payload is not read here: the object's readers check it.
         let mut payload_flipped = bytes.clone();
         payload_flipped[HEADER_LEN + 5] ^= 1;

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -134,10 +134,12 @@ impl Shipper {
     /// starts shipping to `remote` in a thread of its own.
     pub fn start(store: Arc<Store>, remote: Remote, config: ShipperConfig, events: EventSink) -> Result<Self> {
         store.keep_journal_from(0);
+        let syncer = Syncer::start(Arc::clone(&store))?;
         let status = Arc::new(Mutex::new(ReplicationStatus { url: remote.url().to_string(), ..Default::default() }));
         let stop: StopSignal = Arc::new((Mutex::new(false), Condvar::new()));
         let mut worker = Worker {
             store,
+            syncer,
             remote,
             config,
             events,
@@ -189,8 +191,53 @@ impl Drop for Shipper {
     }
 }
 
+/// Makes the journal durable in a thread of its own when asked, so that a walk finds the next
+/// records durable instead of waiting for their `fdatasync` (under load it took as long as
+/// shipping them).
+struct Syncer {
+    wanted: Option<mpsc::SyncSender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(store: Arc<Store>) -> Result<Self> {
+        let (wanted, asked) = mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("rewind-replsync".into())
+            .spawn(move || {
+                while asked.recv().is_ok() {
+                    // A failed sync fails the store's later syncs too; the walk that finds
+                    // nothing durable syncs itself and reports it.
+                    if let Err(e) = store.sync() {
+                        log::debug!("replication: syncing the journal ahead of shipping failed: {e}");
+                    }
+                }
+            })
+            .map_err(|e| Error::Io { context: "starting the replication sync thread".into(), cause: e })?;
+        Ok(Self { wanted: Some(wanted), thread: Some(thread) })
+    }
+
+    /// Asks for a sync of everything appended by now, unless one is asked for already.
+    fn request(&self) {
+        if let Some(wanted) = &self.wanted {
+            let _ = wanted.try_send(());
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after the sync under way, if any.
+        self.wanted = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 struct Worker {
     store: Arc<Store>,
+    syncer: Syncer,
     remote: Remote,
     config: ShipperConfig,
     events: EventSink,
@@ -229,18 +276,21 @@ impl Worker {
                 }
                 return;
             }
-            self.tick();
+            let backlog = self.tick();
             let stop = locked(&self.stop.0);
-            if !*stop {
+            if !*stop && !backlog {
                 let _ = self.stop.1.wait_timeout(stop, self.config.interval);
             }
         }
     }
 
-    fn tick(&mut self) {
+    /// One attempt at shipping; returns whether a backlog is left to ship at once.
+    fn tick(&mut self) -> bool {
+        let mut backlog = false;
         if self.retry_at.is_none_or(|at| Instant::now() >= at) {
             match self.ship_durable() {
-                Ok(()) => {
+                Ok(more) => {
+                    backlog = more;
                     self.retry_at = None;
                     self.backoff = FIRST_BACKOFF;
                     self.error_reported = false;
@@ -252,6 +302,7 @@ impl Worker {
         if let Err(e) = self.refresh_status() {
             log::debug!("replication: cannot read the journal's state: {e}");
         }
+        backlog
     }
 
     fn failed(&mut self, error: Error) {
@@ -271,31 +322,25 @@ impl Worker {
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 
-    /// Connects if need be, then ships every record appended by now (each walk makes what it
-    /// ships durable first).
-    fn ship_durable(&mut self) -> Result<()> {
+    /// Connects if need be, then ships one walk (at most a segment) of the durable records.
+    /// Returns whether a backlog is left: the walk filled at least an object, so the next one
+    /// starts at once rather than after the interval.
+    fn ship_durable(&mut self) -> Result<bool> {
         if self.manifest.is_none() {
             let manifest = self.connect()?;
             self.set_shipped(&manifest);
             self.manifest = Some(manifest);
         }
-        // Records appended while this runs wait for the next tick, so that status and remote
-        // retention are not starved under a steady load.
         let head = self.store.head();
-        while self.shipped() < head {
-            // Stopping ships at most one more walk (a segment), so that the daemon exits in
-            // seconds; the rest stays in the local journal for the next start.
-            if !self.ship_walk()? || self.stopping() {
-                break;
-            }
-        }
+        let shipped_bytes = self.ship_walk()?;
         if self.caught_up_due && self.shipped() >= head {
             self.caught_up_due = false;
             let shipped_seq = self.shipped();
             log::info!("replication to {}: caught up at seq {shipped_seq}", self.remote.url());
             (self.events)(ReplicationEvent::CaughtUp(ReplicationCaughtUp { shipped_seq }));
         }
-        self.apply_remote_retention()
+        self.apply_remote_retention()?;
+        Ok(shipped_bytes >= self.config.max_object_bytes as u64)
     }
 
     /// Remote retention: once the replica's base is older than `max_age` by a quarter more
@@ -485,25 +530,34 @@ impl Worker {
         time
     }
 
-    /// Ships the records after the shipped point up to the end of the segment holding the
-    /// first of them, as byte ranges of the segment cut into objects at record boundaries
-    /// (read while earlier objects upload), then the manifest that counts them. Returns
-    /// whether it shipped anything.
-    fn ship_walk(&mut self) -> Result<bool> {
-        let Some(manifest) = self.manifest.as_ref() else { return Ok(false) };
-        let view = self.store.journal_view();
-        if self.store.durable_seq() + 1 < view.next_seq() {
-            // Only durable records are shipped: a record lost in a crash is numbered again,
-            // and the replica must never hold the lost one. A sync covers every record
-            // appended before it, so all of the view.
-            self.store.sync()?;
-        }
+    /// Ships the durable records after the shipped point, up to the end of the segment holding
+    /// the first of them, as byte ranges of the segment cut into objects at record boundaries
+    /// (read while earlier objects upload), then the manifest that counts them. Returns the
+    /// bytes of records shipped.
+    ///
+    /// Only durable records are shipped: a record lost in a crash is numbered again, and the
+    /// replica must never hold the lost one. While this walk ships what is durable, the syncer
+    /// makes the next records durable (an `fdatasync` under load took as long as a walk); only
+    /// when nothing durable is left to ship does the walk sync itself.
+    fn ship_walk(&mut self) -> Result<u64> {
+        let Some(manifest) = self.manifest.as_ref() else { return Ok(0) };
         let from = manifest.shipped_seq + 1;
+        let durable = match self.store.durable_seq() {
+            durable if durable >= from => {
+                if self.store.head() > durable {
+                    self.syncer.request();
+                }
+                durable
+            }
+            _ => self.store.sync()?,
+        };
+        let view = self.store.journal_view();
         let Some(segment) = view.segments().iter().find(|s| s.first_seq <= from && from < s.next_seq) else {
-            return Ok(false);
+            return Ok(0);
         };
         let start = match self.shipped_end {
             Some((index, end)) if index == segment.index => end,
+            _ if from == segment.first_seq => SEGMENT_HEADER_LEN,
             _ => record_position(&view, from)?,
         };
         let mut objects = SegmentObjects {
@@ -512,6 +566,7 @@ impl Worker {
             max_object_bytes: self.config.max_object_bytes,
             pos: start,
             next_seq: from,
+            last_seq: durable,
             last_time_ns: 0,
             markers: Vec::new(),
             failed: false,
@@ -522,7 +577,7 @@ impl Worker {
             status.bytes_shipped += len;
         })?;
         if objects.next_seq == from {
-            return Ok(false);
+            return Ok(0);
         }
         let mut next = manifest.clone();
         next.shipped_seq = objects.next_seq - 1;
@@ -534,7 +589,7 @@ impl Worker {
         self.shipped_end = Some((segment.index, objects.pos));
         self.set_shipped(&next);
         self.manifest = Some(next);
-        Ok(true)
+        Ok(objects.pos - start)
     }
 
     /// Head, lag and pending bytes for `query-replication`, and the journal's size against its
@@ -623,6 +678,8 @@ struct SegmentObjects<'a> {
     /// Where the next object's first record starts.
     pos: u64,
     next_seq: Seq,
+    /// The last record to ship (the last durable one).
+    last_seq: Seq,
     /// Timestamp of the last record read.
     last_time_ns: u64,
     markers: Vec<Marker>,
@@ -636,7 +693,7 @@ impl SegmentObjects<'_> {
         loop {
             let mut object = vec![0u8; OBJECT_HEADER_LEN + want as usize];
             JournalView::read_payload(self.segment, self.pos, &mut object[OBJECT_HEADER_LEN..])?;
-            let run = layout::scan_records(&object[OBJECT_HEADER_LEN..], self.next_seq).map_err(|fault| {
+            let run = layout::scan_records(&object[OBJECT_HEADER_LEN..], self.next_seq, self.last_seq).map_err(|fault| {
                 rewind_engine::Error::JournalCorrupt {
                     segment: self.segment.path.clone(),
                     offset: self.pos + fault.at as u64,
@@ -672,7 +729,7 @@ impl Iterator for SegmentObjects<'_> {
     type Item = Result<(String, Vec<u8>)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.pos >= self.segment.end || self.failed {
+        if self.pos >= self.segment.end || self.next_seq > self.last_seq || self.failed {
             return None;
         }
         let object = self.read();

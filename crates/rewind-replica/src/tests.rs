@@ -135,6 +135,27 @@ fn records_larger_than_an_object_go_alone_and_the_rest_are_cut_at_record_boundar
 }
 
 #[test]
+fn a_walk_ships_only_the_records_durable_when_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 1 << 20));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    let durable = write_blocks(&store, &mut model, 1, 20);
+    store.sync().unwrap();
+    // Appended, not synced: a crash could lose them and number other records the same.
+    let last = write_blocks(&store, &mut model, 2, 20);
+    assert_eq!(store.durable_seq(), durable);
+    let (shipper, _events) = ship(&store, &objects, ShipperConfig::default());
+    wait_for_shipped(&shipper, last);
+    shipper.stop();
+    // The first walk stopped at the durable record (the next walk shipped the rest once the
+    // syncer had made them durable), although the journal it read held more.
+    let journal = list_journal(&remote(&objects)).unwrap();
+    assert!(journal.iter().any(|o| o.last == durable), "no object ends at the durable seq {durable}: {journal:?}");
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
+}
+
+#[test]
 fn shipping_resumes_from_the_manifest_without_gaps_or_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(new_store(dir.path(), 64 << 10));
