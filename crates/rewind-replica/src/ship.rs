@@ -276,15 +276,20 @@ impl Worker {
                 }
                 return;
             }
+            // Passes start every `interval` (at once after one that left durable records
+            // behind): under load a pass takes about that long, and waiting a whole interval
+            // after each one let the lag grow.
+            let started = Instant::now();
             let backlog = self.tick();
+            let wait = if backlog { Duration::ZERO } else { self.config.interval.saturating_sub(started.elapsed()) };
             let stop = locked(&self.stop.0);
-            if !*stop && !backlog {
-                let _ = self.stop.1.wait_timeout(stop, self.config.interval);
+            if !*stop && !wait.is_zero() {
+                let _ = self.stop.1.wait_timeout(stop, wait);
             }
         }
     }
 
-    /// One attempt at shipping; returns whether a backlog is left to ship at once.
+    /// One attempt at shipping; returns whether durable records are left to ship at once.
     fn tick(&mut self) -> bool {
         let mut backlog = false;
         if self.retry_at.is_none_or(|at| Instant::now() >= at) {
@@ -323,8 +328,7 @@ impl Worker {
     }
 
     /// Connects if need be, then ships one walk (at most a segment) of the durable records.
-    /// Returns whether a backlog is left: the walk filled at least an object, so the next one
-    /// starts at once rather than after the interval.
+    /// Returns whether durable records are left (in later segments).
     fn ship_durable(&mut self) -> Result<bool> {
         if self.manifest.is_none() {
             let manifest = self.connect()?;
@@ -332,7 +336,7 @@ impl Worker {
             self.manifest = Some(manifest);
         }
         let head = self.store.head();
-        let shipped_bytes = self.ship_walk()?;
+        let backlog = self.ship_walk()?;
         if self.caught_up_due && self.shipped() >= head {
             self.caught_up_due = false;
             let shipped_seq = self.shipped();
@@ -340,7 +344,7 @@ impl Worker {
             (self.events)(ReplicationEvent::CaughtUp(ReplicationCaughtUp { shipped_seq }));
         }
         self.apply_remote_retention()?;
-        Ok(shipped_bytes >= self.config.max_object_bytes as u64)
+        Ok(backlog)
     }
 
     /// Remote retention: once the replica's base is older than `max_age` by a quarter more
@@ -532,15 +536,15 @@ impl Worker {
 
     /// Ships the durable records after the shipped point, up to the end of the segment holding
     /// the first of them, as byte ranges of the segment cut into objects at record boundaries
-    /// (read while earlier objects upload), then the manifest that counts them. Returns the
-    /// bytes of records shipped.
+    /// (read while earlier objects upload), then the manifest that counts them. Returns
+    /// whether durable records are left after the segment.
     ///
     /// Only durable records are shipped: a record lost in a crash is numbered again, and the
     /// replica must never hold the lost one. While this walk ships what is durable, the syncer
     /// makes the next records durable (an `fdatasync` under load took as long as a walk); only
     /// when nothing durable is left to ship does the walk sync itself.
-    fn ship_walk(&mut self) -> Result<u64> {
-        let Some(manifest) = self.manifest.as_ref() else { return Ok(0) };
+    fn ship_walk(&mut self) -> Result<bool> {
+        let Some(manifest) = self.manifest.as_ref() else { return Ok(false) };
         let from = manifest.shipped_seq + 1;
         let durable = match self.store.durable_seq() {
             durable if durable >= from => {
@@ -553,7 +557,7 @@ impl Worker {
         };
         let view = self.store.journal_view();
         let Some(segment) = view.segments().iter().find(|s| s.first_seq <= from && from < s.next_seq) else {
-            return Ok(0);
+            return Ok(false);
         };
         let start = match self.shipped_end {
             Some((index, end)) if index == segment.index => end,
@@ -577,7 +581,7 @@ impl Worker {
             status.bytes_shipped += len;
         })?;
         if objects.next_seq == from {
-            return Ok(0);
+            return Ok(false);
         }
         let mut next = manifest.clone();
         next.shipped_seq = objects.next_seq - 1;
@@ -589,7 +593,7 @@ impl Worker {
         self.shipped_end = Some((segment.index, objects.pos));
         self.set_shipped(&next);
         self.manifest = Some(next);
-        Ok(objects.pos - start)
+        Ok(objects.next_seq <= durable)
     }
 
     /// Head, lag and pending bytes for `query-replication`, and the journal's size against its
