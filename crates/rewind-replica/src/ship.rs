@@ -205,6 +205,7 @@ impl Syncer {
         let thread = std::thread::Builder::new()
             .name("rewind-replsync".into())
             .spawn(move || {
+                fsutil::lower_thread_priority();
                 while asked.recv().is_ok() {
                     // A failed sync fails the store's later syncs too; the walk that finds
                     // nothing durable syncs itself and reports it.
@@ -267,6 +268,9 @@ impl Worker {
     }
 
     fn run(&mut self) {
+        // Guest I/O comes first on a machine with few cores. The threads that write a
+        // directory replica's files are started from this one and inherit its priority.
+        fsutil::lower_thread_priority();
         loop {
             if self.stopping() {
                 if self.retry_at.is_none() {
