@@ -134,6 +134,10 @@ impl Shipper {
     /// starts shipping to `remote` in a thread of its own.
     pub fn start(store: Arc<Store>, remote: Remote, config: ShipperConfig, events: EventSink) -> Result<Self> {
         store.keep_journal_from(0);
+        if let Err(e) = crate::remembered::remember(store.store_dir(), remote.url()) {
+            // Only offline status reads it; shipping does not need it.
+            log::warn!("replication: cannot record the replica's URL in the store: {e}");
+        }
         let syncer = Syncer::start(Arc::clone(&store))?;
         let status = Arc::new(Mutex::new(ReplicationStatus { url: remote.url().to_string(), ..Default::default() }));
         let stop: StopSignal = Arc::new((Mutex::new(false), Condvar::new()));
