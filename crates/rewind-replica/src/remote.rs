@@ -23,7 +23,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Downloads in flight at once during a recovery.
 const PARALLEL_DOWNLOADS: usize = 4;
 /// Uploads in flight at once while shipping a backlog.
-const PARALLEL_UPLOADS: usize = 4;
+pub const PARALLEL_UPLOADS: usize = 4;
 
 /// One object's key (relative to the replica's prefix) and size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,7 +163,7 @@ impl Remote {
     /// `each` hears of every one stored.
     pub fn put_each(
         &self,
-        objects: impl Iterator<Item = Result<(String, Vec<u8>)>>,
+        objects: impl Iterator<Item = Result<(String, Bytes)>>,
         mut each: impl FnMut(&str, u64),
     ) -> Result<()> {
         let timeout = self.timeout;
