@@ -491,7 +491,10 @@ mod tests {
         assert_eq!(whole.markers.iter().map(|m| (m.seq, m.name.as_str())).collect::<Vec<_>>(), [(11, "m")]);
         // Up to a last record only (the last durable one).
         let bounded = scan_records(&bytes, 10, 11).unwrap();
-        assert_eq!((bounded.last, bounded.count, bounded.len), (11, 2, bytes.len() - records[2].0.record_len() as usize));
+        assert_eq!(
+            (bounded.last, bounded.count, bounded.len),
+            (11, 2, bytes.len() - records[2].0.record_len() as usize)
+        );
         // Cut inside the last record: the run ends before it and says how long it is.
         let cut = scan_records(&bytes[..bytes.len() - 10], 10, 12).unwrap();
         assert_eq!((cut.last, cut.count, cut.cut_short), (11, 2, Some(records[2].0.record_len())));
@@ -512,7 +515,9 @@ mod tests {
         payload_flipped[HEADER_LEN + 5] ^= 1;
         let (key, object) = object_of(uuid::Uuid::nil(), 10, &payload_flipped);
         let decoded = decode_journal_object(&key, uuid::Uuid::nil(), &object, |_, _| Ok(()));
-        assert!(matches!(decoded, Err(Error::Corrupt { reason, .. }) if reason.contains("record 10: payload checksum")));
+        assert!(
+            matches!(decoded, Err(Error::Corrupt { reason, .. }) if reason.contains("record 10: payload checksum"))
+        );
     }
 
     #[test]

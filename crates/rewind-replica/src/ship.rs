@@ -747,13 +747,14 @@ impl SegmentObjects<'_> {
         loop {
             let mut object = self.buffers.take(OBJECT_HEADER_LEN + want as usize);
             JournalView::read_payload(self.segment, self.pos, &mut object[OBJECT_HEADER_LEN..])?;
-            let run = layout::scan_records(&object[OBJECT_HEADER_LEN..], self.next_seq, self.last_seq).map_err(|fault| {
-                rewind_engine::Error::JournalCorrupt {
-                    segment: self.segment.path.clone(),
-                    offset: self.pos + fault.at as u64,
-                    reason: fault.reason,
-                }
-            })?;
+            let run =
+                layout::scan_records(&object[OBJECT_HEADER_LEN..], self.next_seq, self.last_seq).map_err(|fault| {
+                    rewind_engine::Error::JournalCorrupt {
+                        segment: self.segment.path.clone(),
+                        offset: self.pos + fault.at as u64,
+                        reason: fault.reason,
+                    }
+                })?;
             match run.cut_short {
                 // A record larger than an object: it goes alone, read whole.
                 Some(len) if run.count == 0 && len <= left && len != want => want = len,
