@@ -145,7 +145,7 @@ impl Shipper {
         let mut worker = Worker {
             store,
             syncer,
-            buffers: BufferPool::default(),
+            buffers: BufferPool::new(config.max_object_bytes),
             remote,
             config,
             events,
@@ -637,33 +637,22 @@ impl Worker {
         Ok(())
     }
 
-    /// Visits the unshipped records up to `to`, from where the last shipped one ended when that
-    /// is known (a walk from a segment's start costs a read of all of it).
-    fn walk_unshipped(
-        &self,
-        view: &JournalView,
-        to: Seq,
-        payloads: Payloads,
-        visit: impl FnMut(RecordRef<'_>) -> rewind_engine::Result<()>,
-    ) -> Result<()> {
-        let from = self.shipped() + 1;
-        match self.shipped_end {
-            Some(position) => view.for_each_from_position(from, position, to, payloads, visit)?,
-            None => view.for_each(from, to, payloads, visit)?,
-        }
-        Ok(())
-    }
-
-    /// Seconds since the first unshipped record, `seq`, was written.
+    /// Seconds since the first unshipped record, `seq`, was written. Its header is read from
+    /// where the last shipped record ended when that is known (a walk from a segment's start
+    /// costs a read of all of it).
     fn age_of(&mut self, view: &JournalView, seq: Seq) -> Result<f64> {
         let time_ns = match self.unshipped_time {
             Some((cached, time_ns)) if cached == seq => time_ns,
             _ => {
                 let mut time_ns = fsutil::now_ns();
-                self.walk_unshipped(view, seq, Payloads::Skip, |rec| {
+                let mut visit = |rec: RecordRef<'_>| {
                     time_ns = rec.header.timestamp_ns;
                     Ok(())
-                })?;
+                };
+                match self.shipped_end {
+                    Some(position) => view.for_each_from_position(seq, position, seq, Payloads::Skip, &mut visit)?,
+                    None => view.for_each(seq, seq, Payloads::Skip, &mut visit)?,
+                }
                 self.unshipped_time = Some((seq, time_ns));
                 time_ns
             }
@@ -685,16 +674,31 @@ fn record_position(view: &JournalView, seq: Seq) -> Result<u64> {
 
 /// Object buffers given back once their upload is done, so that the next objects are read into
 /// memory already mapped: a new 8 MiB buffer per object cost page faults and zeroing, a third
-/// of the shipper's CPU. Holds at most as many as can be in use at once.
-#[derive(Clone, Default)]
-struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
+/// of the shipper's CPU. Holds at most as many as can be in use at once, and none larger than
+/// an object (the buffer of a record larger than that is freed).
+#[derive(Clone)]
+struct BufferPool {
+    free: Arc<Mutex<Vec<Vec<u8>>>>,
+    largest: usize,
+}
 
 impl BufferPool {
+    fn new(max_object_bytes: usize) -> Self {
+        Self { free: Arc::default(), largest: OBJECT_HEADER_LEN + max_object_bytes }
+    }
+
     /// A buffer of `len` bytes, whose contents are whatever it held before.
     fn take(&self, len: usize) -> Vec<u8> {
-        let mut buffer = locked(&self.0).pop().unwrap_or_default();
+        let mut buffer = locked(&self.free).pop().unwrap_or_default();
         buffer.resize(len, 0);
         buffer
+    }
+
+    fn give_back(&self, buffer: Vec<u8>) {
+        let mut free = locked(&self.free);
+        if free.len() <= PARALLEL_UPLOADS && buffer.capacity() <= self.largest {
+            free.push(buffer);
+        }
     }
 }
 
@@ -713,10 +717,7 @@ impl AsRef<[u8]> for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        let mut free = locked(&self.pool.0);
-        if free.len() <= PARALLEL_UPLOADS {
-            free.push(std::mem::take(&mut self.bytes));
-        }
+        self.pool.give_back(std::mem::take(&mut self.bytes));
     }
 }
 
