@@ -228,7 +228,14 @@ fn killed_while_shipping_resumes_without_gaps(
 #[test]
 fn remote_retention_frees_old_points_and_keeps_later_ones_recoverable_in_a_directory() {
     let dir = tempfile::tempdir().unwrap();
-    remote_retention_keeps_later_points(dir.path(), &file_url(&dir.path().join("replica")), &[]);
+    let replica = dir.path().join("replica");
+    remote_retention_keeps_later_points(dir.path(), &file_url(&replica), &[]);
+    // A replica that cannot be read is reported by the offline status, which still succeeds.
+    std::fs::remove_dir_all(&replica).unwrap();
+    let offline = offline_status(&[], &dir.path().join("host-a").join("disk.img"));
+    let error = offline["replication"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("no rewind replica"), "{offline}");
+    assert!(offline["head"].as_u64().is_some(), "the store's own status is there too: {offline}");
 }
 
 /// `--replica-max-age`: once the early writes are older than the limit, the replica is rebased
@@ -267,6 +274,27 @@ fn remote_retention_keeps_later_points(dir: &Path, url: &str, env: &[(String, St
     assert!(status.remote_oldest_seq >= rebased.remote_oldest_seq);
     drop(client);
     served.daemon.terminate();
+    // The expired marker is reported as such by every reader of the replica, and by the
+    // store's offline status, which remembers the replica it was served with.
+    let got = rewind_with(env, &["marker", "get", "old", "--from", url, "--json"]);
+    let got: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(got["expired"], true);
+    let image = dir.join("host-a").join("disk.img");
+    let offline = offline_status(env, &image);
+    assert_eq!(offline["replication"]["url"], url);
+    let held = &offline["replication"]["replica"];
+    assert_eq!((held["markers"].as_u64(), held["expired-markers"].as_u64()), (Some(2), Some(1)), "{offline}");
+    assert!(held["oldest-recoverable"].as_u64().unwrap() >= rebased.remote_oldest_seq);
+    let from = rewind_with(env, &["status", "--from", url, "--json"]);
+    let from: serde_json::Value = serde_json::from_slice(&from.stdout).unwrap();
+    assert_eq!(&from, held, "status --from and the offline status say the same");
+}
+
+/// `rewind status IMAGE --json`, which must succeed.
+fn offline_status(env: &[(String, String)], image: &Path) -> serde_json::Value {
+    let out = rewind_with(env, &["status", image.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]

@@ -1,8 +1,11 @@
 //! `status`: the store's state offline; the device's and the journal's through the control
 //! socket.
 
+use std::path::Path;
+use std::time::Duration;
+
 use anyhow::{Context, Result};
-use rewind_replica::{ReplicaStatus, ReplicationStatus};
+use rewind_replica::{Remote, Replica, ReplicaStatus, ReplicationStatus};
 use serde::Serialize;
 
 use super::args::{Place, Where};
@@ -23,6 +26,44 @@ struct OnlineStatus {
     replication: Option<ReplicationStatus>,
 }
 
+/// `status IMAGE --json`: the store's status and, when it was served with `--replicate`, what
+/// that replica holds.
+#[derive(Serialize)]
+struct OfflineStatus {
+    #[serde(flatten)]
+    status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication: Option<RememberedReplica>,
+}
+
+/// The replica a store remembers, and what it holds or why that could not be read.
+#[derive(Serialize)]
+struct RememberedReplica {
+    url: String,
+    #[serde(flatten)]
+    held: Held,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Held {
+    Replica(ReplicaStatus),
+    /// A replica that cannot be read is reported, not an error of the store's status.
+    Error(String),
+}
+
+/// How long offline status waits for the replica: it is a side note there, not worth a hang.
+const REMEMBERED_REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn remembered_replica(store: &Path) -> Result<Option<RememberedReplica>> {
+    let Some(url) = rewind_replica::remembered::remembered(store)? else { return Ok(None) };
+    let read = Remote::open_with_timeout(&url, REMEMBERED_REPLICA_TIMEOUT)
+        .and_then(Replica::from_remote)
+        .and_then(|replica| replica.status());
+    let held = read.map_or_else(|e| Held::Error(e.to_string()), Held::Replica);
+    Ok(Some(RememberedReplica { url, held }))
+}
+
 pub(super) fn status(place: &Place, json: bool) -> Result<()> {
     match place.resolve() {
         Where::Online(control) => {
@@ -37,7 +78,14 @@ pub(super) fn status(place: &Place, json: bool) -> Result<()> {
         }
         Where::Offline(image, store) => {
             let status = with_store(image, store, |s| Ok(s.status()))?;
-            emit(json, &status, || print_status(&status))
+            let replication = remembered_replica(&status.store)?;
+            let both = OfflineStatus { status, replication };
+            emit(json, &both, || {
+                print_status(&both.status);
+                if let Some(replication) = &both.replication {
+                    print_remembered_replica(replication);
+                }
+            })
         }
         Where::Replica(url) => {
             let status = open_replica(url)?.status().with_context(|| format!("listing the replica at {url}"))?;
@@ -67,6 +115,30 @@ fn print_replica_status(status: &ReplicaStatus) {
         println!("remote retention:    max age {}", humantime::format_duration(std::time::Duration::from_secs(age)));
     }
     println!("updated:             {}", format_time_ns(status.updated_ns));
+}
+
+fn print_remembered_replica(remembered: &RememberedReplica) {
+    match &remembered.held {
+        Held::Replica(status) => {
+            println!(
+                "replica:             {} holds seq {}..={} ({} .. {})",
+                remembered.url,
+                status.oldest_recoverable,
+                status.shipped_seq,
+                format_time_ns(status.oldest_time_ns),
+                format_time_ns(status.shipped_time_ns)
+            );
+            println!(
+                "replica markers:     {} ({} expired); base {}, journal {} in {} object(s)",
+                status.markers,
+                status.expired_markers,
+                format_bytes(status.base_bytes),
+                format_bytes(status.journal_bytes),
+                status.journal_objects
+            );
+        }
+        Held::Error(error) => println!("replica:             {} (cannot read it: {error})", remembered.url),
+    }
 }
 
 fn print_replication(replication: &ReplicationStatus) {

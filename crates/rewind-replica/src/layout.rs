@@ -3,8 +3,8 @@
 //! CRC32C checksums and names the store it belongs to; the manifest is written after the
 //! objects it counts, so an upload cut short is never taken for history.
 
-use rewind_engine::journal::{RecordHeader, HEADER_LEN};
-use rewind_engine::marker::Marker;
+use rewind_engine::journal::{RecordHeader, RecordKind, HEADER_LEN};
+use rewind_engine::marker::{self, Marker};
 use rewind_engine::Seq;
 use serde::{Deserialize, Serialize};
 
@@ -215,57 +215,84 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes)
 }
 
-/// A batch of consecutive journal records being gathered for one object, in the journal's own
-/// record encoding (64-byte header, payload padded to 64 bytes).
+/// What [`scan_records`] found at the start of a run of a segment's bytes.
 #[derive(Debug, Default)]
-pub struct JournalBatch {
+pub struct RecordRun {
     pub first: Seq,
     pub last: Seq,
     /// Timestamp of the last record.
     pub last_time_ns: u64,
-    count: u32,
-    records: Vec<u8>,
+    pub count: u32,
+    /// Bytes the whole records take; a record cut short by the end of the bytes is left out.
+    pub len: usize,
+    /// The length of the record cut short there, if one was.
+    pub cut_short: Option<u64>,
+    /// The markers among the records.
+    pub markers: Vec<Marker>,
 }
 
-impl JournalBatch {
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
+/// A record in a run of segment bytes that is not what the journal holds there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunFault {
+    /// Byte offset of the record in the run.
+    pub at: usize,
+    pub reason: String,
+}
 
-    /// Bytes of records gathered.
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    pub fn push(&mut self, header: &RecordHeader, payload: &[u8]) {
-        if self.count == 0 {
-            self.first = header.seq;
+/// Checks the records `first..=last` at the start of `bytes`, which a journal segment holds
+/// from record `first` on, for shipping them as they are: every header (its checksum and fields), numbering
+/// without a gap, and the payloads of markers (decoded for the manifest). Other payloads are
+/// not read: the journal computed their checksums as it wrote them, and every reader of the
+/// object checks them ([`decode_journal_object`]); reading them here cost the shipper more CPU
+/// than anything else it did.
+pub fn scan_records(bytes: &[u8], first: Seq, last: Seq) -> Result<RecordRun, RunFault> {
+    let mut run = RecordRun { first, last: first.saturating_sub(1), ..RecordRun::default() };
+    let mut pos = 0usize;
+    while let Some(raw) = bytes.get(pos..pos + HEADER_LEN).filter(|_| run.last < last) {
+        let fault = |reason: String| RunFault { at: pos, reason };
+        let raw: &[u8; HEADER_LEN] = raw.try_into().map_err(|_| fault("short header".into()))?;
+        let record = RecordHeader::decode(raw).map_err(|e| fault(e.to_string()))?;
+        let expected = first + u64::from(run.count);
+        if record.seq != expected {
+            return Err(fault(format!("record {} where {expected} was expected", record.seq)));
         }
-        self.last = header.seq;
-        self.last_time_ns = header.timestamp_ns;
-        self.count += 1;
-        self.records.extend_from_slice(&header.encode());
-        self.records.extend_from_slice(payload);
-        let padded = rewind_engine::journal::record::padded_len(payload.len() as u64) as usize;
-        self.records.resize(self.records.len() + padded - payload.len(), 0);
-    }
-
-    /// The object's key and bytes.
-    pub fn encode(&self, store_uuid: uuid::Uuid) -> (String, Vec<u8>) {
-        let header = ObjectHeader {
-            magic: JOURNAL_MAGIC,
-            count: self.count,
-            store_uuid,
-            first: self.first,
-            second: self.last,
-            body_len: self.records.len() as u64,
-            body_crc: crc32c::crc32c(&self.records),
+        let end = usize::try_from(record.record_len()).ok().and_then(|len| pos.checked_add(len));
+        let Some(end) = end.filter(|&end| end <= bytes.len()) else {
+            run.cut_short = Some(record.record_len());
+            break;
         };
-        let mut bytes = Vec::with_capacity(OBJECT_HEADER_LEN + self.records.len());
-        bytes.extend_from_slice(&header.encode());
-        bytes.extend_from_slice(&self.records);
-        (journal_key(self.first, self.last), bytes)
+        if record.kind == RecordKind::Marker {
+            let payload = &bytes[pos + HEADER_LEN..pos + HEADER_LEN + record.payload_len as usize];
+            if crc32c::crc32c(payload) != record.payload_crc {
+                return Err(fault(format!("record {expected}: payload checksum mismatch")));
+            }
+            run.markers.extend(marker::decode_payload(payload, record.seq, record.timestamp_ns));
+        }
+        run.last = record.seq;
+        run.last_time_ns = record.timestamp_ns;
+        run.count += 1;
+        pos = end;
     }
+    run.len = pos;
+    Ok(run)
+}
+
+/// Makes a journal object in place: `object` holds [`OBJECT_HEADER_LEN`] bytes of room, then
+/// the records of `run` exactly as the segment holds them (and nothing after them). Writes the
+/// object header into the room and returns the object's key.
+pub fn seal_journal_object(object: &mut [u8], store_uuid: uuid::Uuid, run: &RecordRun) -> String {
+    let body = &object[OBJECT_HEADER_LEN..];
+    let header = ObjectHeader {
+        magic: JOURNAL_MAGIC,
+        count: run.count,
+        store_uuid,
+        first: run.first,
+        second: run.last,
+        body_len: body.len() as u64,
+        body_crc: crc32c::crc32c(body),
+    };
+    object[..OBJECT_HEADER_LEN].copy_from_slice(&header.encode());
+    journal_key(run.first, run.last)
 }
 
 /// Decodes a journal object and hands each record to `visit`, checking every checksum and that
@@ -384,29 +411,49 @@ pub fn decode_base_part(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rewind_engine::journal::RecordKind;
 
-    fn write_record(seq: Seq, data: &[u8]) -> RecordHeader {
+    fn record(kind: RecordKind, seq: Seq, data: &[u8]) -> RecordHeader {
         RecordHeader {
-            kind: RecordKind::Write,
+            kind,
             seq,
             timestamp_ns: seq * 10,
-            offset: seq * 4096,
-            length: data.len() as u64,
+            offset: if kind == RecordKind::Write { seq * 4096 } else { 0 },
+            length: if kind == RecordKind::Write { data.len() as u64 } else { 0 },
             payload_len: data.len() as u32,
             payload_crc: crc32c::crc32c(data),
         }
     }
 
+    /// Records as a segment holds them (header, payload padded to 64 bytes).
+    fn segment_bytes(records: &[(RecordHeader, Vec<u8>)]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for (header, payload) in records {
+            bytes.extend_from_slice(&header.encode());
+            bytes.extend_from_slice(payload);
+            bytes.resize(bytes.len() + (header.record_len() as usize - HEADER_LEN - payload.len()), 0);
+        }
+        bytes
+    }
+
+    /// A journal object made as the shipper makes one: room for the header, then the bytes.
+    fn object_of(store: uuid::Uuid, first: Seq, records: &[u8]) -> (String, Vec<u8>) {
+        let run = scan_records(records, first, Seq::MAX).unwrap();
+        let mut object = vec![0u8; OBJECT_HEADER_LEN];
+        object.extend_from_slice(&records[..run.len]);
+        let key = seal_journal_object(&mut object, store, &run);
+        (key, object)
+    }
+
     #[test]
     fn journal_objects_round_trip_and_every_flipped_byte_is_caught() {
         let store = uuid::Uuid::new_v4();
-        let mut batch = JournalBatch::default();
-        for seq in 5..8 {
-            let data = vec![seq as u8; 100 + seq as usize];
-            batch.push(&write_record(seq, &data), &data);
-        }
-        let (key, bytes) = batch.encode(store);
+        let records: Vec<_> = (5..8)
+            .map(|seq| {
+                let data = vec![seq as u8; 100 + seq as usize];
+                (record(RecordKind::Write, seq, &data), data)
+            })
+            .collect();
+        let (key, bytes) = object_of(store, 5, &segment_bytes(&records));
         assert_eq!(parse_journal_key(&key), Some((5, 7)));
         let mut seen = Vec::new();
         decode_journal_object(&key, store, &bytes, |h, p| {
@@ -428,6 +475,49 @@ mod tests {
         assert!(matches!(other, Err(Error::Corrupt { .. })));
         let renamed = decode_journal_object(&journal_key(5, 9), store, &bytes, |_, _| Ok(()));
         assert!(matches!(renamed, Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_run_of_segment_bytes_is_cut_at_whole_records_and_checked_header_by_header() {
+        let marker = rewind_engine::marker::encode_payload(1, rewind_engine::marker::MarkerSource::Host, "m", None);
+        let records = vec![
+            (record(RecordKind::Write, 10, &[1; 4096]), vec![1; 4096]),
+            (record(RecordKind::Marker, 11, &marker), marker.clone()),
+            (record(RecordKind::Write, 12, &[2; 100]), vec![2; 100]),
+        ];
+        let bytes = segment_bytes(&records);
+        let whole = scan_records(&bytes, 10, 12).unwrap();
+        assert_eq!((whole.first, whole.last, whole.count, whole.len, whole.cut_short), (10, 12, 3, bytes.len(), None));
+        assert_eq!(whole.markers.iter().map(|m| (m.seq, m.name.as_str())).collect::<Vec<_>>(), [(11, "m")]);
+        // Up to a last record only (the last durable one).
+        let bounded = scan_records(&bytes, 10, 11).unwrap();
+        assert_eq!(
+            (bounded.last, bounded.count, bounded.len),
+            (11, 2, bytes.len() - records[2].0.record_len() as usize)
+        );
+        // Cut inside the last record: the run ends before it and says how long it is.
+        let cut = scan_records(&bytes[..bytes.len() - 10], 10, 12).unwrap();
+        assert_eq!((cut.last, cut.count, cut.cut_short), (11, 2, Some(records[2].0.record_len())));
+        // Cut inside the first: nothing whole.
+        let none = scan_records(&bytes[..100], 10, 12).unwrap();
+        assert_eq!((none.count, none.len, none.cut_short), (0, 0, Some(records[0].0.record_len())));
+        // Numbered from elsewhere, a damaged header, a damaged marker: faults at the record.
+        assert_eq!(scan_records(&bytes, 9, 12).unwrap_err().at, 0);
+        let second = records[0].0.record_len() as usize;
+        let mut damaged = bytes.clone();
+        damaged[second + 20] ^= 1;
+        assert_eq!(scan_records(&damaged, 10, 12).unwrap_err().at, second);
+        let mut damaged = bytes.clone();
+        damaged[second + HEADER_LEN + 2] ^= 1;
+        assert_eq!(scan_records(&damaged, 10, 12).unwrap_err().at, second);
+        // A write's payload is not read here: the object's readers check it.
+        let mut payload_flipped = bytes.clone();
+        payload_flipped[HEADER_LEN + 5] ^= 1;
+        let (key, object) = object_of(uuid::Uuid::nil(), 10, &payload_flipped);
+        let decoded = decode_journal_object(&key, uuid::Uuid::nil(), &object, |_, _| Ok(()));
+        assert!(
+            matches!(decoded, Err(Error::Corrupt { reason, .. }) if reason.contains("record 10: payload checksum"))
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`remote`]: the object store behind a URL, every request bounded by a timeout;
 //! - [`layout`]: the versioned remote layout (docs/format.md, "Replica");
 //! - [`ship`]: the shipping thread beside the daemon's I/O path;
-//! - [`restore`]: markers, status and recovery from the replica alone.
+//! - [`restore`]: markers, status and recovery from the replica alone;
+//! - [`remembered`]: the replica's URL kept in the store, for offline status.
 //!
 //! The engine does not depend on this crate: it only offers a hold on retention
 //! (`Store::keep_journal_from`) and read access to durable records.
@@ -14,6 +15,7 @@
 
 pub mod error;
 pub mod layout;
+pub mod remembered;
 pub mod remote;
 pub mod restore;
 pub mod ship;

@@ -10,21 +10,22 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rewind_engine::fsutil;
-use rewind_engine::journal::segment::SEGMENT_HEADER_LEN;
-use rewind_engine::journal::{JournalView, Payloads, RecordKind, RecordRef};
-use rewind_engine::marker;
+use rewind_engine::journal::segment::{Segment, SEGMENT_HEADER_LEN};
+use rewind_engine::journal::{JournalView, Payloads, RecordRef, HEADER_LEN};
+use rewind_engine::marker::Marker;
 use rewind_engine::recovery::RecoveryTarget;
 use rewind_engine::{Seq, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::layout::{self, BaseExtent, BaseInfo, JournalBatch, Manifest, BASE_DIR, MANIFEST_KEY};
-use crate::remote::Remote;
+use crate::layout::{self, BaseExtent, BaseInfo, Manifest, BASE_DIR, MANIFEST_KEY, OBJECT_HEADER_LEN};
+use crate::remote::{Remote, PARALLEL_UPLOADS};
 use crate::restore::{self, list_journal, read_manifest};
 
 /// How the shipper groups and paces its uploads.
@@ -134,10 +135,17 @@ impl Shipper {
     /// starts shipping to `remote` in a thread of its own.
     pub fn start(store: Arc<Store>, remote: Remote, config: ShipperConfig, events: EventSink) -> Result<Self> {
         store.keep_journal_from(0);
+        if let Err(e) = crate::remembered::remember(store.store_dir(), remote.url()) {
+            // Only offline status reads it; shipping does not need it.
+            log::warn!("replication: cannot record the replica's URL in the store: {e}");
+        }
+        let syncer = Syncer::start(Arc::clone(&store))?;
         let status = Arc::new(Mutex::new(ReplicationStatus { url: remote.url().to_string(), ..Default::default() }));
         let stop: StopSignal = Arc::new((Mutex::new(false), Condvar::new()));
         let mut worker = Worker {
             store,
+            syncer,
+            buffers: BufferPool::new(config.max_object_bytes),
             remote,
             config,
             events,
@@ -189,8 +197,55 @@ impl Drop for Shipper {
     }
 }
 
+/// Makes the journal durable in a thread of its own when asked, so that a walk finds the next
+/// records durable instead of waiting for their `fdatasync` (under load it took as long as
+/// shipping them).
+struct Syncer {
+    wanted: Option<mpsc::SyncSender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(store: Arc<Store>) -> Result<Self> {
+        let (wanted, asked) = mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("rewind-replsync".into())
+            .spawn(move || {
+                fsutil::lower_thread_priority();
+                while asked.recv().is_ok() {
+                    // A failed sync fails the store's later syncs too; the walk that finds
+                    // nothing durable syncs itself and reports it.
+                    if let Err(e) = store.sync() {
+                        log::debug!("replication: syncing the journal ahead of shipping failed: {e}");
+                    }
+                }
+            })
+            .map_err(|e| Error::Io { context: "starting the replication sync thread".into(), cause: e })?;
+        Ok(Self { wanted: Some(wanted), thread: Some(thread) })
+    }
+
+    /// Asks for a sync of everything appended by now, unless one is asked for already.
+    fn request(&self) {
+        if let Some(wanted) = &self.wanted {
+            let _ = wanted.try_send(());
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after the sync under way, if any.
+        self.wanted = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 struct Worker {
     store: Arc<Store>,
+    syncer: Syncer,
+    buffers: BufferPool,
     remote: Remote,
     config: ShipperConfig,
     events: EventSink,
@@ -220,6 +275,9 @@ impl Worker {
     }
 
     fn run(&mut self) {
+        // Guest I/O comes first on a machine with few cores. The threads that write a
+        // directory replica's files are started from this one and inherit its priority.
+        fsutil::lower_thread_priority();
         loop {
             if self.stopping() {
                 if self.retry_at.is_none() {
@@ -229,18 +287,26 @@ impl Worker {
                 }
                 return;
             }
-            self.tick();
+            // Passes start every `interval` (at once after one that left durable records
+            // behind): under load a pass takes about that long, and waiting a whole interval
+            // after each one let the lag grow.
+            let started = Instant::now();
+            let backlog = self.tick();
+            let wait = if backlog { Duration::ZERO } else { self.config.interval.saturating_sub(started.elapsed()) };
             let stop = locked(&self.stop.0);
-            if !*stop {
-                let _ = self.stop.1.wait_timeout(stop, self.config.interval);
+            if !*stop && !wait.is_zero() {
+                let _ = self.stop.1.wait_timeout(stop, wait);
             }
         }
     }
 
-    fn tick(&mut self) {
+    /// One attempt at shipping; returns whether durable records are left to ship at once.
+    fn tick(&mut self) -> bool {
+        let mut backlog = false;
         if self.retry_at.is_none_or(|at| Instant::now() >= at) {
             match self.ship_durable() {
-                Ok(()) => {
+                Ok(more) => {
+                    backlog = more;
                     self.retry_at = None;
                     self.backoff = FIRST_BACKOFF;
                     self.error_reported = false;
@@ -252,6 +318,7 @@ impl Worker {
         if let Err(e) = self.refresh_status() {
             log::debug!("replication: cannot read the journal's state: {e}");
         }
+        backlog
     }
 
     fn failed(&mut self, error: Error) {
@@ -271,34 +338,24 @@ impl Worker {
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 
-    /// Connects if need be, then ships every record durable now.
-    fn ship_durable(&mut self) -> Result<()> {
+    /// Connects if need be, then ships one walk (at most a segment) of the durable records.
+    /// Returns whether durable records are left (in later segments).
+    fn ship_durable(&mut self) -> Result<bool> {
         if self.manifest.is_none() {
             let manifest = self.connect()?;
             self.set_shipped(&manifest);
             self.manifest = Some(manifest);
         }
-        if self.store.durable_seq() < self.store.head() {
-            // Only durable records are shipped: a record lost in a crash is numbered again,
-            // and the replica must never hold the lost one.
-            self.store.sync()?;
-        }
-        let durable = self.store.durable_seq();
-        while self.shipped() < durable {
-            self.ship_walk(durable)?;
-            // Stopping ships at most one more walk (a segment), so that the daemon exits in
-            // seconds; the rest stays in the local journal for the next start.
-            if self.stopping() {
-                break;
-            }
-        }
-        if self.caught_up_due && self.shipped() >= durable {
+        let head = self.store.head();
+        let backlog = self.ship_walk()?;
+        if self.caught_up_due && self.shipped() >= head {
             self.caught_up_due = false;
             let shipped_seq = self.shipped();
             log::info!("replication to {}: caught up at seq {shipped_seq}", self.remote.url());
             (self.events)(ReplicationEvent::CaughtUp(ReplicationCaughtUp { shipped_seq }));
         }
-        self.apply_remote_retention()
+        self.apply_remote_retention()?;
+        Ok(backlog)
     }
 
     /// Remote retention: once the replica's base is older than `max_age` by a quarter more
@@ -488,53 +545,67 @@ impl Worker {
         time
     }
 
-    /// Ships the records after the shipped point up to `durable` or the end of the segment
-    /// holding the first of them (so a catch-up holds at most a segment in memory), in
-    /// objects of at most `max_object_bytes`, then the manifest that counts them.
-    fn ship_walk(&mut self, durable: Seq) -> Result<()> {
-        let Some(manifest) = self.manifest.as_ref() else { return Ok(()) };
+    /// Ships the durable records after the shipped point, up to the end of the segment holding
+    /// the first of them, as byte ranges of the segment cut into objects at record boundaries
+    /// (read while earlier objects upload), then the manifest that counts them. Returns
+    /// whether durable records are left after the segment.
+    ///
+    /// Only durable records are shipped: a record lost in a crash is numbered again, and the
+    /// replica must never hold the lost one. While this walk ships what is durable, the syncer
+    /// makes the next records durable (an `fdatasync` under load took as long as a walk); only
+    /// when nothing durable is left to ship does the walk sync itself.
+    fn ship_walk(&mut self) -> Result<bool> {
+        let Some(manifest) = self.manifest.as_ref() else { return Ok(false) };
         let from = manifest.shipped_seq + 1;
+        let durable = match self.store.durable_seq() {
+            durable if durable >= from => {
+                if self.store.head() > durable {
+                    self.syncer.request();
+                }
+                durable
+            }
+            _ => self.store.sync()?,
+        };
         let view = self.store.journal_view();
         let Some(segment) = view.segments().iter().find(|s| s.first_seq <= from && from < s.next_seq) else {
-            return Ok(());
+            return Ok(false);
         };
-        let to = durable.min(segment.next_seq - 1);
-        let mut batches = vec![JournalBatch::default()];
-        let mut markers = Vec::new();
-        let mut end = None;
-        let max_object_bytes = self.config.max_object_bytes;
-        self.walk_unshipped(&view, to, Payloads::All, |rec| {
-            let payload = rec.payload.unwrap_or(&[]);
-            if batches.last().is_some_and(|b| b.len() >= max_object_bytes) {
-                batches.push(JournalBatch::default());
-            }
-            if let Some(batch) = batches.last_mut() {
-                batch.push(&rec.header, payload);
-            }
-            if rec.header.kind == RecordKind::Marker {
-                markers.extend(marker::decode_payload(payload, rec.header.seq, rec.header.timestamp_ns));
-            }
-            end = Some((rec.segment.index, rec.position + rec.header.record_len()));
-            Ok(())
-        })?;
-        let Some(last) = batches.last().filter(|b| !b.is_empty()) else { return Ok(()) };
-        let mut next = manifest.clone();
-        next.shipped_seq = last.last;
-        next.shipped_time_ns = last.last_time_ns;
-        next.markers.extend(markers);
-        next.updated_ns = fsutil::now_ns();
-        let objects = batches.iter().map(|batch| batch.encode(manifest.store_uuid)).collect();
-        self.remote.put_all(objects, |_, len| {
+        let start = match self.shipped_end {
+            Some((index, end)) if index == segment.index => end,
+            _ if from == segment.first_seq => SEGMENT_HEADER_LEN,
+            _ => record_position(&view, from)?,
+        };
+        let mut objects = SegmentObjects {
+            segment,
+            store_uuid: manifest.store_uuid,
+            max_object_bytes: self.config.max_object_bytes,
+            pos: start,
+            next_seq: from,
+            last_seq: durable,
+            last_time_ns: 0,
+            markers: Vec::new(),
+            failed: false,
+            buffers: self.buffers.clone(),
+        };
+        self.remote.put_each(&mut objects, |_, len| {
             let mut status = locked(&self.status);
             status.objects_shipped += 1;
             status.bytes_shipped += len;
         })?;
+        if objects.next_seq == from {
+            return Ok(false);
+        }
+        let mut next = manifest.clone();
+        next.shipped_seq = objects.next_seq - 1;
+        next.shipped_time_ns = objects.last_time_ns;
+        next.markers.append(&mut objects.markers);
+        next.updated_ns = fsutil::now_ns();
         // Only once every object it counts is stored.
         self.remote.put(MANIFEST_KEY, next.encode())?;
+        self.shipped_end = Some((segment.index, objects.pos));
         self.set_shipped(&next);
         self.manifest = Some(next);
-        self.shipped_end = end;
-        Ok(())
+        Ok(objects.next_seq <= durable)
     }
 
     /// Head, lag and pending bytes for `query-replication`, and the journal's size against its
@@ -566,38 +637,161 @@ impl Worker {
         Ok(())
     }
 
-    /// Visits the unshipped records up to `to`, from where the last shipped one ended when that
-    /// is known (a walk from a segment's start costs a read of all of it).
-    fn walk_unshipped(
-        &self,
-        view: &JournalView,
-        to: Seq,
-        payloads: Payloads,
-        visit: impl FnMut(RecordRef<'_>) -> rewind_engine::Result<()>,
-    ) -> Result<()> {
-        let from = self.shipped() + 1;
-        match self.shipped_end {
-            Some(position) => view.for_each_from_position(from, position, to, payloads, visit)?,
-            None => view.for_each(from, to, payloads, visit)?,
-        }
-        Ok(())
-    }
-
-    /// Seconds since the first unshipped record, `seq`, was written.
+    /// Seconds since the first unshipped record, `seq`, was written. Its header is read from
+    /// where the last shipped record ended when that is known (a walk from a segment's start
+    /// costs a read of all of it).
     fn age_of(&mut self, view: &JournalView, seq: Seq) -> Result<f64> {
         let time_ns = match self.unshipped_time {
             Some((cached, time_ns)) if cached == seq => time_ns,
             _ => {
                 let mut time_ns = fsutil::now_ns();
-                self.walk_unshipped(view, seq, Payloads::Skip, |rec| {
+                let mut visit = |rec: RecordRef<'_>| {
                     time_ns = rec.header.timestamp_ns;
                     Ok(())
-                })?;
+                };
+                match self.shipped_end {
+                    Some(position) => view.for_each_from_position(seq, position, seq, Payloads::Skip, &mut visit)?,
+                    None => view.for_each(seq, seq, Payloads::Skip, &mut visit)?,
+                }
                 self.unshipped_time = Some((seq, time_ns));
                 time_ns
             }
         };
         Ok(fsutil::now_ns().saturating_sub(time_ns) as f64 / 1e9)
+    }
+}
+
+/// Where record `seq` starts in its segment (after a restart, or when shipping moves on to
+/// another segment): from the segment's header index, else a walk of its headers.
+fn record_position(view: &JournalView, seq: Seq) -> Result<u64> {
+    let mut position = None;
+    view.for_each_header(seq, seq, |_, record| {
+        position = Some(record.payload_position - HEADER_LEN as u64);
+        Ok(())
+    })?;
+    position.ok_or(Error::Gap { seq })
+}
+
+/// Object buffers given back once their upload is done, so that the next objects are read into
+/// memory already mapped: a new 8 MiB buffer per object cost page faults and zeroing, a third
+/// of the shipper's CPU. Holds at most as many as can be in use at once, and none larger than
+/// an object (the buffer of a record larger than that is freed).
+#[derive(Clone)]
+struct BufferPool {
+    free: Arc<Mutex<Vec<Vec<u8>>>>,
+    largest: usize,
+}
+
+impl BufferPool {
+    fn new(max_object_bytes: usize) -> Self {
+        Self { free: Arc::default(), largest: OBJECT_HEADER_LEN + max_object_bytes }
+    }
+
+    /// A buffer of `len` bytes, whose contents are whatever it held before.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut buffer = locked(&self.free).pop().unwrap_or_default();
+        buffer.resize(len, 0);
+        buffer
+    }
+
+    fn give_back(&self, buffer: Vec<u8>) {
+        let mut free = locked(&self.free);
+        if free.len() <= PARALLEL_UPLOADS && buffer.capacity() <= self.largest {
+            free.push(buffer);
+        }
+    }
+}
+
+/// An object's bytes on their way to the store: dropped once the upload is done (or failed),
+/// they go back to the pool.
+struct Pooled {
+    bytes: Vec<u8>,
+    pool: BufferPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.bytes));
+    }
+}
+
+/// The journal objects of one segment's unshipped records, read lazily: each is one read of
+/// the segment's bytes as they are (the objects use the journal's record encoding), checked
+/// header by header ([`layout::scan_records`]) and cut at the last whole record. Only the
+/// records of the view, all durable, are read.
+struct SegmentObjects<'a> {
+    segment: &'a Segment,
+    store_uuid: uuid::Uuid,
+    max_object_bytes: usize,
+    /// Where the next object's first record starts.
+    pos: u64,
+    next_seq: Seq,
+    /// The last record to ship (the last durable one).
+    last_seq: Seq,
+    /// Timestamp of the last record read.
+    last_time_ns: u64,
+    markers: Vec<Marker>,
+    failed: bool,
+    buffers: BufferPool,
+}
+
+impl SegmentObjects<'_> {
+    fn read(&mut self) -> Result<(String, Bytes)> {
+        let left = self.segment.end - self.pos;
+        let mut want = left.min(self.max_object_bytes as u64);
+        loop {
+            let mut object = self.buffers.take(OBJECT_HEADER_LEN + want as usize);
+            JournalView::read_payload(self.segment, self.pos, &mut object[OBJECT_HEADER_LEN..])?;
+            let run =
+                layout::scan_records(&object[OBJECT_HEADER_LEN..], self.next_seq, self.last_seq).map_err(|fault| {
+                    rewind_engine::Error::JournalCorrupt {
+                        segment: self.segment.path.clone(),
+                        offset: self.pos + fault.at as u64,
+                        reason: fault.reason,
+                    }
+                })?;
+            match run.cut_short {
+                // A record larger than an object: it goes alone, read whole.
+                Some(len) if run.count == 0 && len <= left && len != want => want = len,
+                _ if run.count == 0 => {
+                    return Err(rewind_engine::Error::JournalCorrupt {
+                        segment: self.segment.path.clone(),
+                        offset: self.pos,
+                        reason: format!("record {} runs past the journal's end", self.next_seq),
+                    }
+                    .into())
+                }
+                _ => {
+                    object.truncate(OBJECT_HEADER_LEN + run.len);
+                    let key = layout::seal_journal_object(&mut object, self.store_uuid, &run);
+                    self.pos += run.len as u64;
+                    self.next_seq = run.last + 1;
+                    self.last_time_ns = run.last_time_ns;
+                    self.markers.extend(run.markers);
+                    return Ok((key, Bytes::from_owner(Pooled { bytes: object, pool: self.buffers.clone() })));
+                }
+            }
+        }
+    }
+}
+
+impl Iterator for SegmentObjects<'_> {
+    type Item = Result<(String, Bytes)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.segment.end || self.next_seq > self.last_seq || self.failed {
+            return None;
+        }
+        let object = self.read();
+        // The walk fails with the first error: the objects after it are not read.
+        self.failed = object.is_err();
+        Some(object)
     }
 }
 

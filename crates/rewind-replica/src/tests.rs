@@ -108,6 +108,54 @@ fn markers_and_writes_are_recovered_byte_exact_from_the_replica_alone() {
 }
 
 #[test]
+fn records_larger_than_an_object_go_alone_and_the_rest_are_cut_at_record_boundaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 512 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    let max_object_bytes = 20_000;
+    let (shipper, _events) = ship(&store, &objects, ShipperConfig { max_object_bytes, ..Default::default() });
+    let mut last = 0;
+    for (i, blocks) in [1usize, 16, 1, 1, 3, 32, 1, 5, 1, 1, 1, 16].into_iter().enumerate() {
+        let offset = (i * 20 * BLOCK) as u64;
+        let data: Vec<u8> = (0..blocks * BLOCK).map(|b| (b * 31 + i) as u8).collect();
+        last = store.write(offset, &data).unwrap();
+        model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+    }
+    wait_for_shipped(&shipper, last);
+    shipper.stop();
+    let remote = remote(&objects);
+    let journal = list_journal(&remote).unwrap();
+    for object in &journal {
+        let body = object.size as usize - layout::OBJECT_HEADER_LEN;
+        assert!(body <= max_object_bytes || object.first == object.last, "{object:?} holds more than one large record");
+    }
+    assert!(journal.iter().any(|o| o.size as usize > max_object_bytes), "a record larger than an object was shipped");
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
+}
+
+#[test]
+fn a_walk_ships_only_the_records_durable_when_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 1 << 20));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    let durable = write_blocks(&store, &mut model, 1, 20);
+    store.sync().unwrap();
+    // Appended, not synced: a crash could lose them and number other records the same.
+    let last = write_blocks(&store, &mut model, 2, 20);
+    assert_eq!(store.durable_seq(), durable);
+    let (shipper, _events) = ship(&store, &objects, ShipperConfig::default());
+    wait_for_shipped(&shipper, last);
+    shipper.stop();
+    // The first walk stopped at the durable record (the next walk shipped the rest once the
+    // syncer had made them durable), although the journal it read held more.
+    let journal = list_journal(&remote(&objects)).unwrap();
+    assert!(journal.iter().any(|o| o.last == durable), "no object ends at the durable seq {durable}: {journal:?}");
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
+}
+
+#[test]
 fn shipping_resumes_from_the_manifest_without_gaps_or_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(new_store(dir.path(), 64 << 10));
