@@ -64,6 +64,12 @@ pub struct Meta {
     /// been lost or kept in any mix, so the volume is rebuilt from the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open_in_boot: Option<String>,
+    /// Set, before anything is repaired, by an open that follows an unclean shutdown, and
+    /// cleared when that open is done. Found set, an open was interrupted part-way: it may have
+    /// cut the journal's tail (durably) and then died while rebuilding the volume, so the next
+    /// open could find nothing else to say the volume must be rebuilt.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub open_unfinished: bool,
 }
 
 /// This boot's identity, or None where the kernel does not tell.
@@ -458,6 +464,7 @@ impl Store {
             applied_seq: 0,
             retention: options.retention.clone(),
             open_in_boot: None,
+            open_unfinished: false,
         };
         let initial = match existing {
             Some(_) => Some(File::open(image).context(|| format!("opening {}", image.display()))?),
@@ -480,6 +487,11 @@ impl Store {
         }
         let lock = take_lock(&dir)?;
         let mut meta = read_meta(&dir)?;
+        let interrupted_open = meta.open_unfinished;
+        if meta.open_in_boot.is_some() && !meta.open_unfinished {
+            meta.open_unfinished = true;
+            write_meta(&dir, &meta)?;
+        }
         let volume =
             OpenOptions::new().read(true).write(true).open(image).context(|| format!("opening {}", image.display()))?;
         let image_len = volume.metadata().context(|| format!("inspecting {}", image.display()))?.len();
@@ -538,7 +550,9 @@ impl Store {
         // Volume writes are ordered with the journal's only at checkpoints. If journal records
         // were lost, or the machine went down with the store open, the volume may hold writes
         // the journal does not: rebuild it so it holds exactly the state at the head.
-        let rebuild_reason = if let Some(repair) = &tail_repair {
+        let rebuild_reason = if interrupted_open {
+            Some("an earlier open was interrupted while it repaired the store".to_string())
+        } else if let Some(repair) = &tail_repair {
             Some(format!("the journal tail was cut at {} offset {}", repair.segment.display(), repair.offset))
         } else if head < meta.applied_seq {
             Some(format!("the journal ends at seq {head} but seq {} was durable", meta.applied_seq))
@@ -565,6 +579,7 @@ impl Store {
         journal.use_cache_dropper(&uncache);
         report.tail_repair = tail_repair;
         meta.open_in_boot = this_boot.or_else(|| Some("unknown".to_string()));
+        meta.open_unfinished = false;
         write_meta(&dir, &meta)?;
         let store = Self {
             image: image.to_path_buf(),

@@ -388,3 +388,21 @@ fn a_crash_while_a_delta_is_merged_into_the_base_is_finished_at_open() {
     assert_eq!(seqs, [5, 10], "the base is now the merged snapshot");
     assert!(materialized(&snapshot_dir, 5).unwrap() == states[5]);
 }
+
+#[test]
+fn an_open_interrupted_while_it_rebuilt_the_volume_is_redone_by_the_next_one() {
+    let fixture = Fixture::new(6);
+    let meta_path = rewind_engine::store::default_store_dir(&fixture.image).join("meta.json");
+    // An open after a kill -9 in this boot had cut the journal's torn tail (so nothing is left
+    // to cut) and was clearing the volume to rebuild it when it was killed in turn.
+    let mut meta: serde_json::Value = serde_json::from_slice(&fs::read(&meta_path).unwrap()).unwrap();
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    meta["open-in-boot"] = boot.trim().into();
+    meta["open-unfinished"] = true.into();
+    fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let volume = fs::OpenOptions::new().write(true).open(&fixture.image).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&volume, &vec![0u8; 64 << 10], 0).unwrap();
+    fixture.assert_opens_at(6, false);
+    let meta: serde_json::Value = serde_json::from_slice(&fs::read(&meta_path).unwrap()).unwrap();
+    assert!(meta.get("open-unfinished").is_none(), "{meta}");
+}
