@@ -176,31 +176,6 @@ pub fn prefetch(file: &File, from: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads `[0, len)` of `file` in order, 1 MiB at a time, so that it is in the page cache when
-/// this returns; the bytes are thrown away.
-///
-/// For a file that will be read at random, this is better than [`prefetch`]: pages that
-/// POSIX_FADV_WILLNEED brings in cost more to read later than pages brought in by ordinary
-/// reads (the kernel's read-ahead for `read` gives them large folios, WILLNEED single pages).
-/// Measured on a view's journal segments: a random 4 KiB pread 64 bytes into a page (a journal
-/// payload) took 1.7–2.1 µs after WILLNEED and 1.0 µs after this, as much as an aligned one
-/// from the volume (README, Benchmarks, Instant access). Pages already cached stay as they are.
-pub fn read_into_cache(file: &File, len: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(buf.len() as u64) as usize;
-        match file.read_at(&mut buf[..n], at) {
-            Ok(0) => break,
-            Ok(got) => at += got as u64,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let zeroes = vec![0u8; len.min(1 << 20) as usize];

@@ -135,10 +135,8 @@ impl PointView {
 
     /// What reads the journal segments and snapshot deltas the view reads from into the page
     /// cache: the store drops sealed segments from the cache, and a view's reads would
-    /// otherwise go to the disk one by one. It reads them through rather than advising the
-    /// kernel to (see [`read_into_cache`](crate::fsutil::read_into_cache): a view's random
-    /// reads of payloads then cost half as much). The base is left alone (it is as large as
-    /// the volume). It holds the files only, not the view, so it may run on a thread of its own
+    /// otherwise go to the disk one by one. The base is left alone (it is as large as the
+    /// volume). It holds the files only, not the view, so it may run on a thread of its own
     /// without keeping the view open.
     pub fn prefetcher(&self) -> impl FnOnce() + Send + 'static {
         let segments = self.segments.iter().map(|s| (Arc::clone(&s.file), s.end));
@@ -147,7 +145,7 @@ impl PointView {
         let seq = self.seq;
         move || {
             for (file, len) in files {
-                if let Err(e) = crate::fsutil::read_into_cache(&file, len) {
+                if let Err(e) = crate::fsutil::prefetch(&file, 0, len) {
                     log::debug!("view of seq {seq}: cannot read ahead: {e}");
                 }
             }
