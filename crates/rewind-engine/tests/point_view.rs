@@ -301,6 +301,22 @@ fn an_export_writes_to_its_overlay_only_and_promotes_to_what_it_reads() {
     store.close().unwrap();
 }
 
+/// A new store on the small volume whose journal segments hold a few records each, and its
+/// model.
+fn small_segment_store(dir: &std::path::Path) -> (std::path::PathBuf, Store, Model) {
+    let image = dir.join("disk.img");
+    let options = CreateOptions { size: Some(VOLUME), segment_capacity: 8192, retention: RetentionPolicy::default() };
+    let store = Store::create(&image, None, &options, &mut |_, _| {}).unwrap().0;
+    (image, store, Model { states: vec![vec![0; VOLUME as usize]] })
+}
+
+/// The `i`th of a run of 1.5 KiB writes, each overlapping the one before.
+fn write_nth(store: &Store, model: &mut Model, i: u64) {
+    let data = pattern(i as u8, 1536, i);
+    let offset = (i * 1024) % (VOLUME - 1536);
+    assert_eq!(store.write(offset, &data).unwrap(), model.change(offset, &data));
+}
+
 /// The header indexes of a store's journal directory, by path, with their bytes.
 fn header_indexes(image: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
     let journal = image.with_file_name("disk.img.rewind").join("journal");
@@ -322,17 +338,9 @@ fn header_indexes(image: &std::path::Path) -> std::collections::BTreeMap<std::pa
 #[test]
 fn views_index_the_sealed_segments_they_walk() {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    let options = CreateOptions { size: Some(VOLUME), segment_capacity: 8192, retention: RetentionPolicy::default() };
-    let store = Store::create(&image, None, &options, &mut |_, _| {}).unwrap().0;
-    let mut model = Model { states: vec![vec![0; VOLUME as usize]] };
-    let write = |store: &Store, model: &mut Model, i: u64| {
-        let data = pattern(i as u8, 1536, i);
-        let offset = (i * 1024) % (VOLUME - 1536);
-        assert_eq!(store.write(offset, &data).unwrap(), model.change(offset, &data));
-    };
+    let (image, store, mut model) = small_segment_store(dir.path());
     for i in 0..42 {
-        write(&store, &mut model, i);
+        write_nth(&store, &mut model, i);
     }
     // Indexes written at sealing, removed: a view of a point inside the journal (so the walk
     // of its last segment goes past the point) writes them again, byte for byte.
@@ -357,7 +365,7 @@ fn views_index_the_sealed_segments_they_walk() {
     // The segment active at the reopen is sealed without an index; the next view indexes it.
     let store = Store::open(&image, None).unwrap().0;
     for i in 42..90 {
-        write(&store, &mut model, i);
+        write_nth(&store, &mut model, i);
     }
     let head = store.head();
     let view = store.point_view(&RecoveryTarget::Seq(head)).unwrap();
@@ -392,33 +400,16 @@ fn views_index_the_sealed_segments_they_walk() {
 #[test]
 fn views_read_the_same_with_header_indexes_missing_or_damaged() {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    let options = CreateOptions { size: Some(VOLUME), segment_capacity: 8192, retention: RetentionPolicy::default() };
-    let store = Store::create(&image, None, &options, &mut |_, _| {}).unwrap().0;
-    let mut model = Model { states: vec![vec![0; VOLUME as usize]] };
-    let write = |store: &Store, model: &mut Model, i: u64| {
-        let data = pattern(i as u8, 1536, i);
-        let offset = (i * 1024) % (VOLUME - 1536);
-        assert_eq!(store.write(offset, &data).unwrap(), model.change(offset, &data));
-    };
+    let (image, store, mut model) = small_segment_store(dir.path());
     for i in 0..40 {
-        write(&store, &mut model, i);
+        write_nth(&store, &mut model, i);
     }
     store.close().unwrap();
     let store = Store::open(&image, None).unwrap().0;
     for i in 40..80 {
-        write(&store, &mut model, i);
+        write_nth(&store, &mut model, i);
     }
-    let journal = image.with_file_name("disk.img.rewind").join("journal");
-    let indexes = || -> Vec<std::path::PathBuf> {
-        let mut found: Vec<_> = std::fs::read_dir(&journal)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "idx"))
-            .collect();
-        found.sort();
-        found
-    };
+    let indexes = || -> Vec<std::path::PathBuf> { header_indexes(&image).into_keys().collect() };
     assert!(indexes().len() >= 2, "segments sealed by this process are indexed: {:?}", indexes());
     let check = |salt: u64| {
         for seq in [1, 20, 45, 60, store.head()] {
