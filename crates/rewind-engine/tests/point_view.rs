@@ -395,7 +395,7 @@ fn views_index_the_sealed_segments_they_walk() {
 }
 
 /// Views find records through the segments' header indexes where they are usable and by
-/// walking the segments where they are not (sealed before the store was reopened, damaged,
+/// walking the segments where they are not (active when the store was reopened, damaged,
 /// missing), with the same bytes either way.
 #[test]
 fn views_read_the_same_with_header_indexes_missing_or_damaged() {

@@ -1010,9 +1010,10 @@ impl JournalView {
                         visit(segment, record)?;
                     }
                 }
-                // A sealed segment without a usable index (sealed before the store was opened,
-                // or its index damaged) is walked whole, so that it gets one for the next view;
-                // the active segment, still growing, only as far as asked.
+                // A sealed segment without a usable index (the first of a new journal, the one
+                // active when the store was opened, or its index damaged) is walked whole, so
+                // that it gets one for the next view; the active segment, still growing, only
+                // as far as asked.
                 None => {
                     let sealed = Some(segment.index) != active;
                     let (mut index, walk_to) = match sealed {
