@@ -571,9 +571,13 @@ fn instant_access(work: &Path, volume_gib: u64, rounds: usize, secs: f64) -> Ins
 
     let mut export = Vec::new();
     let mut live = Vec::new();
-    for _ in 0..rounds {
+    for round in 1..=rounds {
         export.push(read_sample(&export_socket, secs));
         live.push(read_sample(&socket, secs));
+        // Each round's pair, for the spread behind the medians (the first rounds run while the
+        // export reads its files into the page cache).
+        let (e, l) = (export[round - 1].iops, live[round - 1].iops);
+        eprintln!("export round {round}: {e:.0} IOPS through the export, {l:.0} live ({:.2}x)", e / l);
     }
 
     let recovered = std::path::absolute(work.join("recovered.img")).unwrap();

@@ -8,6 +8,10 @@
 //! segments' header indexes, `journal::header_index`, where they have them); payloads are not
 //! read, so building costs in proportion to the extents and records, not the data.
 //!
+//! Journal payloads are copied from read-only mappings of the segments rather than read with
+//! `pread` (see [`ReadOnlyMap`] for why, and for what an I/O error then costs); the base and
+//! the deltas are read as usual.
+//!
 //! The view keeps its own handles on every file it reads, and while it is open the store keeps
 //! the files' content as it was ([`ViewPins`]): no journal segment holding a record after the
 //! view's snapshot is freed, and nothing is merged into the base.
@@ -21,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::extent_map::{ExtentMap, ExtentSource};
+use crate::fsutil::ReadOnlyMap;
 use crate::journal::segment::Segment;
 use crate::journal::{JournalView, RecordKind};
 use crate::snapshot::SnapshotStore;
@@ -60,6 +65,8 @@ pub struct PointView {
     base: File,
     deltas: Vec<Arc<File>>,
     segments: Vec<Segment>,
+    /// The segments' records, mapped: payloads are copied from here ([`ReadOnlyMap`] says why).
+    records: Vec<Arc<ReadOnlyMap>>,
     map: ExtentMap<Location>,
     _pin: Option<ViewPin>,
 }
@@ -106,7 +113,12 @@ impl PointView {
             map.insert(record.offset, record.length, location);
             Ok(())
         })?;
-        Ok(Self { seq, snapshot_seq, volume_size: snapshots.volume_size(), base, deltas, segments, map, _pin: None })
+        let records = segments
+            .iter()
+            .map(|s| ReadOnlyMap::new(&s.file, s.end).map(Arc::new).context(|| format!("mapping {}", s.path.display())))
+            .collect::<Result<_>>()?;
+        let volume_size = snapshots.volume_size();
+        Ok(Self { seq, snapshot_seq, volume_size, base, deltas, segments, records, map, _pin: None })
     }
 
     pub(crate) fn pinned_by(mut self, pin: ViewPin) -> Self {
@@ -135,18 +147,25 @@ impl PointView {
 
     /// What reads the journal segments and snapshot deltas the view reads from into the page
     /// cache: the store drops sealed segments from the cache, and a view's reads would
-    /// otherwise go to the disk one by one. The base is left alone (it is as large as the
-    /// volume). It holds the files only, not the view, so it may run on a thread of its own
-    /// without keeping the view open.
+    /// otherwise go to the disk one by one. Then it fills the segments' mappings, so that the
+    /// view's first copy from each page takes no page fault. The base is left alone (it is as
+    /// large as the volume). It holds the files and mappings only, not the view, so it may run
+    /// on a thread of its own without keeping the view open.
     pub fn prefetcher(&self) -> impl FnOnce() + Send + 'static {
         let segments = self.segments.iter().map(|s| (Arc::clone(&s.file), s.end));
         let deltas = self.deltas.iter().map(|d| (Arc::clone(d), d.metadata().map_or(0, |m| m.len())));
         let files: Vec<(Arc<File>, u64)> = segments.chain(deltas).collect();
+        let records = self.records.clone();
         let seq = self.seq;
         move || {
             for (file, len) in files {
                 if let Err(e) = crate::fsutil::prefetch(&file, 0, len) {
                     log::debug!("view of seq {seq}: cannot read ahead: {e}");
+                }
+            }
+            for mapping in records {
+                if let Err(e) = mapping.populate() {
+                    log::debug!("view of seq {seq}: cannot fill a segment's mapping: {e}");
                 }
             }
         }
@@ -190,7 +209,16 @@ impl PointView {
                 .read_exact_at(buf, position)
                 .context(|| format!("reading a snapshot delta at {position}")),
             Location::Journal { segment, position } => {
-                JournalView::read_payload(&self.segments[segment as usize], position, buf)
+                let payload = usize::try_from(position)
+                    .ok()
+                    .and_then(|at| self.records[segment as usize].bytes().get(at..at.checked_add(buf.len())?));
+                let Some(payload) = payload else {
+                    let segment = self.segments[segment as usize].path.clone();
+                    let reason = format!("a payload of {} bytes past the end of the records", buf.len());
+                    return Err(Error::JournalCorrupt { segment, offset: position, reason });
+                };
+                buf.copy_from_slice(payload);
+                Ok(())
             }
         }
     }

@@ -301,39 +301,115 @@ fn an_export_writes_to_its_overlay_only_and_promotes_to_what_it_reads() {
     store.close().unwrap();
 }
 
+/// A new store on the small volume whose journal segments hold a few records each, and its
+/// model.
+fn small_segment_store(dir: &std::path::Path) -> (std::path::PathBuf, Store, Model) {
+    let image = dir.join("disk.img");
+    let options = CreateOptions { size: Some(VOLUME), segment_capacity: 8192, retention: RetentionPolicy::default() };
+    let store = Store::create(&image, None, &options, &mut |_, _| {}).unwrap().0;
+    (image, store, Model { states: vec![vec![0; VOLUME as usize]] })
+}
+
+/// The `i`th of a run of 1.5 KiB writes, each overlapping the one before.
+fn write_nth(store: &Store, model: &mut Model, i: u64) {
+    let data = pattern(i as u8, 1536, i);
+    let offset = (i * 1024) % (VOLUME - 1536);
+    assert_eq!(store.write(offset, &data).unwrap(), model.change(offset, &data));
+}
+
+/// The header indexes of a store's journal directory, by path, with their bytes.
+fn header_indexes(image: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let journal = image.with_file_name("disk.img.rewind").join("journal");
+    std::fs::read_dir(journal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "idx"))
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect()
+}
+
+/// A sealed segment without a header index gets one from the first view that walks it: the
+/// same bytes as the index written when a segment is sealed, and views read the model through
+/// it. That covers the segment that was active when the store was opened (sealed with no
+/// index, its earlier records unknown to the new process) and indexes removed or damaged.
+#[test]
+fn views_index_the_sealed_segments_they_walk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, store, mut model) = small_segment_store(dir.path());
+    for i in 0..42 {
+        write_nth(&store, &mut model, i);
+    }
+    // Indexes written at sealing, removed: a view of a point inside the journal (so the walk
+    // of its last segment goes past the point) writes them again, byte for byte.
+    let sealed_indexes = header_indexes(&image);
+    assert!(sealed_indexes.len() >= 4, "segments sealed by this process are indexed: {sealed_indexes:?}");
+    for path in sealed_indexes.keys() {
+        std::fs::remove_file(path).unwrap();
+    }
+    let view = store.point_view(&RecoveryTarget::Seq(20)).unwrap();
+    check_view(&view, &model.states[20], 1);
+    drop(view);
+    // (The first segment of a new journal is sealed without one.)
+    let rewritten = header_indexes(&image);
+    let compared: Vec<_> =
+        rewritten.iter().filter_map(|(path, bytes)| Some((path, bytes, sealed_indexes.get(path)?))).collect();
+    assert!(!compared.is_empty(), "the view indexed the segments it walked: {:?}", rewritten.keys());
+    for (path, bytes, at_sealing) in compared {
+        assert_eq!(bytes, at_sealing, "{} as written at sealing", path.display());
+    }
+    store.close().unwrap();
+
+    // The segment active at the reopen is sealed without an index; the next view indexes it.
+    let store = Store::open(&image, None).unwrap().0;
+    for i in 42..90 {
+        write_nth(&store, &mut model, i);
+    }
+    let head = store.head();
+    let view = store.point_view(&RecoveryTarget::Seq(head)).unwrap();
+    check_view(&view, &model.states[head as usize], 2);
+    drop(view);
+    let after = header_indexes(&image);
+    let journal = image.with_file_name("disk.img.rewind").join("journal");
+    let segments = std::fs::read_dir(journal)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".seg") && !name.starts_with("spare"))
+        .count();
+    assert_eq!(after.len(), segments - 1, "every sealed segment is indexed (not the active one): {:?}", after.keys());
+    // The view over every segment now uses indexes only; damage one and it is walked (and
+    // indexed) again, with the same bytes.
+    let (damaged, bytes) = after.iter().next().unwrap();
+    let mut bytes = bytes.clone();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(damaged, &bytes).unwrap();
+    for seq in [1, 20, 45, 70, head] {
+        let view = store.point_view(&RecoveryTarget::Seq(seq)).unwrap();
+        check_view(&view, &model.states[seq as usize], 3 + seq);
+    }
+    assert_eq!(header_indexes(&image), after, "the damaged index was written again");
+    store.close().unwrap();
+}
+
 /// Views find records through the segments' header indexes where they are usable and by
-/// walking the segments where they are not (sealed before the store was reopened, damaged,
+/// walking the segments where they are not (active when the store was reopened, damaged,
 /// missing), with the same bytes either way.
 #[test]
 fn views_read_the_same_with_header_indexes_missing_or_damaged() {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    let options = CreateOptions { size: Some(VOLUME), segment_capacity: 8192, retention: RetentionPolicy::default() };
-    let store = Store::create(&image, None, &options, &mut |_, _| {}).unwrap().0;
-    let mut model = Model { states: vec![vec![0; VOLUME as usize]] };
-    let write = |store: &Store, model: &mut Model, i: u64| {
-        let data = pattern(i as u8, 1536, i);
-        let offset = (i * 1024) % (VOLUME - 1536);
-        assert_eq!(store.write(offset, &data).unwrap(), model.change(offset, &data));
-    };
+    let (image, store, mut model) = small_segment_store(dir.path());
     for i in 0..40 {
-        write(&store, &mut model, i);
+        write_nth(&store, &mut model, i);
     }
     store.close().unwrap();
     let store = Store::open(&image, None).unwrap().0;
     for i in 40..80 {
-        write(&store, &mut model, i);
+        write_nth(&store, &mut model, i);
     }
-    let journal = image.with_file_name("disk.img.rewind").join("journal");
-    let indexes = || -> Vec<std::path::PathBuf> {
-        let mut found: Vec<_> = std::fs::read_dir(&journal)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "idx"))
-            .collect();
-        found.sort();
-        found
-    };
+    let indexes = || -> Vec<std::path::PathBuf> { header_indexes(&image).into_keys().collect() };
     assert!(indexes().len() >= 2, "segments sealed by this process are indexed: {:?}", indexes());
     let check = |salt: u64| {
         for seq in [1, 20, 45, 60, store.head()] {

@@ -4,8 +4,10 @@
 //!
 //! `{index:016x}.idx` beside the segment, written when the segment is sealed. It is derived
 //! data: never synced, checked on every use (checksum, and the segment it describes), and a
-//! segment without a usable index is walked instead. Segments sealed before the store was last
-//! opened have none.
+//! segment without a usable index is walked instead. Segments whose records this process did
+//! not all append (the first of a new journal, the one active when the store was opened) are
+//! sealed without one; the first view that walks such a segment writes it
+//! (`JournalView::for_each_header`).
 //!
 //! Layout (little-endian): magic `RWSEGIX\0`, format version (u32), reserved (u32), segment
 //! index, first seq, next seq, end (u64 each), CRC32C of the entries (u32), CRC32C of the bytes

@@ -1001,6 +1001,7 @@ impl JournalView {
         to: Seq,
         mut visit: impl FnMut(&Segment, header_index::IndexedRecord) -> Result<()>,
     ) -> Result<()> {
+        let active = self.segments.last().map(|s| s.index);
         for segment in self.segments_holding(from, to) {
             let in_range = |seq: Seq| seq >= from && seq <= to;
             match header_index::read(segment) {
@@ -1009,19 +1010,41 @@ impl JournalView {
                         visit(segment, record)?;
                     }
                 }
+                // A sealed segment without a usable index (the first of a new journal, the one
+                // active when the store was opened, or its index damaged) is walked whole, so
+                // that it gets one for the next view; the active segment, still growing, only
+                // as far as asked.
                 None => {
+                    let sealed = Some(segment.index) != active;
+                    let (mut index, walk_to) = match sealed {
+                        true => (header_index::IndexBuilder::complete(), segment.next_seq - 1),
+                        false => (header_index::IndexBuilder::default(), to),
+                    };
+                    // The newest record visited (or passed over) so far.
+                    let mut walked = None;
                     let one = JournalView { segments: vec![segment.clone()] };
-                    one.for_each(from.max(segment.first_seq), to, Payloads::Skip, |rec| {
+                    let outcome = one.for_each(segment.first_seq, walk_to, Payloads::Skip, |rec| {
                         let h = rec.header;
-                        let record = header_index::IndexedRecord {
-                            seq: h.seq,
-                            kind: h.kind,
-                            offset: h.offset,
-                            length: h.length,
-                            payload_position: rec.payload_position(),
-                        };
-                        visit(segment, record)
-                    })?;
+                        index.push(h.kind, h.offset, h.length, rec.payload_position());
+                        if in_range(h.seq) {
+                            let payload_position = rec.payload_position();
+                            let (kind, offset, length) = (h.kind, h.offset, h.length);
+                            visit(
+                                segment,
+                                header_index::IndexedRecord { seq: h.seq, kind, offset, length, payload_position },
+                            )?;
+                        }
+                        walked = Some(h.seq);
+                        Ok(())
+                    });
+                    match outcome {
+                        Ok(()) => index.write(segment),
+                        // Damage past the records asked for costs the segment its index only.
+                        Err(e) if walked.is_some_and(|seq| seq >= to) => {
+                            log::warn!("journal: not indexing {}: {e}", segment.path.display())
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }
