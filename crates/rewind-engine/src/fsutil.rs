@@ -216,20 +216,6 @@ impl ReadOnlyMap {
         Ok(Self { ptr, len })
     }
 
-    /// Maps every page of the file into this mapping now, reading from the disk what is not
-    /// cached: later copies then take no page fault (each first touch of a page would). An I/O
-    /// error here is returned, not raised as SIGBUS.
-    pub fn populate(&self) -> io::Result<()> {
-        if self.len == 0 {
-            return Ok(());
-        }
-        // SAFETY: advice on exactly the mapping `new` made; MADV_POPULATE_READ only reads.
-        if unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_POPULATE_READ) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: `ptr` is a readable mapping of `len` bytes (or dangling with `len` 0) that lives
         // as long as `self`; nothing writes through it.

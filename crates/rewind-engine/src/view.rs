@@ -66,7 +66,7 @@ pub struct PointView {
     deltas: Vec<Arc<File>>,
     segments: Vec<Segment>,
     /// The segments' records, mapped: payloads are copied from here ([`ReadOnlyMap`] says why).
-    records: Vec<Arc<ReadOnlyMap>>,
+    records: Vec<ReadOnlyMap>,
     map: ExtentMap<Location>,
     _pin: Option<ViewPin>,
 }
@@ -115,7 +115,7 @@ impl PointView {
         })?;
         let records = segments
             .iter()
-            .map(|s| ReadOnlyMap::new(&s.file, s.end).map(Arc::new).context(|| format!("mapping {}", s.path.display())))
+            .map(|s| ReadOnlyMap::new(&s.file, s.end).context(|| format!("mapping {}", s.path.display())))
             .collect::<Result<_>>()?;
         let volume_size = snapshots.volume_size();
         Ok(Self { seq, snapshot_seq, volume_size, base, deltas, segments, records, map, _pin: None })
@@ -147,25 +147,18 @@ impl PointView {
 
     /// What reads the journal segments and snapshot deltas the view reads from into the page
     /// cache: the store drops sealed segments from the cache, and a view's reads would
-    /// otherwise go to the disk one by one. Then it fills the segments' mappings, so that the
-    /// view's first copy from each page takes no page fault. The base is left alone (it is as
-    /// large as the volume). It holds the files and mappings only, not the view, so it may run
-    /// on a thread of its own without keeping the view open.
+    /// otherwise go to the disk one by one. The base is left alone (it is as large as the
+    /// volume). It holds the files only, not the view, so it may run on a thread of its own
+    /// without keeping the view open.
     pub fn prefetcher(&self) -> impl FnOnce() + Send + 'static {
         let segments = self.segments.iter().map(|s| (Arc::clone(&s.file), s.end));
         let deltas = self.deltas.iter().map(|d| (Arc::clone(d), d.metadata().map_or(0, |m| m.len())));
         let files: Vec<(Arc<File>, u64)> = segments.chain(deltas).collect();
-        let records = self.records.clone();
         let seq = self.seq;
         move || {
             for (file, len) in files {
                 if let Err(e) = crate::fsutil::prefetch(&file, 0, len) {
                     log::debug!("view of seq {seq}: cannot read ahead: {e}");
-                }
-            }
-            for mapping in records {
-                if let Err(e) = mapping.populate() {
-                    log::debug!("view of seq {seq}: cannot fill a segment's mapping: {e}");
                 }
             }
         }
