@@ -176,62 +176,6 @@ pub fn prefetch(file: &File, from: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// The first `len` bytes of a file, mapped read-only and shared, so that they are read by
-/// copying from memory rather than by a `pread` each.
-///
-/// Why: a point-in-time view reads 4 KiB journal payloads at random, each 64 bytes into a page
-/// and so across two, from segments the store dropped from the page cache and read back in
-/// single pages. `pread` of such a payload cost 2.0 µs against 1.0 µs for an aligned 4 KiB read
-/// of the volume (the kernel takes and releases every page it copies); a copy from a mapping
-/// whose pages are cached cost 0.6 µs (README, Benchmarks, Instant access).
-///
-/// The cost: a page that must be read back from the disk and cannot be (an I/O error) raises
-/// SIGBUS, which stops the process, where `pread` would have failed the one read. The file must
-/// not be cut shorter than `len` while mapped (the store never shortens a segment a view pins).
-pub struct ReadOnlyMap {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and owned by this value alone (unmapped on drop); reading
-// it from several threads at once is as safe as reading any shared `&[u8]`.
-unsafe impl Send for ReadOnlyMap {}
-// SAFETY: as above.
-unsafe impl Sync for ReadOnlyMap {}
-
-impl ReadOnlyMap {
-    pub fn new(file: &File, len: u64) -> io::Result<Self> {
-        let len = usize::try_from(len).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        if len == 0 {
-            return Ok(Self { ptr: std::ptr::NonNull::dangling(), len });
-        }
-        // SAFETY: a new mapping at an address the kernel chooses, of an fd we hold; it aliases
-        // no Rust memory.
-        let ptr =
-            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Self { ptr, len })
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` is a readable mapping of `len` bytes (or dangling with `len` 0) that lives
-        // as long as `self`; nothing writes through it.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for ReadOnlyMap {
-    fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: unmaps exactly the mapping `new` made; no slice of it outlives `self`.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-        }
-    }
-}
-
 fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let zeroes = vec![0u8; len.min(1 << 20) as usize];

@@ -8,10 +8,6 @@
 //! segments' header indexes, `journal::header_index`, where they have them); payloads are not
 //! read, so building costs in proportion to the extents and records, not the data.
 //!
-//! Journal payloads are copied from read-only mappings of the segments rather than read with
-//! `pread` (see [`ReadOnlyMap`] for why, and for what an I/O error then costs); the base and
-//! the deltas are read as usual.
-//!
 //! The view keeps its own handles on every file it reads, and while it is open the store keeps
 //! the files' content as it was ([`ViewPins`]): no journal segment holding a record after the
 //! view's snapshot is freed, and nothing is merged into the base.
@@ -25,7 +21,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::extent_map::{ExtentMap, ExtentSource};
-use crate::fsutil::ReadOnlyMap;
 use crate::journal::segment::Segment;
 use crate::journal::{JournalView, RecordKind};
 use crate::snapshot::SnapshotStore;
@@ -65,8 +60,6 @@ pub struct PointView {
     base: File,
     deltas: Vec<Arc<File>>,
     segments: Vec<Segment>,
-    /// The segments' records, mapped: payloads are copied from here ([`ReadOnlyMap`] says why).
-    records: Vec<ReadOnlyMap>,
     map: ExtentMap<Location>,
     _pin: Option<ViewPin>,
 }
@@ -113,12 +106,7 @@ impl PointView {
             map.insert(record.offset, record.length, location);
             Ok(())
         })?;
-        let records = segments
-            .iter()
-            .map(|s| ReadOnlyMap::new(&s.file, s.end).context(|| format!("mapping {}", s.path.display())))
-            .collect::<Result<_>>()?;
-        let volume_size = snapshots.volume_size();
-        Ok(Self { seq, snapshot_seq, volume_size, base, deltas, segments, records, map, _pin: None })
+        Ok(Self { seq, snapshot_seq, volume_size: snapshots.volume_size(), base, deltas, segments, map, _pin: None })
     }
 
     pub(crate) fn pinned_by(mut self, pin: ViewPin) -> Self {
@@ -202,16 +190,7 @@ impl PointView {
                 .read_exact_at(buf, position)
                 .context(|| format!("reading a snapshot delta at {position}")),
             Location::Journal { segment, position } => {
-                let payload = usize::try_from(position)
-                    .ok()
-                    .and_then(|at| self.records[segment as usize].bytes().get(at..at.checked_add(buf.len())?));
-                let Some(payload) = payload else {
-                    let segment = self.segments[segment as usize].path.clone();
-                    let reason = format!("a payload of {} bytes past the end of the records", buf.len());
-                    return Err(Error::JournalCorrupt { segment, offset: position, reason });
-                };
-                buf.copy_from_slice(payload);
-                Ok(())
+                JournalView::read_payload(&self.segments[segment as usize], position, buf)
             }
         }
     }
