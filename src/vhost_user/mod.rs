@@ -1,5 +1,5 @@
-//! The vhost-user-blk device: features, config space and the vhost-user backend's callbacks.
-//! The work is done a layer down, each concern in its module:
+//! The vhost-user-blk device: features, config space and what a frontend's requests do to it
+//! (answered in `connection`). The work is done a layer down, each concern in its module:
 //!
 //! - `pipeline`: a queue's worker, one pass over the ring at a time (batching, inline apply,
 //!   read sharing and ring polling, each a named policy);
