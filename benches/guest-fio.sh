@@ -5,7 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source guest-tests/lib.sh
-command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
 REWIND=${REWIND:-target/release/rewind}
 [ -x "$REWIND" ] || cargo build --release --quiet
 work=$(mktemp -d)
@@ -14,9 +13,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 # fio and every library it loads, run through the dynamic loader from /data.
-mkdir -p "$work/data/lib"
-cp /usr/bin/fio "$work/data/fio"
-for lib in $(ldd /usr/bin/fio | grep -o '/[^ ]*' | sort -u); do cp -L "$lib" "$work/data/lib/"; done
+guest_fio "$work/data"
 cat > "$work/fio.sh" <<'S'
 set -e
 mkdir -p /tmp

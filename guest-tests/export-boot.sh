@@ -9,14 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source guest-tests/lib.sh
 
-REWIND=${REWIND:-target/debug/rewind}
-work=$(mktemp -d)
-daemons=()
-cleanup() {
-    for pid in "${daemons[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+guest_test_daemons
 
 serve() { # serve IMAGE NAME: rewind serve with a control socket, under $work/NAME.*
     RUST_LOG=${RUST_LOG:-warn} "$REWIND" serve "$1" --socket "$work/$2.vhost" --control "$work/$2.control" \

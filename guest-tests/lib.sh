@@ -132,3 +132,23 @@ file_sets() {
     done
     (cd "$dir" && sha256sum a/* > a.sha256 && sha256sum b/* > b.sha256)
 }
+
+# guest_fio DATA_DIR: fio and every library it loads in DATA_DIR/fio and DATA_DIR/lib (installed
+# on the host first if missing), for a guest to run as
+# /data/lib/ld-linux-x86-64.so.2 --library-path /data/lib /data/fio.
+guest_fio() {
+    local data=$1 lib
+    command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
+    mkdir -p "$data/lib"
+    cp /usr/bin/fio "$data/fio"
+    for lib in $(ldd /usr/bin/fio | grep -o '/[^ ]*' | sort -u); do cp -L "$lib" "$data/lib/"; done
+}
+
+# guest_test_daemons: $REWIND, a work directory $work, and $daemons, the daemons a test starts;
+# at exit the daemons are stopped and $work is removed.
+guest_test_daemons() {
+    REWIND=${REWIND:-target/debug/rewind}
+    work=$(mktemp -d)
+    daemons=()
+    trap 'for pid in "${daemons[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; done; rm -rf "$work"' EXIT
+}

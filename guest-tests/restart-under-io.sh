@@ -17,7 +17,6 @@ REWIND=${REWIND:-target/debug/rewind}
 RESTARTS=${RESTARTS:-6}
 SEED=${SEED:-$$}
 STALLS=${STALLS:-}
-command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
 work=$(mktemp -d)
 daemon=
 guest=
@@ -60,9 +59,7 @@ requests() {
 }
 
 # fio and its libraries run through the dynamic loader from /data; /data/a holds files to copy.
-mkdir -p "$work/data/lib"
-cp /usr/bin/fio "$work/data/fio"
-for lib in $(ldd /usr/bin/fio | grep -o '/[^ ]*' | sort -u); do cp -L "$lib" "$work/data/lib/"; done
+guest_fio "$work/data"
 file_sets "$work/data"
 # Each fio round writes its files in full and then verifies them; rounds go on until the host,
 # its restarts done, says "stop" on a virtio console port (or a generous time has passed).

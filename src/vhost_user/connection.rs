@@ -113,8 +113,6 @@ pub struct Connection {
     mappings: Vec<Mapping>,
     vrings: Vec<VringRwLock>,
     workers: Vec<Option<QueueWorker>>,
-    /// Kick fds a queue was given, duplicated for its worker to wait on.
-    kicks: Vec<Option<File>>,
     inflight: Option<Arc<InflightRegion>>,
     owned: bool,
     acked_features: u64,
@@ -139,7 +137,6 @@ impl Connection {
             mappings: Vec::new(),
             vrings,
             workers: (0..queues).map(|_| None).collect(),
-            kicks: (0..queues).map(|_| None).collect(),
             inflight: None,
             owned: false,
             acked_features: 0,
@@ -163,11 +160,12 @@ impl Connection {
         self.backend.set_memory(self.memory.clone());
     }
 
-    /// Starts queue `index` once it has both a kick fd and rings: with an inflight region, it
-    /// resumes where the region says and resubmits what is unfinished first.
-    fn start_queue(&mut self, index: usize) -> ProtocolResult<()> {
+    /// Starts queue `index`, kicked through `kick` (the frontend's kick fd, duplicated for its
+    /// worker to wait on): with an inflight region, it resumes where the region says and
+    /// resubmits what is unfinished first.
+    fn start_queue(&mut self, index: usize, kick: File) -> ProtocolResult<()> {
         let vring = self.vrings[index].clone();
-        if vring.get_ref().get_queue().ready() || self.kicks[index].is_none() {
+        if vring.get_ref().get_queue().ready() {
             return Ok(());
         }
         let tracking = match &self.inflight {
@@ -189,13 +187,9 @@ impl Connection {
         };
         vring.set_queue_ready(true);
         self.backend.start_queue(index, tracking);
-        let kick =
-            self.kicks[index].as_ref().map(File::try_clone).transpose().map_err(ProtocolError::ReqHandlerError)?;
-        if let Some(kick) = kick {
-            let worker = QueueWorker::spawn(Arc::clone(&self.backend), index, vring.clone(), kick)
-                .map_err(ProtocolError::ReqHandlerError)?;
-            self.workers[index] = Some(worker);
-        }
+        let worker = QueueWorker::spawn(Arc::clone(&self.backend), index, vring, kick)
+            .map_err(ProtocolError::ReqHandlerError)?;
+        self.workers[index] = Some(worker);
         Ok(())
     }
 
@@ -323,7 +317,6 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let next_avail = vring.queue_next_avail();
         vring.set_kick(None);
         vring.set_call(None);
-        self.kicks[index as usize] = None;
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
     }
 
@@ -331,8 +324,11 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let vring = self.vring(u32::from(index))?;
         let ours = file.as_ref().map(File::try_clone).transpose().map_err(ProtocolError::ReqHandlerError)?;
         vring.set_kick(file);
-        self.kicks[usize::from(index)] = ours;
-        self.start_queue(usize::from(index))
+        // A queue starts when it is kicked; without a kick fd (polling) it is not served.
+        match ours {
+            Some(kick) => self.start_queue(usize::from(index), kick),
+            None => Ok(()),
+        }
     }
 
     fn set_vring_call(&mut self, index: u8, file: Option<File>) -> ProtocolResult<()> {

@@ -199,11 +199,11 @@ impl QueuePart<'_> {
         Ok(self.slice.store(value, at, Ordering::Release)?)
     }
 
-    /// Checks a queue's header and flags: a fresh part (version 0) or one this backend's
-    /// format describes.
-    fn check(&self, queue: usize, queue_size: u16) -> Result<(), InflightError> {
+    /// Checks a queue's header and flags: a fresh part (version 0: None) or one this backend's
+    /// format describes (its flagged entries, as (counter, index), read in the same pass).
+    fn check(&self, queue: usize, queue_size: u16) -> Result<Option<Vec<(u64, u16)>>, InflightError> {
         match self.version()? {
-            0 => Ok(()),
+            0 => Ok(None),
             VERSION => {
                 let desc_num = self.load_u16(DESC_NUM_AT)?;
                 if desc_num != queue_size {
@@ -213,13 +213,15 @@ impl QueuePart<'_> {
                 if head >= queue_size {
                     return Err(InflightError::LastBatchHead { queue, head, size: queue_size });
                 }
+                let mut flagged = Vec::new();
                 for index in 0..queue_size {
-                    let flag = self.flag(index)?;
-                    if flag > 1 {
-                        return Err(InflightError::Flag { queue, index, flag });
+                    match self.flag(index)? {
+                        0 => {}
+                        1 => flagged.push((self.counter(index)?, index)),
+                        flag => return Err(InflightError::Flag { queue, index, flag }),
                     }
                 }
-                Ok(())
+                Ok(Some(flagged))
             }
             version => Err(InflightError::Version { queue, version }),
         }
@@ -263,36 +265,29 @@ impl QueueTracker {
             return Err(InflightError::RingSize { queue, ring: ring_size, region: region.queue_size });
         }
         let part = region.queue_part(queue)?;
-        part.check(queue, ring_size)?;
         let mut resume = Resume { resubmit: Vec::new(), next_avail: used_idx };
         let mut counter = 0;
-        if part.version()? == 0 {
-            part.store_u16(DESC_NUM_AT, ring_size)?;
-            part.store_u16(LAST_BATCH_HEAD_AT, 0)?;
-            part.store_u16(USED_IDX_AT, used_idx)?;
-            part.store_u16(VERSION_AT, VERSION)?;
-        } else {
+        if let Some(mut flagged) = part.check(queue, ring_size)? {
             if part.load_u16(USED_IDX_AT)? != used_idx {
+                // Read again: the frontend may have changed it since the check.
                 let head = part.load_u16(LAST_BATCH_HEAD_AT)?;
                 if head >= ring_size {
                     return Err(InflightError::LastBatchHead { queue, head, size: ring_size });
                 }
                 part.set_flag(head, 0)?;
                 part.store_u16(USED_IDX_AT, used_idx)?;
-            }
-            let mut flagged = Vec::new();
-            for index in 0..ring_size {
-                match part.flag(index)? {
-                    0 => {}
-                    1 => flagged.push((part.counter(index)?, index)),
-                    flag => return Err(InflightError::Flag { queue, index, flag }),
-                }
+                flagged.retain(|&(_, index)| index != head);
             }
             flagged.sort_unstable();
             counter = flagged.last().map_or(0, |&(last, _)| last.wrapping_add(1));
             // Every chain taken is either completed (counted by the used index) or flagged.
             resume.next_avail = (Wrapping(used_idx) + Wrapping(flagged.len() as u16)).0;
             resume.resubmit = flagged.into_iter().map(|(_, index)| index).collect();
+        } else {
+            part.store_u16(DESC_NUM_AT, ring_size)?;
+            part.store_u16(LAST_BATCH_HEAD_AT, 0)?;
+            part.store_u16(USED_IDX_AT, used_idx)?;
+            part.store_u16(VERSION_AT, VERSION)?;
         }
         Ok((Self { region, queue, counter: Mutex::new(counter) }, resume))
     }

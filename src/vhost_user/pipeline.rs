@@ -162,7 +162,7 @@ impl BlkQueue {
             device.counters.resubmitted.fetch_add(resubmit.len() as u64, Ordering::Relaxed);
             let resubmitted = ring::chains_at(vring.get_ref().get_queue(), &memory, &resubmit);
             let event_idx = device.event_idx.load(Ordering::Relaxed);
-            if !self.run_pass(device, vring, resubmitted, tracker.as_ref(), event_idx, false)? {
+            if !self.run_pass(device, vring, resubmitted, tracker.as_ref(), event_idx)? {
                 return Ok(());
             }
         }
@@ -178,7 +178,14 @@ impl BlkQueue {
             // `pop_chains`): the frontend may add regions while this loop runs.
             let popped = ring::pop_chains(vring.get_mut().get_queue_mut(), &memory);
             let mem = popped.mem.clone();
-            if !self.run_pass(device, vring, popped, tracker.as_ref(), event_idx, true)? {
+            if let Some(tracker) = &tracker {
+                // Only an access outside the region fails, and its bounds were checked when the
+                // queue started; the requests still run, untracked, rather than hang.
+                if let Err(e) = tracker.taken(popped.chains.iter().map(|(head, _)| *head)) {
+                    log::error!("queue {}: cannot flag requests in the inflight region: {e}", self.index);
+                }
+            }
+            if !self.run_pass(device, vring, popped, tracker.as_ref(), event_idx)? {
                 return Ok(());
             }
             if watches_ring(event_idx, &self.applier) && more_requests_soon(vring, &mem) {
@@ -190,8 +197,8 @@ impl BlkQueue {
         }
     }
 
-    /// Executes the chains of one look at the ring (`newly_taken`: flagged in the inflight
-    /// region first) or of the resubmit list; returns false if the queue broke down.
+    /// Executes the chains of one look at the ring or of the resubmit list; returns false if
+    /// the queue broke down.
     fn run_pass(
         &self,
         device: &Device,
@@ -199,16 +206,8 @@ impl BlkQueue {
         popped: ring::Popped,
         tracker: Option<&Arc<QueueTracker>>,
         event_idx: bool,
-        newly_taken: bool,
     ) -> io::Result<bool> {
         let mem = popped.mem;
-        if let (Some(tracker), true) = (tracker, newly_taken) {
-            // Only an access outside the region fails, and its bounds were checked when the
-            // queue started; the requests still run, untracked, rather than hang.
-            if let Err(e) = tracker.taken(popped.chains.iter().map(|(head, _)| *head)) {
-                log::error!("queue {}: cannot flag requests in the inflight region: {e}", self.index);
-            }
-        }
         let parsed: Vec<(u16, ParsedChain)> = popped
             .chains
             .into_iter()

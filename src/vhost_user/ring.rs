@@ -103,9 +103,7 @@ pub fn pop_chains(queue: &mut Queue, memory: &GuestMemoryAtomic<GuestMemoryMmap>
             popped.fault = Some(RingFault::HeadOutOfRange { position, head, size });
             break;
         }
-        let descs: Vec<Desc> = chain
-            .map(|d| Desc { addr: d.addr(), len: d.len(), write_only: d.is_write_only(), has_next: d.has_next() })
-            .collect();
+        let descs: Vec<Desc> = chain.map(|d| desc(&d)).collect();
         // The chain iterator stops early, on a descriptor that still says "next", when the
         // chain loops or leaves the table; it yields nothing for an unusable indirect table.
         if descs.last().is_none_or(|last| last.has_next) {
@@ -139,6 +137,11 @@ pub fn chains_at(queue: &Queue, memory: &GuestMemoryAtomic<GuestMemoryMmap>, hea
     popped
 }
 
+/// What parsing needs of a descriptor.
+fn desc(d: &Descriptor) -> Desc {
+    Desc { addr: d.addr(), len: d.len(), write_only: d.is_write_only(), has_next: d.has_next() }
+}
+
 fn chain_at(queue: &Queue, mem: &GuestMemoryMmap, head: u16) -> Option<Vec<Desc>> {
     let mut table = queue.desc_table();
     let mut table_len = queue.size();
@@ -166,12 +169,7 @@ fn chain_at(queue: &Queue, mem: &GuestMemoryMmap, head: u16) -> Option<Vec<Desc>
             index = 0;
             continue;
         }
-        descs.push(Desc {
-            addr: desc.addr(),
-            len: desc.len(),
-            write_only: desc.is_write_only(),
-            has_next: desc.has_next(),
-        });
+        descs.push(self::desc(&desc));
         if !desc.has_next() {
             return Some(descs);
         }
