@@ -54,8 +54,8 @@ impl<S: ExtentSource> ExtentMap<S> {
     /// The extents that overlap `start..end`, in order, whole (the first may start before
     /// `start`, the last end after `end`).
     ///
-    /// Each B-tree search is a walk through nodes that are rarely cached (one per read of a
-    /// point-in-time view), so the common case takes one: when the last extent starting before
+    /// Each B-tree search is a walk through nodes that are rarely cached (one per read of an
+    /// export's overlay), so the common case takes one: when the last extent starting before
     /// `end` starts at or before `start`, it is the only one that can overlap.
     pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, S)> + '_ {
         let last = self.extents.range(..end).next_back().map(|(&s, &(len, source))| (s, len, source));
@@ -76,6 +76,64 @@ impl<S: ExtentSource> ExtentMap<S> {
             .map(|(&s, &(len, source))| (s, len, source));
         let inside = self.extents.range(start..end).map(|(&s, &(len, source))| (s, len, source));
         before.into_iter().chain(inside)
+    }
+
+    pub fn len(&self) -> usize {
+        self.extents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
+}
+
+/// An extent map that no longer changes (a point-in-time view's), in a sorted array with a
+/// summary of it small enough to stay cached. A lookup bisects the summary, then scans one run
+/// of [`SUMMARY_STRIDE`] extents (four cache lines, read in order), so it waits for memory about
+/// once. A view's lookups are random over a map of megabytes: bisecting the whole array took
+/// 10–17% of an export's read path in profiles, a B-tree walk 7–11%, both from cache misses.
+/// An extent takes 32 bytes with a 16-byte source, plus 1 byte of summary.
+#[derive(Debug, Clone)]
+pub struct SortedExtents<S> {
+    /// (start, end, source), in order; extents neither overlap nor are empty, so the ends are
+    /// in order too.
+    extents: Vec<(u64, u64, S)>,
+    /// The start of every [`SUMMARY_STRIDE`]th extent.
+    summary: Vec<u64>,
+}
+
+const SUMMARY_STRIDE: usize = 8;
+
+impl<S: ExtentSource> From<ExtentMap<S>> for SortedExtents<S> {
+    fn from(map: ExtentMap<S>) -> Self {
+        let extents: Vec<_> =
+            map.extents.into_iter().map(|(start, (len, source))| (start, start + len, source)).collect();
+        let summary = extents.iter().step_by(SUMMARY_STRIDE).map(|&(start, _, _)| start).collect();
+        Self { extents, summary }
+    }
+}
+
+impl<S: ExtentSource> SortedExtents<S> {
+    /// The extents that overlap `start..end`, in order, whole (the first may start before
+    /// `start`, the last end after `end`).
+    pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, S)> + '_ {
+        // Those starting before `end`, from the first that ends after `start`. Usually only the
+        // last of them can overlap, which spares the second search.
+        let last = self.count_starting_before(end);
+        let first = match last.checked_sub(1) {
+            Some(only) if self.extents[only].0 <= start => only + usize::from(self.extents[only].1 <= start),
+            _ => self.extents[..last].partition_point(|&(_, e, _)| e <= start),
+        };
+        self.extents[first..last].iter().map(|&(s, e, source)| (s, e - s, source))
+    }
+
+    fn count_starting_before(&self, offset: u64) -> usize {
+        let Some(run) = self.summary.partition_point(|&s| s < offset).checked_sub(1) else {
+            return 0;
+        };
+        let from = run * SUMMARY_STRIDE;
+        let to = (from + SUMMARY_STRIDE).min(self.extents.len());
+        from + self.extents[from..to].iter().take_while(|&&(s, _, _)| s < offset).count()
     }
 
     pub fn len(&self) -> usize {
@@ -133,7 +191,7 @@ mod tests {
 
     proptest! {
         /// `overlapping` yields, in order, exactly the extents that share a byte with the
-        /// range, whichever way it finds them.
+        /// range, whichever way it finds them, from the B-tree and from the sorted arrays.
         #[test]
         fn overlapping_matches_a_scan(
             ops in proptest::collection::vec((0u64..200, 1u64..60), 0..40),
@@ -147,7 +205,34 @@ mod tests {
             let end = start + len;
             let scanned: Vec<_> = map.iter().filter(|&(s, l, _)| s < end && s + l > start).collect();
             let found: Vec<_> = map.overlapping(start, end).collect();
-            prop_assert_eq!(found, scanned);
+            prop_assert_eq!(&found, &scanned);
+            let sorted = SortedExtents::from(map);
+            let found_sorted: Vec<_> = sorted.overlapping(start, end).collect();
+            prop_assert_eq!(found_sorted, scanned);
+        }
+    }
+
+    proptest! {
+        /// The sorted arrays of a map with many extents (several summary blocks) find what a
+        /// scan finds.
+        #[test]
+        fn sorted_extents_of_many_blocks_match_a_scan(
+            ops in proptest::collection::vec((0u64..20_000, 1u64..40), 200..600),
+            ranges in proptest::collection::vec((0u64..20_100, 1u64..300), 1..50),
+        ) {
+            let mut map = ExtentMap::new();
+            for (i, &(s, l)) in ops.iter().enumerate() {
+                map.insert(s, l, Tagged { insert: i as u32, at: 0 });
+            }
+            let all: Vec<_> = map.iter().collect();
+            prop_assert!(all.len() > SUMMARY_STRIDE);
+            let sorted = SortedExtents::from(map);
+            for (start, len) in ranges {
+                let end = start + len;
+                let scanned: Vec<_> = all.iter().copied().filter(|&(s, l, _)| s < end && s + l > start).collect();
+                let found: Vec<_> = sorted.overlapping(start, end).collect();
+                prop_assert_eq!(found, scanned);
+            }
         }
     }
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::extent_map::{ExtentMap, ExtentSource};
+use crate::extent_map::{ExtentMap, ExtentSource, SortedExtents};
 use crate::journal::segment::Segment;
 use crate::journal::{JournalView, RecordKind};
 use crate::snapshot::SnapshotStore;
@@ -42,6 +42,9 @@ enum Location {
     },
 }
 
+// docs/format.md gives a view's bytes per extent from this size.
+const _: () = assert!(std::mem::size_of::<Location>() == 16);
+
 impl ExtentSource for Location {
     fn skip(self, bytes: u64) -> Self {
         match self {
@@ -60,7 +63,7 @@ pub struct PointView {
     base: File,
     deltas: Vec<Arc<File>>,
     segments: Vec<Segment>,
-    map: ExtentMap<Location>,
+    map: SortedExtents<Location>,
     _pin: Option<ViewPin>,
 }
 
@@ -106,7 +109,16 @@ impl PointView {
             map.insert(record.offset, record.length, location);
             Ok(())
         })?;
-        Ok(Self { seq, snapshot_seq, volume_size: snapshots.volume_size(), base, deltas, segments, map, _pin: None })
+        Ok(Self {
+            seq,
+            snapshot_seq,
+            volume_size: snapshots.volume_size(),
+            base,
+            deltas,
+            segments,
+            map: map.into(),
+            _pin: None,
+        })
     }
 
     pub(crate) fn pinned_by(mut self, pin: ViewPin) -> Self {
