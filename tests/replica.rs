@@ -165,6 +165,44 @@ fn writes_and_markers_on_a_live_daemon_recover_byte_exact_from_a_directory_repli
     markers_and_writes_recover_exactly(dir.path(), &url, &[]);
 }
 
+/// A power loss on a directory replica's own disk (a crashfs mount: names and bytes go back to
+/// their last fsync) keeps everything its manifest counted: the manifest, and every object it
+/// lists, so the last shipped point and its markers still recover byte-exact.
+#[test]
+fn a_power_loss_on_a_directory_replicas_disk_keeps_what_its_manifest_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backing, mountpoint) = (dir.path().join("backing"), dir.path().join("mnt"));
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mountpoint).unwrap();
+    let mount = crashfs::Mount::start(&backing, &mountpoint, crashfs::Model::DataAndMetadata).unwrap();
+    let url = file_url(&mountpoint.join("replica"));
+    let served = serve_replicated(&dir.path().join("host-a").tap_create(), &url, &[], &[]);
+    let mut client = Client::connect(&served.daemon.socket, 1);
+    let mut rng = Rng(0x5eed_0014);
+    let mut model = vec![0u8; SIZE as usize];
+    let mut points = Vec::new();
+    for round in 0..2 {
+        write_random(&mut client, &mut model, &mut rng, 300);
+        assert_eq!(client.flush(), 0);
+        let name = format!("before-the-crash-{round}");
+        add_marker(&served.control, &name);
+        points.push((name, model.clone()));
+    }
+    let status = caught_up(&served.control, Duration::from_secs(30));
+    drop(client);
+    served.daemon.kill();
+
+    let report = mount.crash().unwrap();
+    let second_host = dir.path().join("host-b").tap_create();
+    let head = status.head.to_string();
+    let got = recover_from(&[], &url, &["--seq", &head], &second_host.join("head.img"));
+    assert!(got == model, "the last shipped point differs after the replica's power loss ({report})");
+    for (name, expected) in &points {
+        let got = recover_from(&[], &url, &["--marker", name], &second_host.join(format!("{name}.img")));
+        assert!(got == *expected, "marker {name} recovered other bytes after the replica's power loss");
+    }
+}
+
 #[test]
 fn a_daemon_killed_while_shipping_resumes_from_the_manifest_without_gaps() {
     let dir = tempfile::tempdir().unwrap();

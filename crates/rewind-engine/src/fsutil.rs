@@ -141,7 +141,13 @@ pub fn write_back_and_uncache(file: &File, len: u64) -> io::Result<()> {
     if unsafe { libc::sync_file_range(file.as_raw_fd(), 0, len as libc::off64_t, flags) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: as above; posix_fadvise returns the error number instead of setting errno.
+    drop_from_cache(file, len)
+}
+
+/// Drops the clean pages of `[0, len)` of `file` from the page cache (dirty ones stay).
+pub fn drop_from_cache(file: &File, len: u64) -> io::Result<()> {
+    // SAFETY: a plain syscall on an owned fd; posix_fadvise returns the error number instead of
+    // setting errno.
     let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, len as libc::off_t, libc::POSIX_FADV_DONTNEED) };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));

@@ -3,6 +3,7 @@
 //! bucket alone on another host.
 //!
 //! - [`remote`]: the object store behind a URL, every request bounded by a timeout;
+//! - [`directory`]: a `file://` replica, written durably;
 //! - [`layout`]: the versioned remote layout (docs/format.md, "Replica");
 //! - [`ship`]: the shipping thread beside the daemon's I/O path;
 //! - [`restore`]: markers, status and recovery from the replica alone;
@@ -13,6 +14,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod directory;
 pub mod error;
 pub mod layout;
 pub mod remembered;

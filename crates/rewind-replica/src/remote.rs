@@ -3,7 +3,8 @@
 //! its cluster is full) turns into an error rather than a stuck thread.
 //!
 //! `s3://BUCKET/PREFIX` takes endpoint, keys, region and allow-http from the usual `AWS_*`
-//! environment variables, as S3 tools do; `file:///DIR` is a local or network directory.
+//! environment variables, as S3 tools do; `file:///DIR` is a local or network directory
+//! ([`crate::directory`], written to durably).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,11 +12,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, PutPayload, RetryConfig};
 
+use crate::directory::Directory;
 use crate::error::{Error, Result};
 
 /// The longest any one request may take, retries included. An object is at most a few MiB.
@@ -35,9 +36,15 @@ pub struct Listed {
 /// A replica's object store: a bucket and prefix, or a directory.
 pub struct Remote {
     url: String,
-    store: Arc<dyn ObjectStore>,
+    backend: Backend,
     runtime: tokio::runtime::Runtime,
     timeout: Duration,
+}
+
+enum Backend {
+    Objects(Arc<dyn ObjectStore>),
+    /// Blocking file I/O, run on the runtime's blocking threads.
+    Directory(Arc<Directory>),
 }
 
 impl std::fmt::Debug for Remote {
@@ -46,19 +53,50 @@ impl std::fmt::Debug for Remote {
     }
 }
 
+/// What a request to either backend failed with.
+enum Failure {
+    NotFound,
+    Other(String),
+}
+
+impl From<object_store::Error> for Failure {
+    fn from(error: object_store::Error) -> Self {
+        match error {
+            object_store::Error::NotFound { .. } => Self::NotFound,
+            other => Self::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(error: std::io::Error) -> Self {
+        match error.kind() {
+            std::io::ErrorKind::NotFound => Self::NotFound,
+            _ => Self::Other(error.to_string()),
+        }
+    }
+}
+
 /// Awaits `request` for at most `timeout`, naming the operation and key in any error.
-async fn bounded<T>(
+async fn bounded<T, E: Into<Failure>>(
     timeout: Duration,
     operation: &'static str,
     key: &str,
-    request: impl std::future::Future<Output = object_store::Result<T>>,
+    request: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T> {
     match tokio::time::timeout(timeout, request).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(object_store::Error::NotFound { .. })) => Err(Error::Missing { key: key.to_string() }),
-        Ok(Err(e)) => Err(Error::Request { operation, key: key.to_string(), reason: e.to_string() }),
+        Ok(Err(e)) => match e.into() {
+            Failure::NotFound => Err(Error::Missing { key: key.to_string() }),
+            Failure::Other(reason) => Err(Error::Request { operation, key: key.to_string(), reason }),
+        },
         Err(_) => Err(Error::Timeout { operation, key: key.to_string(), seconds: timeout.as_secs() }),
     }
+}
+
+/// Runs blocking file I/O on the runtime's blocking threads.
+async fn blocking<T: Send + 'static>(io: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(io).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 fn bad_url(url: &str, reason: impl Into<String>) -> Error {
@@ -74,7 +112,7 @@ impl Remote {
     /// [`open`](Self::open) with another bound on each request.
     pub fn open_with_timeout(url: &str, timeout: Duration) -> Result<Self> {
         let parsed = url::Url::parse(url).map_err(|e| bad_url(url, e.to_string()))?;
-        let store: Arc<dyn ObjectStore> = match parsed.scheme() {
+        let backend = match parsed.scheme() {
             "s3" => {
                 let bucket = parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| bad_url(url, "no bucket"))?;
                 let retry = RetryConfig { backoff: BackoffConfig::default(), max_retries: 3, retry_timeout: timeout };
@@ -103,58 +141,77 @@ impl Remote {
                     .build()
                     .map_err(|e| Error::Store { url: url.to_string(), reason: e.to_string() })?;
                 let prefix = parsed.path().trim_matches('/');
-                if prefix.is_empty() {
-                    Arc::new(s3)
-                } else {
-                    Arc::new(PrefixStore::new(s3, prefix))
-                }
+                Backend::Objects(match prefix.is_empty() {
+                    true => Arc::new(s3),
+                    false => Arc::new(PrefixStore::new(s3, prefix)),
+                })
             }
             "file" => {
                 if parsed.host_str().is_some_and(|h| !h.is_empty()) {
                     return Err(bad_url(url, "a file URL names a local directory: file:///DIR"));
                 }
                 let dir = parsed.to_file_path().map_err(|()| bad_url(url, "not a local path"))?;
-                std::fs::create_dir_all(&dir).map_err(|e| Error::Store {
+                let directory = Directory::open(dir.clone()).map_err(|e| Error::Store {
                     url: url.to_string(),
                     reason: format!("creating {}: {e}", dir.display()),
                 })?;
-                let local = LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(|e| Error::Store { url: url.to_string(), reason: e.to_string() })?;
-                Arc::new(local)
+                Backend::Directory(Arc::new(directory))
             }
             other => {
                 return Err(bad_url(url, format!("unknown scheme {other:?}; use s3://BUCKET/PREFIX or file:///DIR")))
             }
         };
-        Self::with_store(url, store, timeout)
+        Self::with_backend(url, backend, timeout)
     }
 
     /// A remote over any object store (tests use the in-memory one).
     pub fn with_store(url: &str, store: Arc<dyn ObjectStore>, timeout: Duration) -> Result<Self> {
+        Self::with_backend(url, Backend::Objects(store), timeout)
+    }
+
+    fn with_backend(url: &str, backend: Backend, timeout: Duration) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Error::Store { url: url.to_string(), reason: format!("starting the I/O runtime: {e}") })?;
-        Ok(Self { url: url.to_string(), store, runtime, timeout })
+        Ok(Self { url: url.to_string(), backend, runtime, timeout })
     }
 
     pub fn url(&self) -> &str {
         &self.url
     }
 
-    /// Runs one request with the timeout.
-    fn call<T>(
-        &self,
-        operation: &'static str,
-        key: &str,
-        request: impl std::future::Future<Output = object_store::Result<T>>,
-    ) -> Result<T> {
-        self.runtime.block_on(bounded(self.timeout, operation, key, request))
+    async fn put_async(&self, key: &str, bytes: Bytes) -> Result<()> {
+        let timeout = self.timeout;
+        match &self.backend {
+            Backend::Objects(store) => {
+                let path = ObjectPath::from(key);
+                bounded(timeout, "uploading", key, store.put(&path, PutPayload::from(bytes))).await.map(|_| ())
+            }
+            Backend::Directory(directory) => {
+                let (directory, owned_key) = (Arc::clone(directory), key.to_string());
+                bounded(timeout, "uploading", key, blocking(move || directory.put(&owned_key, &bytes))).await
+            }
+        }
+    }
+
+    async fn get_async(&self, key: &str) -> Result<Bytes> {
+        let timeout = self.timeout;
+        match &self.backend {
+            Backend::Objects(store) => {
+                let path = ObjectPath::from(key);
+                bounded(timeout, "downloading", key, async { store.get(&path).await?.bytes().await }).await
+            }
+            Backend::Directory(directory) => {
+                let (directory, owned_key) = (Arc::clone(directory), key.to_string());
+                let read = blocking(move || directory.get(&owned_key).map(Bytes::from));
+                bounded(timeout, "downloading", key, read).await
+            }
+        }
     }
 
     pub fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
-        let path = ObjectPath::from(key);
-        self.call("uploading", key, self.store.put(&path, PutPayload::from(data))).map(|_| ())
+        self.runtime.block_on(self.put_async(key, Bytes::from(data)))
     }
 
     /// Uploads `objects` (key and bytes, or an error that ends the uploads), a few at a time:
@@ -166,13 +223,11 @@ impl Remote {
         objects: impl Iterator<Item = Result<(String, Bytes)>>,
         mut each: impl FnMut(&str, u64),
     ) -> Result<()> {
-        let timeout = self.timeout;
         self.runtime.block_on(async {
             let mut uploads = futures::stream::iter(objects.map(|object| async move {
                 let (key, bytes) = object?;
                 let len = bytes.len() as u64;
-                let path = ObjectPath::from(key.as_str());
-                bounded(timeout, "uploading", &key, self.store.put(&path, PutPayload::from(bytes))).await?;
+                self.put_async(&key, bytes).await?;
                 Ok::<_, Error>((key, len))
             }))
             .buffer_unordered(PARALLEL_UPLOADS);
@@ -185,21 +240,16 @@ impl Remote {
     }
 
     pub fn get(&self, key: &str) -> Result<Bytes> {
-        let path = ObjectPath::from(key);
-        self.call("downloading", key, async { self.store.get(&path).await?.bytes().await })
+        self.runtime.block_on(self.get_async(key))
     }
 
     /// Downloads `keys` a few at a time, handing each to `each` in the order given, until
     /// `each` returns false.
     pub fn get_each(&self, keys: &[String], mut each: impl FnMut(&str, Bytes) -> Result<bool>) -> Result<()> {
-        let timeout = self.timeout;
         self.runtime.block_on(async {
-            let mut downloads = futures::stream::iter(keys.iter().map(|key| async move {
-                let path = ObjectPath::from(key.as_str());
-                let request = async { self.store.get(&path).await?.bytes().await };
-                (key, bounded(timeout, "downloading", key, request).await)
-            }))
-            .buffered(PARALLEL_DOWNLOADS);
+            let mut downloads =
+                futures::stream::iter(keys.iter().map(|key| async move { (key, self.get_async(key).await) }))
+                    .buffered(PARALLEL_DOWNLOADS);
             while let Some((key, result)) = downloads.next().await {
                 if !each(key, result?)? {
                     break;
@@ -211,16 +261,39 @@ impl Remote {
 
     /// Every object under `prefix` (a folder such as `journal/`).
     pub fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
-        let path = ObjectPath::from(prefix);
-        let listing =
-            self.store.list(Some(&path)).map_ok(|meta| Listed { key: meta.location.to_string(), size: meta.size });
-        self.call("listing", prefix, listing.try_collect::<Vec<_>>())
+        let timeout = self.timeout;
+        self.runtime.block_on(async {
+            match &self.backend {
+                Backend::Objects(store) => {
+                    let path = ObjectPath::from(prefix);
+                    let listing = store
+                        .list(Some(&path))
+                        .map_ok(|meta| Listed { key: meta.location.to_string(), size: meta.size });
+                    bounded(timeout, "listing", prefix, listing.try_collect::<Vec<_>>()).await
+                }
+                Backend::Directory(directory) => {
+                    let (directory, owned_prefix) = (Arc::clone(directory), prefix.to_string());
+                    bounded(timeout, "listing", prefix, blocking(move || directory.list(&owned_prefix))).await
+                }
+            }
+        })
     }
 
     /// Deletes `key`; one already gone is not an error.
     pub fn delete(&self, key: &str) -> Result<()> {
-        let path = ObjectPath::from(key);
-        match self.call("deleting", key, self.store.delete(&path)) {
+        let timeout = self.timeout;
+        let deleted = self.runtime.block_on(async {
+            match &self.backend {
+                Backend::Objects(store) => {
+                    bounded(timeout, "deleting", key, store.delete(&ObjectPath::from(key))).await
+                }
+                Backend::Directory(directory) => {
+                    let (directory, owned_key) = (Arc::clone(directory), key.to_string());
+                    bounded(timeout, "deleting", key, blocking(move || directory.delete(&owned_key))).await
+                }
+            }
+        });
+        match deleted {
             Err(Error::Missing { .. }) => Ok(()),
             other => other,
         }
