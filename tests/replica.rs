@@ -116,6 +116,27 @@ fn file_url(dir: &Path) -> String {
     format!("file://{}", dir.display())
 }
 
+/// `rounds` rounds of 200 random writes and a flush, each followed by a marker `NAME-ROUND`;
+/// returns each marker with the volume it names.
+fn marked_rounds(
+    client: &mut Client,
+    control: &Path,
+    rng: &mut Rng,
+    model: &mut [u8],
+    name: &str,
+    rounds: usize,
+) -> Vec<(String, Vec<u8>)> {
+    let mut points = Vec::new();
+    for round in 0..rounds {
+        write_random(client, model, rng, 200);
+        assert_eq!(client.flush(), 0);
+        let marker = format!("{name}-{round}");
+        add_marker(control, &marker);
+        points.push((marker, model.to_vec()));
+    }
+    points
+}
+
 /// The scenario every backend runs: markers and writes on a live daemon, recovered from the
 /// replica alone; then the listing commands.
 fn markers_and_writes_recover_exactly(dir: &Path, url: &str, env: &[(String, String)]) {
@@ -123,14 +144,7 @@ fn markers_and_writes_recover_exactly(dir: &Path, url: &str, env: &[(String, Str
     let mut client = Client::connect(&served.daemon.socket, 1);
     let mut rng = Rng(0x5eed_0012);
     let mut model = vec![0u8; SIZE as usize];
-    let mut points = Vec::new();
-    for round in 0..3 {
-        write_random(&mut client, &mut model, &mut rng, 200);
-        assert_eq!(client.flush(), 0);
-        let name = format!("round-{round}");
-        add_marker(&served.control, &name);
-        points.push((name, model.clone()));
-    }
+    let points = marked_rounds(&mut client, &served.control, &mut rng, &mut model, "round", 3);
     write_random(&mut client, &mut model, &mut rng, 100);
     assert_eq!(client.flush(), 0);
     let status = caught_up(&served.control, Duration::from_secs(30));
@@ -180,14 +194,7 @@ fn a_power_loss_on_a_directory_replicas_disk_keeps_what_its_manifest_counts() {
     let mut client = Client::connect(&served.daemon.socket, 1);
     let mut rng = Rng(0x5eed_0014);
     let mut model = vec![0u8; SIZE as usize];
-    let mut points = Vec::new();
-    for round in 0..2 {
-        write_random(&mut client, &mut model, &mut rng, 300);
-        assert_eq!(client.flush(), 0);
-        let name = format!("before-the-crash-{round}");
-        add_marker(&served.control, &name);
-        points.push((name, model.clone()));
-    }
+    let points = marked_rounds(&mut client, &served.control, &mut rng, &mut model, "before-the-crash", 2);
     let status = caught_up(&served.control, Duration::from_secs(30));
     drop(client);
     served.daemon.kill();
