@@ -2,8 +2,7 @@
 //! markers and keeps unflushed writes in flight while `rewind serve` is killed at random
 //! instants (kill -9), or loses power: the store lives on a crashfs mount, which after the kill
 //! drops whatever was not made durable (its `data` and `data-and-metadata` models, taken in
-//! turn; every other pair of power losses also starts a new boot, as a real one does, and the
-//! others are opened as after a process death in the same boot). Each runs with default settings and with retention working hard (small segments, a
+//! turn; every other pair of power losses also starts a new boot, as a real one does). Each runs with default settings and with retention working hard (small segments, a
 //! journal limit, a snapshot every second). After each crash: `rewind verify` passes offline; every block
 //! holds a write no older than the last one a completed FLUSH covered (or a write issued after
 //! it), whole; every marker the store still lists recovers to exactly the blocks it named; the
@@ -231,8 +230,6 @@ fn run_until_killed(
     }
 }
 
-/// After a crash, offline: the store opens and verifies; every marker it lists that the
-/// frontend made recovers exactly (one at random each cycle, and the newest).
 /// Makes the store's metadata say it was open in an earlier boot, as after a reboot.
 fn start_a_new_boot(image: &Path) {
     let meta_path = rewind::store::default_store_dir(image).join("meta.json");
@@ -243,6 +240,8 @@ fn start_a_new_boot(image: &Path) {
     }
 }
 
+/// After a crash, offline: the store opens and verifies; every marker it lists that the
+/// frontend made recovers exactly (one at random each cycle, and the newest).
 fn check_store(setup: &Setup, model: &mut Model, rng: &mut Rng, cycle: usize) -> usize {
     let image = setup.image.to_str().unwrap();
     rewind(&["verify", image]);
@@ -331,8 +330,9 @@ fn torture(crash: Crash, retention: bool) {
         daemon.kill();
         if let Some(mount) = &setup.mount {
             mount.crash_with(POWER_LOSS_MODELS[cycle % POWER_LOSS_MODELS.len()]).unwrap();
-            // A real power loss also starts a new boot, after which open rebuilds the volume;
-            // the other cycles check the open that follows a process death in this boot.
+            // A real power loss also starts a new boot, after which open rebuilds the volume
+            // whatever else it finds; the other cycles keep the boot, as storage that lost its
+            // unsynced writes without a reboot would.
             if cycle / POWER_LOSS_MODELS.len() % 2 == 0 {
                 start_a_new_boot(&setup.image);
             }

@@ -547,17 +547,12 @@ impl Store {
         let head = journal.next_seq() - 1;
         let snapshots = SnapshotStore::open(&dir.join(SNAPSHOT_DIR), meta.volume_size, head)?;
         let this_boot = boot_id();
-        // A process that died in this boot left its writes in the page cache, which outlives
-        // it, and applied no write before its record was whole in the journal: a torn tail is
-        // then only a record it was appending, and cutting it is the whole repair. The rebuild
-        // (seconds per GiB, while a guest waits for its disk) is for the rest.
-        let died_in_this_boot = this_boot.is_some() && meta.open_in_boot == this_boot;
         // Volume writes are ordered with the journal's only at checkpoints. If journal records
         // were lost, or the machine went down with the store open, the volume may hold writes
         // the journal does not: rebuild it so it holds exactly the state at the head.
         let rebuild_reason = if interrupted_open {
             Some("an earlier open was interrupted while it repaired the store".to_string())
-        } else if let Some(repair) = tail_repair.as_ref().filter(|_| !died_in_this_boot) {
+        } else if let Some(repair) = &tail_repair {
             Some(format!("the journal tail was cut at {} offset {}", repair.segment.display(), repair.offset))
         } else if head < meta.applied_seq {
             Some(format!("the journal ends at seq {head} but seq {} was durable", meta.applied_seq))

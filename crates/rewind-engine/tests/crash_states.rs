@@ -108,41 +108,6 @@ fn a_torn_record_followed_by_torn_segment_starts_is_one_torn_tail() {
     fixture.assert_opens_at(7, true);
 }
 
-/// A process killed in this boot (the store's meta says it was open in this boot) cannot have
-/// applied the record it was appending, so its torn tail is cut without rebuilding the volume;
-/// after the machine went down (another boot) the volume may hold that record's write, and is
-/// rebuilt.
-#[test]
-fn a_torn_tail_is_cut_without_a_rebuild_only_after_a_process_died_in_this_boot() {
-    let this_boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim().to_string();
-    for (boot, rebuilt) in [(this_boot.as_str(), false), ("another boot", true)] {
-        let fixture = Fixture::new(8);
-        let meta_path = rewind_engine::store::default_store_dir(&fixture.image).join("meta.json");
-        let mut meta: serde_json::Value = serde_json::from_slice(&fs::read(&meta_path).unwrap()).unwrap();
-        meta["open-in-boot"] = boot.into();
-        // The last checkpoint was before the last writes.
-        meta["applied-seq"] = 5.into();
-        fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
-        if !rebuilt {
-            // The killed process had applied writes 1 to 7; the 8th was being appended.
-            fs::write(&fixture.image, &fixture.states[7]).unwrap();
-        }
-        let active = fixture.segment_path(*fixture.segment_indexes().last().unwrap());
-        let bytes = fs::read(&active).unwrap();
-        let last_record_end = bytes.chunks(64).rposition(|c| c.iter().any(|&b| b != 0)).unwrap() * 64 + 64;
-        fs::write(&active, &bytes[..last_record_end - 1024]).unwrap();
-
-        let (store, report) = Store::open(&fixture.image, None).unwrap();
-        assert!(report.tail_repair.is_some(), "{report:?}");
-        assert_eq!(report.volume_rebuilt.is_some(), rebuilt, "open in {boot:?}: {report:?}");
-        assert_eq!(store.head(), 7);
-        let mut volume = vec![0u8; VOLUME as usize];
-        store.read(0, &mut volume).unwrap();
-        assert!(volume == fixture.states[7], "open in {boot:?}: the volume is the state after 7 writes");
-        store.close().unwrap();
-    }
-}
-
 #[test]
 fn a_lost_header_with_durable_records_behind_it_is_damage() {
     let fixture = Fixture::new(8);

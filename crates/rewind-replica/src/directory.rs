@@ -9,9 +9,12 @@
 //! written once and read on another day, and the freed pages hold the next object's bytes
 //! (fresh pages cost several times more on virtual machines that return free memory).
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use rewind_engine::fsutil;
 
@@ -24,11 +27,19 @@ const PARTIAL_PREFIX: &str = ".partial.";
 #[derive(Debug)]
 pub struct Directory {
     root: PathBuf,
+    /// The number of the newest put of each key. A put whose caller timed out goes on in its
+    /// thread (a blocking write cannot be cancelled); when it ends after a newer put of the same
+    /// key began, it must not rename its older bytes over the newer ones (a manifest going back
+    /// to name objects since deleted).
+    newest_put: Mutex<HashMap<String, u64>>,
 }
+
+/// Numbers puts, which also keeps their partial files apart.
+static PUTS: AtomicU64 = AtomicU64::new(0);
 
 impl Directory {
     pub fn open(root: PathBuf) -> io::Result<Self> {
-        let directory = Self { root };
+        let directory = Self { root, newest_put: Mutex::default() };
         directory.create_durably(&directory.root)?;
         Ok(directory)
     }
@@ -47,11 +58,35 @@ impl Directory {
     /// Stores `bytes` as `key`, durably (see the module documentation), replacing any object
     /// of that key at once.
     pub fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+        let put = self.begin_put(key);
+        self.finish_put(key, put, bytes)
+    }
+
+    /// Numbers a put of `key`, which makes every put of it begun before stale.
+    fn begin_put(&self, key: &str) -> u64 {
+        let put = PUTS.fetch_add(1, Ordering::Relaxed);
+        self.newest_puts().insert(key.to_string(), put);
+        put
+    }
+
+    /// Stores `bytes` as `key` for put number `put`, unless a newer put of `key` began.
+    fn finish_put(&self, key: &str, put: u64, bytes: &[u8]) -> io::Result<()> {
+        let stored = self.store(key, put, bytes);
+        // Forgotten once done (keys are mostly used once); a put still running then finds no
+        // number and stores nothing.
+        let mut newest = self.newest_puts();
+        if newest.get(key) == Some(&put) {
+            newest.remove(key);
+        }
+        stored
+    }
+
+    fn store(&self, key: &str, put: u64, bytes: &[u8]) -> io::Result<()> {
         let path = self.path(key)?;
         let parent = path.parent().unwrap_or(&self.root);
         self.create_durably(parent)?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let partial = parent.join(format!("{PARTIAL_PREFIX}{name}"));
+        let partial = parent.join(format!("{PARTIAL_PREFIX}{name}.{}.{put}", std::process::id()));
         let written = (|| {
             let mut file = File::create(&partial)?;
             file.write_all(bytes)?;
@@ -59,13 +94,26 @@ impl Directory {
             if let Err(e) = fsutil::drop_from_cache(&file, bytes.len() as u64) {
                 log::debug!("replica: cannot drop {} from the page cache: {e}", partial.display());
             }
-            fs::rename(&partial, &path)?;
+            {
+                // The check and the rename under one lock: no newer put of the key renames
+                // in between.
+                let newest = self.newest_puts();
+                if newest.get(key) != Some(&put) {
+                    return Err(io::Error::other(format!("{key}: a newer write of it began; this one is dropped")));
+                }
+                fs::rename(&partial, &path)?;
+            }
             sync_directory(parent)
         })();
         if written.is_err() {
             let _ = fs::remove_file(&partial);
         }
         written
+    }
+
+    fn newest_puts(&self) -> MutexGuard<'_, HashMap<String, u64>> {
+        // Single inserts and reads: a panic elsewhere cannot leave the map half changed.
+        self.newest_put.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Creates `dir` and whatever of its ancestors is missing, each made durable in its parent.
@@ -108,7 +156,12 @@ impl Directory {
                 if kind.is_dir() {
                     pending.push((entry.path(), key));
                 } else if kind.is_file() {
-                    listed.push(Listed { key, size: entry.metadata()?.len() });
+                    match entry.metadata() {
+                        Ok(metadata) => listed.push(Listed { key, size: metadata.len() }),
+                        // Deleted since the directory was read.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }
@@ -145,7 +198,7 @@ mod tests {
         directory.put("journal/6-9", b"replaced").unwrap();
         directory.put("base/7-0", b"part").unwrap();
         // What a crash mid-put, or object_store's local store, can leave behind.
-        fs::write(directory.root.join("journal/.partial.10-12"), b"cut").unwrap();
+        fs::write(directory.root.join("journal/.partial.10-12.77.3"), b"cut").unwrap();
         fs::write(directory.root.join("journal/10-12#3"), b"cut").unwrap();
 
         assert_eq!(directory.get("journal/6-9").unwrap(), b"replaced");
@@ -160,6 +213,22 @@ mod tests {
         directory.delete("journal/1-5").unwrap();
         assert_eq!(directory.get("journal/1-5").unwrap_err().kind(), io::ErrorKind::NotFound);
         assert_eq!(directory.delete("journal/1-5").unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    /// A put that ends after a newer put of the same key began (its caller timed out while a
+    /// blocking write went on) leaves the newer bytes, and no partial file.
+    #[test]
+    fn a_put_overtaken_by_a_newer_one_of_the_same_key_stores_nothing() {
+        let (_dir, directory) = directory();
+        let older = directory.begin_put("rewind-replica.json");
+        let newer = directory.begin_put("rewind-replica.json");
+        directory.finish_put("rewind-replica.json", newer, b"newer").unwrap();
+        assert!(directory.finish_put("rewind-replica.json", older, b"older").is_err());
+        assert_eq!(directory.get("rewind-replica.json").unwrap(), b"newer");
+        let other = directory.begin_put("journal/1-5");
+        directory.finish_put("journal/1-5", other, b"another key is not affected").unwrap();
+        let files: Vec<_> = fs::read_dir(&directory.root).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(files.len(), 2, "{files:?}");
     }
 
     #[test]

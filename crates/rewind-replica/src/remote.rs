@@ -37,8 +37,19 @@ pub struct Listed {
 pub struct Remote {
     url: String,
     backend: Backend,
-    runtime: tokio::runtime::Runtime,
+    /// Taken only by `drop`.
+    runtime: Option<tokio::runtime::Runtime>,
     timeout: Duration,
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        // Without waiting for a blocking file call that timed out and still hangs (a dead
+        // network mount): it holds nothing the next store or remote needs.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 enum Backend {
@@ -174,7 +185,11 @@ impl Remote {
             .enable_all()
             .build()
             .map_err(|e| Error::Store { url: url.to_string(), reason: format!("starting the I/O runtime: {e}") })?;
-        Ok(Self { url: url.to_string(), backend, runtime, timeout })
+        Ok(Self { url: url.to_string(), backend, runtime: Some(runtime), timeout })
+    }
+
+    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.as_ref().expect("the runtime is taken only by drop").block_on(future)
     }
 
     pub fn url(&self) -> &str {
@@ -211,7 +226,7 @@ impl Remote {
     }
 
     pub fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
-        self.runtime.block_on(self.put_async(key, Bytes::from(data)))
+        self.block_on(self.put_async(key, Bytes::from(data)))
     }
 
     /// Uploads `objects` (key and bytes, or an error that ends the uploads), a few at a time:
@@ -223,7 +238,7 @@ impl Remote {
         objects: impl Iterator<Item = Result<(String, Bytes)>>,
         mut each: impl FnMut(&str, u64),
     ) -> Result<()> {
-        self.runtime.block_on(async {
+        self.block_on(async {
             let mut uploads = futures::stream::iter(objects.map(|object| async move {
                 let (key, bytes) = object?;
                 let len = bytes.len() as u64;
@@ -240,13 +255,13 @@ impl Remote {
     }
 
     pub fn get(&self, key: &str) -> Result<Bytes> {
-        self.runtime.block_on(self.get_async(key))
+        self.block_on(self.get_async(key))
     }
 
     /// Downloads `keys` a few at a time, handing each to `each` in the order given, until
     /// `each` returns false.
     pub fn get_each(&self, keys: &[String], mut each: impl FnMut(&str, Bytes) -> Result<bool>) -> Result<()> {
-        self.runtime.block_on(async {
+        self.block_on(async {
             let mut downloads =
                 futures::stream::iter(keys.iter().map(|key| async move { (key, self.get_async(key).await) }))
                     .buffered(PARALLEL_DOWNLOADS);
@@ -262,7 +277,7 @@ impl Remote {
     /// Every object under `prefix` (a folder such as `journal/`).
     pub fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
         let timeout = self.timeout;
-        self.runtime.block_on(async {
+        self.block_on(async {
             match &self.backend {
                 Backend::Objects(store) => {
                     let path = ObjectPath::from(prefix);
@@ -282,7 +297,7 @@ impl Remote {
     /// Deletes `key`; one already gone is not an error.
     pub fn delete(&self, key: &str) -> Result<()> {
         let timeout = self.timeout;
-        let deleted = self.runtime.block_on(async {
+        let deleted = self.block_on(async {
             match &self.backend {
                 Backend::Objects(store) => {
                     bounded(timeout, "deleting", key, store.delete(&ObjectPath::from(key))).await
