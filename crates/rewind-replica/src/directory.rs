@@ -41,7 +41,28 @@ impl Directory {
     pub fn open(root: PathBuf) -> io::Result<Self> {
         let directory = Self { root, newest_put: Mutex::default() };
         directory.create_durably(&directory.root)?;
+        // Best effort: readers may open a replica on a read-only mount.
+        if let Err(e) = directory.sync_folders() {
+            log::warn!("replica: cannot sync the folders of {}: {e}", directory.root.display());
+        }
         Ok(directory)
+    }
+
+    /// Syncs the root and every folder under it: a process killed after creating a folder and
+    /// before syncing its parent leaves a folder whose entry a power loss would take, and later
+    /// puts into it sync only the folder itself.
+    fn sync_folders(&self) -> io::Result<()> {
+        let mut pending = vec![self.root.clone()];
+        while let Some(dir) = pending.pop() {
+            sync_directory(&dir)?;
+            for entry in fs::read_dir(&dir)? {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    pending.push(entry.path());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The file of `key`, which must be a relative path of plain names (keys come from the
