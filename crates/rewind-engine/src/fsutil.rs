@@ -310,7 +310,12 @@ pub fn read_up_to_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usi
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing directory {}", dir.display()))
+    sync_dir_entries(dir).context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Makes a directory's entries (new files, renames, removals) durable.
+pub fn sync_dir_entries(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// Replaces `path` with `contents` so that a crash leaves either the old or the new file.

@@ -54,7 +54,7 @@ impl Directory {
     fn sync_folders(&self) -> io::Result<()> {
         let mut pending = vec![self.root.clone()];
         while let Some(dir) = pending.pop() {
-            sync_directory(&dir)?;
+            fsutil::sync_dir_entries(&dir)?;
             for entry in fs::read_dir(&dir)? {
                 let entry = entry?;
                 if entry.file_type()?.is_dir() {
@@ -124,7 +124,7 @@ impl Directory {
                 }
                 fs::rename(&partial, &path)?;
             }
-            sync_directory(parent)
+            fsutil::sync_dir_entries(parent)
         })();
         if written.is_err() {
             let _ = fs::remove_file(&partial);
@@ -145,7 +145,7 @@ impl Directory {
         }
         fs::create_dir_all(dir)?;
         for created in missing.iter().rev() {
-            sync_directory(created.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+            fsutil::sync_dir_entries(fsutil::parent_dir(created))?;
         }
         Ok(())
     }
@@ -193,11 +193,6 @@ impl Directory {
     pub fn delete(&self, key: &str) -> io::Result<()> {
         fs::remove_file(self.path(key)?)
     }
-}
-
-/// Makes a directory's entries (a rename or a new file) durable.
-fn sync_directory(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -105,9 +105,14 @@ async fn bounded<T, E: Into<Failure>>(
     }
 }
 
-/// Runs blocking file I/O on the runtime's blocking threads.
-async fn blocking<T: Send + 'static>(io: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
-    tokio::task::spawn_blocking(io).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+/// Runs `io` on the directory for `key`, on the runtime's blocking threads.
+async fn in_directory<T: Send + 'static>(
+    directory: &Arc<Directory>,
+    key: &str,
+    io: impl FnOnce(&Directory, &str) -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let (directory, key) = (Arc::clone(directory), key.to_string());
+    tokio::task::spawn_blocking(move || io(&directory, &key)).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 fn bad_url(url: &str, reason: impl Into<String>) -> Error {
@@ -204,8 +209,8 @@ impl Remote {
                 bounded(timeout, "uploading", key, store.put(&path, PutPayload::from(bytes))).await.map(|_| ())
             }
             Backend::Directory(directory) => {
-                let (directory, owned_key) = (Arc::clone(directory), key.to_string());
-                bounded(timeout, "uploading", key, blocking(move || directory.put(&owned_key, &bytes))).await
+                let put = in_directory(directory, key, move |directory, key| directory.put(key, &bytes));
+                bounded(timeout, "uploading", key, put).await
             }
         }
     }
@@ -218,8 +223,7 @@ impl Remote {
                 bounded(timeout, "downloading", key, async { store.get(&path).await?.bytes().await }).await
             }
             Backend::Directory(directory) => {
-                let (directory, owned_key) = (Arc::clone(directory), key.to_string());
-                let read = blocking(move || directory.get(&owned_key).map(Bytes::from));
+                let read = in_directory(directory, key, |directory, key| directory.get(key).map(Bytes::from));
                 bounded(timeout, "downloading", key, read).await
             }
         }
@@ -287,8 +291,8 @@ impl Remote {
                     bounded(timeout, "listing", prefix, listing.try_collect::<Vec<_>>()).await
                 }
                 Backend::Directory(directory) => {
-                    let (directory, owned_prefix) = (Arc::clone(directory), prefix.to_string());
-                    bounded(timeout, "listing", prefix, blocking(move || directory.list(&owned_prefix))).await
+                    let listing = in_directory(directory, prefix, |directory, prefix| directory.list(prefix));
+                    bounded(timeout, "listing", prefix, listing).await
                 }
             }
         })
@@ -303,8 +307,8 @@ impl Remote {
                     bounded(timeout, "deleting", key, store.delete(&ObjectPath::from(key))).await
                 }
                 Backend::Directory(directory) => {
-                    let (directory, owned_key) = (Arc::clone(directory), key.to_string());
-                    bounded(timeout, "deleting", key, blocking(move || directory.delete(&owned_key))).await
+                    let deletion = in_directory(directory, key, |directory, key| directory.delete(key));
+                    bounded(timeout, "deleting", key, deletion).await
                 }
             }
         });
