@@ -47,6 +47,8 @@ pub struct ServeConfig {
     pub replicate: Option<String>,
     /// Remote retention: points older than this are freed from the replica.
     pub replica_max_age: Option<Duration>,
+    /// Journal bytes shipped between remote snapshots (0: none; None: the default for the volume).
+    pub replica_delta_every: Option<u64>,
 }
 
 /// Who serves a store, recorded in it so that offline commands can point at the control socket.
@@ -186,7 +188,13 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
             let remote = rewind_replica::Remote::open(url).with_context(|| format!("--replicate {url}"))?;
             let send = control.event_sender();
             let events = Box::new(move |event: rewind_replica::ReplicationEvent| send(event.into()));
-            let shipping = rewind_replica::ShipperConfig { max_age: config.replica_max_age, ..Default::default() };
+            let delta_every = match config.replica_delta_every {
+                Some(0) => None,
+                Some(bytes) => Some(bytes),
+                None => Some(rewind_replica::ShipperConfig::default_delta_every(store.volume_size())),
+            };
+            let shipping =
+                rewind_replica::ShipperConfig { max_age: config.replica_max_age, delta_every, ..Default::default() };
             let shipper = rewind_replica::Shipper::start(Arc::clone(&store), remote, shipping, events)
                 .context("starting replication")?;
             control.set_replication(shipper.status_handle());

@@ -184,6 +184,11 @@ pub struct ServeArgs {
     /// later point recoverable. Without it the replica keeps everything.
     #[arg(long, value_parser = parse_duration, requires = "replicate")]
     pub replica_max_age: Option<std::time::Duration>,
+    /// Store a remote snapshot (a delta) in the replica each time this much journal (e.g. 64G)
+    /// was shipped after the last one, so that recovering a late point from the replica
+    /// replays at most about this much journal; 0: none. Default: 4 times the volume's size.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "replicate")]
+    pub replica_delta_every: Option<u64>,
     #[command(flatten)]
     pub at: AtArgs,
 }

@@ -54,6 +54,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         retention: Box::new(move |policy| retention.apply_to(policy)),
         replicate,
         replica_max_age: args.replica_max_age,
+        replica_delta_every: args.replica_delta_every,
     })
 }
 

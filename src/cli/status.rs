@@ -105,8 +105,10 @@ fn print_replica_status(status: &ReplicaStatus) {
         format_time_ns(status.shipped_time_ns)
     );
     println!(
-        "stored:              base {}, journal {} in {} object(s)",
+        "stored:              base {}, {} delta(s) {}, journal {} in {} object(s)",
         format_bytes(status.base_bytes),
+        status.deltas,
+        format_bytes(status.delta_bytes),
         format_bytes(status.journal_bytes),
         status.journal_objects
     );
@@ -129,10 +131,12 @@ fn print_remembered_replica(remembered: &RememberedReplica) {
                 format_time_ns(status.shipped_time_ns)
             );
             println!(
-                "replica markers:     {} ({} expired); base {}, journal {} in {} object(s)",
+                "replica markers:     {} ({} expired); base {}, {} delta(s) {}, journal {} in {} object(s)",
                 status.markers,
                 status.expired_markers,
                 format_bytes(status.base_bytes),
+                status.deltas,
+                format_bytes(status.delta_bytes),
                 format_bytes(status.journal_bytes),
                 status.journal_objects
             );

@@ -79,9 +79,10 @@ struct Manifest {
     merging_into_base: Option<Seq>,
 }
 
-/// Where a range of a delta being built comes from: zeroes, or a journal payload.
-#[derive(Debug, Clone, Copy)]
-enum Source {
+/// Where a range of the net effect of some records comes from ([`net_effect`]): zeroes, or a
+/// journal payload (segment index and byte position).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
     Zero,
     Journal { segment: u64, position: u64 },
 }
@@ -357,28 +358,7 @@ impl SnapshotStore {
 
     /// Compacts the records in (from, to] into a new delta file.
     fn write_delta(&self, view: &JournalView, from: Seq, to: Seq, origin: SnapshotOrigin) -> Result<SnapshotInfo> {
-        if view.first_seq() > from + 1 || view.next_seq() <= to {
-            return Err(Error::Unrecoverable {
-                requested: format!("snapshot at seq {to}"),
-                oldest: view.first_seq().saturating_sub(1),
-                head: view.next_seq().saturating_sub(1),
-            });
-        }
-        let mut map = ExtentMap::new();
-        view.for_each(from + 1, to, Payloads::OfKinds(&[RecordKind::Write]), |rec| {
-            let h = rec.header;
-            match h.kind {
-                RecordKind::Write => map.insert(
-                    h.offset,
-                    h.length,
-                    Source::Journal { segment: rec.segment.index, position: rec.payload_position() },
-                ),
-                RecordKind::WriteZeroes | RecordKind::Discard => map.insert(h.offset, h.length, Source::Zero),
-                RecordKind::Marker | RecordKind::Snapshot => {}
-            }
-            Ok(())
-        })?;
-
+        let map = net_effect(view, from, to)?;
         let final_path = self.delta_path(to);
         let tmp_path = final_path.with_extension("tmp");
         let file = File::create(&tmp_path).context(|| format!("creating {}", tmp_path.display()))?;
@@ -568,6 +548,36 @@ impl SnapshotStore {
         // Saturating: the counts come from a file without a checksum.
         self.manifest.deltas.iter().fold(self.manifest.base.data_bytes, |sum, d| sum.saturating_add(d.data_bytes))
     }
+}
+
+/// The net effect of the records in (from, to] of `view`: each byte range's last write (where
+/// its payload lies in the journal) or zeroing, in volume order. Applied to the volume at any
+/// point from `from` to `to`, it gives the volume at `to`. Every write payload's checksum is
+/// checked on the way, so a damaged journal is never packed into a snapshot under checksums of
+/// its own.
+pub fn net_effect(view: &JournalView, from: Seq, to: Seq) -> Result<ExtentMap<Source>> {
+    if view.first_seq() > from + 1 || view.next_seq() <= to {
+        return Err(Error::Unrecoverable {
+            requested: format!("snapshot at seq {to}"),
+            oldest: view.first_seq().saturating_sub(1),
+            head: view.next_seq().saturating_sub(1),
+        });
+    }
+    let mut map = ExtentMap::new();
+    view.for_each(from + 1, to, Payloads::OfKinds(&[RecordKind::Write]), |rec| {
+        let h = rec.header;
+        match h.kind {
+            RecordKind::Write => map.insert(
+                h.offset,
+                h.length,
+                Source::Journal { segment: rec.segment.index, position: rec.payload_position() },
+            ),
+            RecordKind::WriteZeroes | RecordKind::Discard => map.insert(h.offset, h.length, Source::Zero),
+            RecordKind::Marker | RecordKind::Snapshot => {}
+        }
+        Ok(())
+    })?;
+    Ok(map)
 }
 
 fn delta_file_name(seq: Seq) -> String {

@@ -32,11 +32,17 @@ pub enum Error {
     #[error("the replica at {url} has records up to seq {remote}, past this store's last record {local}: it is not this store's history (restored from an older copy?)")]
     Diverged { url: String, remote: Seq, local: Seq },
 
-    #[error("unsupported replica format version {found} in {key} (this build reads version {supported})")]
+    #[error("unsupported replica format version {found} in {key} (this build reads versions up to {supported})")]
     UnsupportedVersion { key: String, found: u32, supported: u32 },
 
     #[error("the replica's journal has no object holding seq {seq} (the history in the bucket has a gap)")]
     Gap { seq: Seq },
+
+    #[error("{0} was stopped before it finished")]
+    Stopped(&'static str),
+
+    #[error("{0} ended abnormally (its thread panicked)")]
+    ThreadDied(&'static str),
 
     #[error(transparent)]
     Engine(#[from] rewind_engine::Error),

@@ -1,5 +1,5 @@
-//! The remote layout, version 1 (docs/format.md, "Replica"): object names, the manifest, and
-//! the two object formats, journal batches and base parts. Every object carries its own
+//! The remote layout (docs/format.md, "Replica"): object names, the manifest (version 2), and
+//! the object formats (version 1): journal batches, and the parts of bases and deltas. Every object carries its own
 //! CRC32C checksums and names the store it belongs to; the manifest is written after the
 //! objects it counts, so an upload cut short is never taken for history.
 
@@ -10,15 +10,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// The objects' format version.
 pub const FORMAT_VERSION: u32 = 1;
+/// The manifest's: 2 added `deltas`. Version 1 manifests (no deltas) are still read.
+pub const MANIFEST_VERSION: u32 = 2;
 pub const MANIFEST_KEY: &str = "rewind-replica.json";
 pub const JOURNAL_DIR: &str = "journal";
 pub const BASE_DIR: &str = "base";
+pub const DELTA_DIR: &str = "delta";
 const JOURNAL_MAGIC: [u8; 8] = *b"RWREPJ\0\0";
-const BASE_MAGIC: [u8; 8] = *b"RWREPB\0\0";
-/// Both object kinds start with a header of this many bytes.
+/// Every object kind starts with a header of this many bytes.
 pub const OBJECT_HEADER_LEN: usize = 64;
-const EXTENT_ENTRY_LEN: usize = 24;
+/// A part's table entry: volume offset, length, CRC32C, flags.
+pub const EXTENT_ENTRY_LEN: usize = 24;
+/// The flag of a part's range that reads as zeroes and has no data.
+const ZEROES_FLAG: u32 = 1;
 /// What `format` says in every manifest, so that a stray JSON file is not taken for one.
 const FORMAT_NAME: &str = "rewind-replica";
 
@@ -34,6 +40,11 @@ pub struct Manifest {
     pub block_size: u32,
     /// The volume at `base.seq`, in parts; the oldest remote point.
     pub base: BaseInfo,
+    /// Later snapshots, oldest first, each the net effect of the records since the point
+    /// before it (the base or the previous delta): recovery applies the base and the deltas up
+    /// to a point, then replays only the journal after the last of them.
+    #[serde(default)]
+    pub deltas: Vec<DeltaInfo>,
     /// Every record in `base.seq + 1 ..= shipped_seq` is in the journal objects.
     pub shipped_seq: Seq,
     /// Timestamp of record `shipped_seq` (ns since the epoch).
@@ -58,17 +69,31 @@ pub struct BaseInfo {
     pub data_bytes: u64,
 }
 
+/// A remote snapshot: the net effect of the records in `from + 1 ..= seq`, in parts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeltaInfo {
+    pub seq: Seq,
+    pub from: Seq,
+    /// Timestamp of the record at `seq`.
+    pub time_ns: u64,
+    pub parts: u64,
+    /// Data bytes held by the parts (zeroed ranges hold none).
+    pub data_bytes: u64,
+}
+
 impl Manifest {
     pub fn new(store_uuid: uuid::Uuid, volume_size: u64, block_size: u32, base: BaseInfo) -> Self {
         Self {
             format: FORMAT_NAME.to_string(),
-            format_version: FORMAT_VERSION,
+            format_version: MANIFEST_VERSION,
             store_uuid,
             volume_size,
             block_size,
             shipped_seq: base.seq,
             shipped_time_ns: base.time_ns,
             base,
+            deltas: Vec::new(),
             markers: Vec::new(),
             max_age_secs: None,
             updated_ns: 0,
@@ -86,21 +111,41 @@ impl Manifest {
             return Err(corrupt(format!("not a {FORMAT_NAME} manifest")));
         }
         let version = value.get("format-version").and_then(|v| v.as_u64()).unwrap_or(0);
-        if version != u64::from(FORMAT_VERSION) {
+        if version == 0 || version > u64::from(MANIFEST_VERSION) {
             return Err(Error::UnsupportedVersion {
                 key: MANIFEST_KEY.to_string(),
                 found: u32::try_from(version).unwrap_or(u32::MAX),
-                supported: FORMAT_VERSION,
+                supported: MANIFEST_VERSION,
             });
         }
-        let manifest: Self = serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
+        let mut manifest: Self = serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
         if manifest.shipped_seq < manifest.base.seq {
             return Err(corrupt(format!(
                 "shipped seq {} is older than the base at seq {}",
                 manifest.shipped_seq, manifest.base.seq
             )));
         }
+        // Each delta must follow the point before it without leaving records out, and lie
+        // within what was shipped.
+        let mut point = manifest.base.seq;
+        for delta in &manifest.deltas {
+            if delta.from > point || delta.seq <= point || delta.seq > manifest.shipped_seq {
+                return Err(corrupt(format!(
+                    "the delta at seq {} (from seq {}) does not follow the point at seq {point} within the shipped \
+                     records",
+                    delta.seq, delta.from
+                )));
+            }
+            point = delta.seq;
+        }
+        // What this build writes from here on.
+        manifest.format_version = MANIFEST_VERSION;
         Ok(manifest)
+    }
+
+    /// The newest remote snapshot: the last delta, else the base.
+    pub fn newest_point(&self) -> Seq {
+        self.deltas.last().map_or(self.base.seq, |d| d.seq)
     }
 
     /// Whether a marker's point can be rebuilt from the replica.
@@ -124,17 +169,47 @@ pub fn parse_journal_key(key: &str) -> Option<(Seq, Seq)> {
     (first <= last).then_some((first, last))
 }
 
-/// `base/<seq>/<part>.rwb`.
-pub fn base_key(seq: Seq, part: u64) -> String {
-    format!("{BASE_DIR}/{seq:016x}/{part:08x}.rwb")
+/// A snapshot stored in parts: the base, or a delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartOf {
+    Base,
+    Delta,
 }
 
-/// The base sequence number a base part's key names, if it is one.
-pub fn parse_base_key(key: &str) -> Option<Seq> {
-    let rest = key.strip_prefix(BASE_DIR)?.strip_prefix('/')?;
-    let (seq, part) = rest.split_once('/')?;
-    part.strip_suffix(".rwb")?;
-    (seq.len() == 16).then(|| u64::from_str_radix(seq, 16).ok()).flatten()
+impl PartOf {
+    fn dir(self) -> &'static str {
+        match self {
+            Self::Base => BASE_DIR,
+            Self::Delta => DELTA_DIR,
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            Self::Base => ".rwb",
+            Self::Delta => ".rwd",
+        }
+    }
+
+    fn magic(self) -> [u8; 8] {
+        match self {
+            Self::Base => *b"RWREPB\0\0",
+            Self::Delta => *b"RWREPD\0\0",
+        }
+    }
+
+    /// `base/<seq>/<part>.rwb` or `delta/<seq>/<part>.rwd`.
+    pub fn key(self, seq: Seq, part: u64) -> String {
+        format!("{}/{seq:016x}/{part:08x}{}", self.dir(), self.extension())
+    }
+
+    /// The snapshot's sequence number a part's key names, if it is one of this kind.
+    pub fn parse_key(self, key: &str) -> Option<Seq> {
+        let rest = key.strip_prefix(self.dir())?.strip_prefix('/')?;
+        let (seq, part) = rest.split_once('/')?;
+        part.strip_suffix(self.extension())?;
+        (seq.len() == 16).then(|| u64::from_str_radix(seq, 16).ok()).flatten()
+    }
 }
 
 /// The common object header: magic, version, a count, the store, a range, the body's length
@@ -336,27 +411,49 @@ pub fn decode_journal_object(
     Ok(())
 }
 
-/// One stored range of a base part.
+/// What one stored range of a part holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseExtent {
-    pub offset: u64,
-    pub data: Vec<u8>,
+pub enum PartData {
+    Bytes(Vec<u8>),
+    /// This many bytes that read as zeroes (a delta's zeroed or discarded range).
+    Zeroes(u64),
 }
 
-/// Encodes a base part: a table of (volume offset, length, CRC32C) and the data after it.
-pub fn encode_base_part(store_uuid: uuid::Uuid, seq: Seq, part: u64, extents: &[BaseExtent]) -> Vec<u8> {
+/// One stored range of a part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartExtent {
+    pub offset: u64,
+    pub data: PartData,
+}
+
+/// A range as [`decode_part`] hands it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartRange<'a> {
+    Bytes(&'a [u8]),
+    Zeroes(u64),
+}
+
+/// Encodes part `part` of the snapshot at `seq`: a table of (volume offset, length, CRC32C,
+/// flags) and the data after it.
+pub fn encode_part(of: PartOf, store_uuid: uuid::Uuid, seq: Seq, part: u64, extents: &[PartExtent]) -> Vec<u8> {
     let mut body = Vec::new();
     for extent in extents {
+        let (len, crc, flags) = match &extent.data {
+            PartData::Bytes(data) => (data.len() as u64, crc32c::crc32c(data), 0),
+            PartData::Zeroes(len) => (*len, 0, ZEROES_FLAG),
+        };
         body.extend_from_slice(&extent.offset.to_le_bytes());
-        body.extend_from_slice(&(extent.data.len() as u64).to_le_bytes());
-        body.extend_from_slice(&crc32c::crc32c(&extent.data).to_le_bytes());
-        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&len.to_le_bytes());
+        body.extend_from_slice(&crc.to_le_bytes());
+        body.extend_from_slice(&flags.to_le_bytes());
     }
     for extent in extents {
-        body.extend_from_slice(&extent.data);
+        if let PartData::Bytes(data) = &extent.data {
+            body.extend_from_slice(data);
+        }
     }
     let header = ObjectHeader {
-        magic: BASE_MAGIC,
+        magic: of.magic(),
         count: u32::try_from(extents.len()).expect("a part holds few extents"),
         store_uuid,
         first: seq,
@@ -369,38 +466,46 @@ pub fn encode_base_part(store_uuid: uuid::Uuid, seq: Seq, part: u64, extents: &[
     bytes
 }
 
-/// Decodes a base part of the base at `seq`, handing each extent (offset, data) to `visit`.
-pub fn decode_base_part(
+/// Decodes a part of the snapshot at `seq`, handing each range to `visit` with its volume
+/// offset.
+pub fn decode_part(
+    of: PartOf,
     key: &str,
     store_uuid: uuid::Uuid,
     seq: Seq,
     volume_size: u64,
     bytes: &[u8],
-    mut visit: impl FnMut(u64, &[u8]) -> Result<()>,
+    mut visit: impl FnMut(u64, PartRange<'_>) -> Result<()>,
 ) -> Result<()> {
     let corrupt = |reason: String| Error::Corrupt { key: key.to_string(), reason };
-    let (header, body) = ObjectHeader::decode(key, BASE_MAGIC, store_uuid, bytes)?;
+    let (header, body) = ObjectHeader::decode(key, of.magic(), store_uuid, bytes)?;
     if header.first != seq {
-        return Err(corrupt(format!("a part of the base at seq {}, not {seq}", header.first)));
+        return Err(corrupt(format!("a part of the snapshot at seq {}, not {seq}", header.first)));
     }
     let table_len = header.count as usize * EXTENT_ENTRY_LEN;
     let mut data_at = table_len;
     for entry in 0..header.count as usize {
         let at = entry * EXTENT_ENTRY_LEN;
         let table = body.get(at..at + EXTENT_ENTRY_LEN).ok_or_else(|| corrupt("extent table cut short".into()))?;
-        let (offset, len, crc) = (u64_at(table, 0), u64_at(table, 8), u32_at(table, 16));
+        let (offset, len, crc, flags) = (u64_at(table, 0), u64_at(table, 8), u32_at(table, 16), u32_at(table, 20));
         if offset.checked_add(len).is_none_or(|end| end > volume_size) {
             return Err(corrupt(format!("extent {offset}+{len} lies outside the volume")));
         }
-        let data = usize::try_from(len)
-            .ok()
-            .and_then(|len| body.get(data_at..data_at + len))
-            .ok_or_else(|| corrupt("extent data cut short".into()))?;
-        if crc32c::crc32c(data) != crc {
-            return Err(corrupt(format!("extent at volume offset {offset}: checksum mismatch")));
+        match flags {
+            ZEROES_FLAG => visit(offset, PartRange::Zeroes(len))?,
+            0 => {
+                let data = usize::try_from(len)
+                    .ok()
+                    .and_then(|len| body.get(data_at..data_at + len))
+                    .ok_or_else(|| corrupt("extent data cut short".into()))?;
+                if crc32c::crc32c(data) != crc {
+                    return Err(corrupt(format!("extent at volume offset {offset}: checksum mismatch")));
+                }
+                visit(offset, PartRange::Bytes(data))?;
+                data_at += data.len();
+            }
+            other => return Err(corrupt(format!("extent at volume offset {offset}: unknown flags {other:#x}"))),
         }
-        visit(offset, data)?;
-        data_at += data.len();
     }
     if data_at != body.len() {
         return Err(corrupt("bytes after the last extent".into()));
@@ -521,39 +626,55 @@ mod tests {
     }
 
     #[test]
-    fn base_parts_round_trip_and_refuse_damage() {
+    fn parts_round_trip_and_refuse_damage() {
         let store = uuid::Uuid::new_v4();
-        let extents =
-            vec![BaseExtent { offset: 0, data: vec![1; 4096] }, BaseExtent { offset: 65536, data: vec![2; 8192] }];
-        let bytes = encode_base_part(store, 42, 3, &extents);
-        let key = base_key(42, 3);
-        assert_eq!(parse_base_key(&key), Some(42));
-        let mut seen = Vec::new();
-        decode_base_part(&key, store, 42, 1 << 20, &bytes, |offset, data| {
-            seen.push(BaseExtent { offset, data: data.to_vec() });
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(seen, extents);
-        let mut damaged = bytes.clone();
-        let last = damaged.len() - 1;
-        damaged[last] ^= 1;
-        assert!(decode_base_part(&key, store, 42, 1 << 20, &damaged, |_, _| Ok(())).is_err());
-        assert!(decode_base_part(&key, store, 41, 1 << 20, &bytes, |_, _| Ok(())).is_err());
-        assert!(decode_base_part(&key, store, 42, 65536, &bytes, |_, _| Ok(())).is_err());
+        let extents = vec![
+            PartExtent { offset: 0, data: PartData::Bytes(vec![1; 4096]) },
+            PartExtent { offset: 8192, data: PartData::Zeroes(16384) },
+            PartExtent { offset: 65536, data: PartData::Bytes(vec![2; 8192]) },
+        ];
+        for of in [PartOf::Base, PartOf::Delta] {
+            let bytes = encode_part(of, store, 42, 3, &extents);
+            let key = of.key(42, 3);
+            assert_eq!(of.parse_key(&key), Some(42));
+            let mut seen = Vec::new();
+            decode_part(of, &key, store, 42, 1 << 20, &bytes, |offset, range| {
+                let data = match range {
+                    PartRange::Bytes(data) => PartData::Bytes(data.to_vec()),
+                    PartRange::Zeroes(len) => PartData::Zeroes(len),
+                };
+                seen.push(PartExtent { offset, data });
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen, extents);
+            for at in (0..bytes.len()).step_by(5) {
+                let mut damaged = bytes.clone();
+                damaged[at] ^= 0x10;
+                let result = decode_part(of, &key, store, 42, 1 << 20, &damaged, |_, _| Ok(()));
+                assert!(matches!(result, Err(Error::Corrupt { .. })), "byte {at} flip went unnoticed");
+            }
+            assert!(decode_part(of, &key, store, 41, 1 << 20, &bytes, |_, _| Ok(())).is_err());
+            assert!(decode_part(of, &key, store, 42, 65536, &bytes, |_, _| Ok(())).is_err());
+        }
+        // A delta part is not taken for a base part, nor the other way round.
+        let delta = encode_part(PartOf::Delta, store, 42, 0, &extents);
+        assert!(decode_part(PartOf::Base, &PartOf::Base.key(42, 0), store, 42, 1 << 20, &delta, |_, _| Ok(())).is_err());
     }
 
     #[test]
-    fn manifests_round_trip_and_refuse_other_versions_and_files() {
+    fn manifests_refuse_deltas_that_leave_records_out() {
         let base = BaseInfo { seq: 3, time_ns: 7, parts: 1, data_bytes: 4096 };
-        let manifest = Manifest::new(uuid::Uuid::new_v4(), 1 << 20, 4096, base);
+        let mut manifest = Manifest::new(uuid::Uuid::new_v4(), 1 << 20, 4096, base);
+        manifest.shipped_seq = 50;
+        let delta = |from, seq| DeltaInfo { seq, from, time_ns: seq, parts: 1, data_bytes: 0 };
+        manifest.deltas = vec![delta(3, 10), delta(10, 20), delta(5, 30)];
         assert_eq!(Manifest::decode(&manifest.encode()).unwrap(), manifest);
-        let mut newer: serde_json::Value = serde_json::from_slice(&manifest.encode()).unwrap();
-        newer["format-version"] = 2.into();
-        let newer = serde_json::to_vec(&newer).unwrap();
-        assert!(matches!(Manifest::decode(&newer), Err(Error::UnsupportedVersion { found: 2, .. })));
-        assert!(matches!(Manifest::decode(b"{}"), Err(Error::Corrupt { .. })));
-        assert!(matches!(Manifest::decode(b"not json"), Err(Error::Corrupt { .. })));
+        assert_eq!(manifest.newest_point(), 30);
+        for deltas in [vec![delta(4, 10)], vec![delta(3, 10), delta(11, 20)], vec![delta(3, 60)], vec![delta(3, 3)]] {
+            let bad = Manifest { deltas, ..manifest.clone() };
+            assert!(matches!(Manifest::decode(&bad.encode()), Err(Error::Corrupt { .. })), "{:?}", bad.deltas);
+        }
     }
 
     #[test]
@@ -562,7 +683,10 @@ mod tests {
         assert_eq!(parse_journal_key("journal/0000000000000003-0000000000000002.rwj"), None);
         assert_eq!(parse_journal_key("journal/1-2.rwj"), None);
         assert_eq!(parse_journal_key("base/0000000000000001/00000000.rwb"), None);
-        assert_eq!(parse_base_key("base/0000000000000001/00000000.rwb"), Some(1));
-        assert_eq!(parse_base_key("base/1/00000000.rwb"), None);
+        assert_eq!(PartOf::Base.parse_key("base/0000000000000001/00000000.rwb"), Some(1));
+        assert_eq!(PartOf::Base.parse_key("base/1/00000000.rwb"), None);
+        assert_eq!(PartOf::Delta.parse_key("delta/0000000000000001/00000000.rwd"), Some(1));
+        assert_eq!(PartOf::Delta.parse_key("base/0000000000000001/00000000.rwb"), None);
+        assert_eq!(PartOf::Base.parse_key("delta/0000000000000001/00000000.rwd"), None);
     }
 }

@@ -14,7 +14,7 @@ use rewind_engine::Seq;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::layout::{self, Manifest, BASE_DIR, JOURNAL_DIR, MANIFEST_KEY};
+use crate::layout::{self, DeltaInfo, Manifest, PartOf, PartRange, BASE_DIR, DELTA_DIR, JOURNAL_DIR, MANIFEST_KEY};
 use crate::remote::{Listed, Remote};
 
 /// A replica opened for reading: its manifest as it was when opened.
@@ -46,6 +46,9 @@ pub struct ReplicaStatus {
     pub shipped_seq: Seq,
     pub shipped_time_ns: u64,
     pub base_bytes: u64,
+    /// Remote snapshots after the base.
+    pub deltas: usize,
+    pub delta_bytes: u64,
     pub journal_objects: usize,
     pub journal_bytes: u64,
     pub markers: usize,
@@ -125,6 +128,7 @@ impl Replica {
         let m = &self.manifest;
         let journal = list_journal(&self.remote)?;
         let base_bytes = self.remote.list(BASE_DIR)?.iter().map(|o| o.size).sum();
+        let delta_bytes = self.remote.list(DELTA_DIR)?.iter().map(|o| o.size).sum();
         let expired = m.markers.iter().filter(|marker| m.marker_expired(marker)).count();
         Ok(ReplicaStatus {
             url: self.remote.url().to_string(),
@@ -136,6 +140,8 @@ impl Replica {
             shipped_seq: m.shipped_seq,
             shipped_time_ns: m.shipped_time_ns,
             base_bytes,
+            deltas: m.deltas.len(),
+            delta_bytes,
             journal_objects: journal.len(),
             journal_bytes: journal.iter().map(|o| o.size).sum(),
             markers: m.markers.len(),
@@ -170,6 +176,22 @@ impl Point {
             Self::LastAtOrBefore(time_ns) => header.timestamp_ns <= time_ns,
         }
     }
+
+    /// Whether the remote snapshot at `seq`, whose record was written at `time_ns`, is at or
+    /// before the point (records are in time order).
+    fn reaches(self, seq: Seq, time_ns: u64) -> bool {
+        match self {
+            Self::Seq(to) => seq <= to,
+            Self::LastAtOrBefore(at) => time_ns <= at,
+        }
+    }
+}
+
+/// The deltas a recovery to `point` applies after the base: the manifest's, in order, up to
+/// the last at or before the point.
+fn deltas_through(m: &Manifest, point: Point) -> &[DeltaInfo] {
+    let count = m.deltas.iter().take_while(|d| point.reaches(d.seq, d.time_ns)).count();
+    &m.deltas[..count]
 }
 
 /// The point a target names, checked against the replica.
@@ -216,9 +238,11 @@ pub(crate) fn recover(
         Point::Seq(seq) => seq,
         Point::LastAtOrBefore(_) => m.shipped_seq,
     };
+    let deltas = deltas_through(m, point);
+    let snapshot_seq = deltas.last().map_or(m.base.seq, |d| d.seq);
     let mut objects = list_journal(remote)?;
     objects.retain(|o| o.last <= m.shipped_seq);
-    let chain = chain(&objects, m.base.seq + 1, to)?;
+    let chain = chain(&objects, snapshot_seq + 1, to)?;
     let partial = partial_path(output);
     let file = OpenOptions::new()
         .read(true)
@@ -228,7 +252,7 @@ pub(crate) fn recover(
         .context(|| format!("creating {}", partial.display()))?;
     let built = (|| {
         file.set_len(m.volume_size).context(|| format!("sizing {}", partial.display()))?;
-        let (mut report, time_ns) = build(remote, m, &file, point, &chain, progress)?;
+        let (mut report, time_ns) = build(remote, m, &file, point, deltas, &chain, progress)?;
         file.sync_all().context(|| format!("syncing {}", partial.display()))?;
         std::fs::hard_link(&partial, output).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => rewind_engine::Error::OutputExists(output.to_path_buf()).into(),
@@ -241,40 +265,58 @@ pub(crate) fn recover(
     built
 }
 
-/// Writes the base and replays `chain` up to the point into `file`.
+/// Writes the base and `deltas` into `file`, then replays `chain` up to the point.
 fn build(
     remote: &Remote,
     m: &Manifest,
     file: &File,
     point: Point,
+    deltas: &[DeltaInfo],
     chain: &[JournalObject],
     progress: Progress<'_>,
 ) -> Result<(RecoveryReport, u64)> {
-    let total = m.base.data_bytes + chain.iter().map(|o| o.size).sum::<u64>();
+    let total = m.base.data_bytes
+        + deltas.iter().map(|d| d.data_bytes).sum::<u64>()
+        + chain.iter().map(|o| o.size).sum::<u64>();
     let mut done = 0u64;
     progress(0, total);
-    let base_keys: Vec<String> = (0..m.base.parts).map(|part| layout::base_key(m.base.seq, part)).collect();
     let mut bytes_written = 0u64;
-    remote.get_each(&base_keys, |key, bytes| {
-        layout::decode_base_part(key, m.store_uuid, m.base.seq, m.volume_size, &bytes, |offset, data| {
-            file.write_all_at(data, offset).context(|| format!("writing the image at offset {offset}"))?;
-            bytes_written += data.len() as u64;
-            done += data.len() as u64;
+    // The base's parts, then each delta's, downloaded in parallel and applied in this order.
+    let parts: Vec<(PartOf, Seq, String)> = std::iter::once((PartOf::Base, m.base.seq, m.base.parts))
+        .chain(deltas.iter().map(|d| (PartOf::Delta, d.seq, d.parts)))
+        .flat_map(|(of, seq, parts)| (0..parts).map(move |part| (of, seq, of.key(seq, part))))
+        .collect();
+    let keys: Vec<String> = parts.iter().map(|(_, _, key)| key.clone()).collect();
+    let mut next_part = parts.iter();
+    remote.get_each(&keys, |key, bytes| {
+        let Some(&(of, seq, _)) = next_part.next() else { return Ok(false) };
+        layout::decode_part(of, key, m.store_uuid, seq, m.volume_size, &bytes, |offset, range| {
+            match range {
+                PartRange::Bytes(data) => {
+                    file.write_all_at(data, offset).context(|| format!("writing the image at offset {offset}"))?;
+                    bytes_written += data.len() as u64;
+                    done += data.len() as u64;
+                }
+                PartRange::Zeroes(len) => rewind_engine::fsutil::zero_range(file, offset, len)
+                    .context(|| format!("zeroing the image at offset {offset}"))?,
+            }
             Ok(())
         })?;
         progress(done.min(total), total);
         Ok(true)
     })?;
-    // Records after the base up to the point: for a time, until the first record past it.
-    let mut seq = m.base.seq;
-    let mut time_ns = m.base.time_ns;
+    // Records after the last snapshot up to the point: for a time, until the first record
+    // past it.
+    let (snapshot_seq, snapshot_time_ns) = deltas.last().map_or((m.base.seq, m.base.time_ns), |d| (d.seq, d.time_ns));
+    let mut seq = snapshot_seq;
+    let mut time_ns = snapshot_time_ns;
     let mut records_replayed = 0u64;
     let keys: Vec<String> = chain.iter().map(|o| o.key.clone()).collect();
     remote.get_each(&keys, |key, bytes| {
         let mut past_point = false;
         let size = bytes.len() as u64;
         layout::decode_journal_object(key, m.store_uuid, &bytes, |header, payload| {
-            if header.seq <= m.base.seq || past_point {
+            if header.seq <= snapshot_seq || past_point {
                 return Ok(());
             }
             if !point.includes(header) {
@@ -295,8 +337,7 @@ fn build(
         Ok(!past_point)
     })?;
     progress(total, total);
-    let report =
-        RecoveryReport { output: PathBuf::new(), seq, snapshot_seq: m.base.seq, records_replayed, bytes_written };
+    let report = RecoveryReport { output: PathBuf::new(), seq, snapshot_seq, records_replayed, bytes_written };
     Ok((report, time_ns))
 }
 

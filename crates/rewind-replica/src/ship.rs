@@ -20,11 +20,15 @@ use rewind_engine::journal::segment::{Segment, SEGMENT_HEADER_LEN};
 use rewind_engine::journal::{JournalView, Payloads, RecordRef, HEADER_LEN};
 use rewind_engine::marker::Marker;
 use rewind_engine::recovery::RecoveryTarget;
+use rewind_engine::snapshot::{self, Source};
 use rewind_engine::{Seq, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::layout::{self, BaseExtent, BaseInfo, Manifest, BASE_DIR, MANIFEST_KEY, OBJECT_HEADER_LEN};
+use crate::layout::{
+    self, BaseInfo, DeltaInfo, Manifest, PartData, PartExtent, PartOf, BASE_DIR, DELTA_DIR, EXTENT_ENTRY_LEN,
+    MANIFEST_KEY, OBJECT_HEADER_LEN,
+};
 use crate::remote::{Remote, PARALLEL_UPLOADS};
 use crate::restore::{self, list_journal, read_manifest};
 
@@ -38,11 +42,24 @@ pub struct ShipperConfig {
     pub max_object_bytes: usize,
     /// Remote retention: points older than this are freed from the replica (see `rebase`).
     pub max_age: Option<Duration>,
+    /// A remote snapshot (a delta) is made once this many journal bytes were shipped after the
+    /// newest one, so that recovering a late point replays at most about this much journal
+    /// (see `delta_due` for the other triggers). None: no deltas.
+    pub delta_every: Option<u64>,
+}
+
+impl ShipperConfig {
+    /// `serve --replicate`'s delta spacing when none is given: four times the volume's size
+    /// (each delta holds at most the volume, so it takes at most a quarter of the journal it
+    /// spares a recovery from replaying).
+    pub fn default_delta_every(volume_size: u64) -> u64 {
+        volume_size.saturating_mul(4)
+    }
 }
 
 impl Default for ShipperConfig {
     fn default() -> Self {
-        Self { interval: Duration::from_millis(200), max_object_bytes: 8 << 20, max_age: None }
+        Self { interval: Duration::from_millis(200), max_object_bytes: 8 << 20, max_age: None, delta_every: None }
     }
 }
 
@@ -110,8 +127,11 @@ pub type EventSink = Box<dyn Fn(ReplicationEvent) + Send>;
 /// Longest wait between attempts while the store fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-/// Data read per piece when cutting the base into parts; all-zero pieces are not stored.
-const BASE_PIECE: u64 = 1 << 20;
+/// Data read per piece when cutting a snapshot into parts; the base's all-zero pieces are not
+/// stored.
+const PIECE: u64 = 1 << 20;
+/// What the delta thread's errors call it.
+const DELTA_WORK: &str = "the remote snapshot";
 /// Where the base is built before it is uploaded, in the store's directory.
 const BASE_BUILD_FILE: &str = "replica-base.tmp";
 
@@ -146,7 +166,7 @@ impl Shipper {
             store,
             syncer,
             buffers: BufferPool::new(config.max_object_bytes),
-            remote,
+            remote: Arc::new(remote),
             config,
             events,
             status: Arc::clone(&status),
@@ -160,6 +180,9 @@ impl Shipper {
             shipped_end: None,
             unshipped_time: None,
             retention_checked: None,
+            delta: None,
+            since_point: 0,
+            delta_covers: None,
         };
         let thread = std::thread::Builder::new()
             .name("rewind-replica".into())
@@ -246,7 +269,7 @@ struct Worker {
     store: Arc<Store>,
     syncer: Syncer,
     buffers: BufferPool,
-    remote: Remote,
+    remote: Arc<Remote>,
     config: ShipperConfig,
     events: EventSink,
     status: Arc<Mutex<ReplicationStatus>>,
@@ -267,6 +290,12 @@ struct Worker {
     unshipped_time: Option<(Seq, u64)>,
     /// When remote retention last looked at the base's age.
     retention_checked: Option<Instant>,
+    /// The remote snapshot being made in a thread of its own, if one is.
+    delta: Option<JoinHandle<Result<DeltaInfo>>>,
+    /// Journal bytes shipped after the replica's newest snapshot.
+    since_point: u64,
+    /// What `since_point` was when the delta under way started: the bytes it covers.
+    delta_covers: Option<u64>,
 }
 
 impl Worker {
@@ -283,6 +312,13 @@ impl Worker {
                 if self.retry_at.is_none() {
                     if let Err(e) = self.ship_durable() {
                         log::warn!("replication: final shipping to {} failed: {e}", self.remote.url());
+                    }
+                }
+                // A delta under way stops at its next part; one finished is still listed.
+                if let Some(delta) = self.delta.take() {
+                    let finished = delta.join().unwrap_or(Err(Error::ThreadDied(DELTA_WORK)));
+                    if let Err(e) = finished.and_then(|delta| self.list_delta(delta)) {
+                        log::info!("replication to {}: the remote snapshot under way was not finished: {e}", self.remote.url());
                     }
                 }
                 return;
@@ -348,6 +384,8 @@ impl Worker {
         }
         let head = self.store.head();
         let backlog = self.ship_walk()?;
+        self.finish_delta()?;
+        self.start_delta_if_due()?;
         if self.caught_up_due && self.shipped() >= head {
             self.caught_up_due = false;
             let shipped_seq = self.shipped();
@@ -364,6 +402,10 @@ impl Worker {
     /// stays recoverable; markers before it are listed as expired.
     fn apply_remote_retention(&mut self) -> Result<()> {
         let (Some(max_age), Some(manifest)) = (self.config.max_age, self.manifest.as_ref()) else { return Ok(()) };
+        if self.delta.is_some() {
+            // The delta under way follows the present chain; the rebase waits for it.
+            return Ok(());
+        }
         let check_every = (max_age / 4).max(Duration::from_secs(1));
         if self.retention_checked.is_some_and(|at| at.elapsed() < check_every) {
             return Ok(());
@@ -388,6 +430,8 @@ impl Worker {
                 self.upload_base_parts(&image, manifest.store_uuid, report.seq, manifest.volume_size)?;
             let mut next = manifest.clone();
             next.base = BaseInfo { seq: report.seq, time_ns, parts, data_bytes };
+            // A later delta still follows the new base: its records start at or before it.
+            next.deltas.retain(|delta| delta.seq > report.seq);
             next.max_age_secs = Some(max_age.as_secs());
             next.updated_ns = fsutil::now_ns();
             self.remote.put(MANIFEST_KEY, next.encode())?;
@@ -412,8 +456,15 @@ impl Worker {
         self.manifest.as_ref().map_or(0, |m| m.shipped_seq)
     }
 
+    /// Takes `manifest` as the replica's state: the local journal is held from the first
+    /// record not shipped, or (when deltas are made) not in a remote snapshot, since the next
+    /// delta is compacted from the local records.
     fn set_shipped(&self, manifest: &Manifest) {
-        self.store.keep_journal_from(manifest.shipped_seq + 1);
+        let held_after = match self.config.delta_every {
+            Some(_) => manifest.newest_point(),
+            None => manifest.shipped_seq,
+        };
+        self.store.keep_journal_from(held_after + 1);
         let mut status = locked(&self.status);
         status.shipped_seq = manifest.shipped_seq;
         status.remote_oldest_seq = manifest.base.seq;
@@ -452,6 +503,12 @@ impl Worker {
             return self.upload_base();
         }
         remove_unlisted(&self.remote, &manifest)?;
+        let newest_point = manifest.newest_point();
+        self.since_point = list_journal(&self.remote)?
+            .iter()
+            .filter(|object| object.last > newest_point && object.last <= manifest.shipped_seq)
+            .map(|object| object.size.saturating_sub(OBJECT_HEADER_LEN as u64))
+            .sum();
         log::info!("replication to {}: resuming after seq {}", self.remote.url(), manifest.shipped_seq);
         // The next manifest written says what this run keeps.
         let max_age_secs = self.config.max_age.map(|age| age.as_secs());
@@ -487,47 +544,109 @@ impl Worker {
         manifest.updated_ns = fsutil::now_ns();
         self.remote.put(MANIFEST_KEY, manifest.encode())?;
         remove_unlisted(&self.remote, &manifest)?;
+        self.since_point = 0;
         Ok(manifest)
     }
 
-    /// Cuts the image into base parts of at most `max_object_bytes` of data, leaving out holes
-    /// and all-zero pieces. Returns the parts and data bytes stored.
+    /// Cuts the image into base parts of about `max_object_bytes`, leaving out holes and
+    /// all-zero pieces. Returns the parts and data bytes stored.
     fn upload_base_parts(&self, image: &File, uuid: uuid::Uuid, seq: Seq, volume_size: u64) -> Result<(u64, u64)> {
         let ranges = fsutil::data_ranges(image, volume_size).context(|| "mapping the base image".to_string())?;
-        let mut extents: Vec<BaseExtent> = Vec::new();
-        let mut held = 0usize;
-        let mut parts = 0u64;
-        let mut data_bytes = 0u64;
-        let mut upload = |extents: &mut Vec<BaseExtent>, held: &mut usize| -> Result<()> {
-            if extents.is_empty() {
-                return Ok(());
-            }
-            let bytes = layout::encode_base_part(uuid, seq, parts, extents);
-            self.remote.put(&layout::base_key(seq, parts), bytes)?;
-            parts += 1;
-            extents.clear();
-            *held = 0;
-            Ok(())
-        };
+        let mut parts = PartUploader::new(&self.remote, PartOf::Base, uuid, seq, self.config.max_object_bytes);
         for (start, len) in ranges {
             let mut offset = start;
             while offset < start + len {
-                let piece = BASE_PIECE.min(start + len - offset);
+                let piece = PIECE.min(start + len - offset);
                 let mut data = vec![0u8; piece as usize];
                 image.read_exact_at(&mut data, offset).context(|| format!("reading the base at {offset}"))?;
                 if data.iter().any(|&b| b != 0) {
-                    held += data.len();
-                    data_bytes += piece;
-                    extents.push(BaseExtent { offset, data });
-                    if held >= self.config.max_object_bytes {
-                        upload(&mut extents, &mut held)?;
-                    }
+                    parts.push(PartExtent { offset, data: PartData::Bytes(data) })?;
                 }
                 offset += piece;
             }
         }
-        upload(&mut extents, &mut held)?;
-        Ok((parts, data_bytes))
+        parts.finish()
+    }
+
+    /// Lists a finished delta in the manifest, if it still follows the replica's newest
+    /// snapshot.
+    fn list_delta(&mut self, delta: DeltaInfo) -> Result<()> {
+        let Some(manifest) = self.manifest.as_ref() else { return Ok(()) };
+        if delta.from != manifest.newest_point() || delta.seq > manifest.shipped_seq {
+            // Not listed, so deleted as a leftover at the next start.
+            return Ok(());
+        }
+        let mut next = manifest.clone();
+        log::info!(
+            "replication to {}: remote snapshot at seq {} stored ({} parts, {} data bytes, after seq {})",
+            self.remote.url(),
+            delta.seq,
+            delta.parts,
+            delta.data_bytes,
+            delta.from
+        );
+        next.deltas.push(delta);
+        next.updated_ns = fsutil::now_ns();
+        self.remote.put(MANIFEST_KEY, next.encode())?;
+        self.since_point = self.since_point.saturating_sub(self.delta_covers.take().unwrap_or_default());
+        self.set_shipped(&next);
+        self.manifest = Some(next);
+        Ok(())
+    }
+
+    /// Lists the delta made in its thread once that is done (a failure is this walk's).
+    fn finish_delta(&mut self) -> Result<()> {
+        if !self.delta.as_ref().is_some_and(|delta| delta.is_finished()) {
+            return Ok(());
+        }
+        let Some(delta) = self.delta.take() else { return Ok(()) };
+        let finished = delta.join().unwrap_or(Err(Error::ThreadDied(DELTA_WORK)));
+        finished.and_then(|delta| self.list_delta(delta)).inspect_err(|_| self.delta_covers = None)
+    }
+
+    /// Whether the next remote snapshot is due: `delta_every` journal bytes were shipped after
+    /// the newest one, or the local journal it holds (from that snapshot on) reaches half of
+    /// local retention's size or age limit, so that holding it never makes local retention
+    /// overstep.
+    fn delta_due(&self, manifest: &Manifest) -> bool {
+        let Some(every) = self.config.delta_every else { return false };
+        if manifest.shipped_seq <= manifest.newest_point() {
+            return false;
+        }
+        let retention = self.store.retention();
+        let by_size = self.since_point >= every.min(retention.max_bytes.map_or(u64::MAX, |max| max / 2));
+        let point_time_ns = manifest.deltas.last().map_or(manifest.base.time_ns, |d| d.time_ns);
+        let by_age = retention
+            .max_age_secs
+            .is_some_and(|age| fsutil::now_ns().saturating_sub(point_time_ns) / 1_000_000_000 >= age / 2);
+        by_size || by_age
+    }
+
+    /// Starts making the remote snapshot at the shipped point in a thread of its own, when one
+    /// is due and none is under way: compacting and uploading it takes as long as reading what
+    /// changed, and the journal keeps shipping meanwhile.
+    fn start_delta_if_due(&mut self) -> Result<()> {
+        let Some(manifest) = self.manifest.as_ref() else { return Ok(()) };
+        if self.delta.is_some() || self.stopping() || !self.delta_due(manifest) {
+            return Ok(());
+        }
+        let work = DeltaWork {
+            store: Arc::clone(&self.store),
+            remote: Arc::clone(&self.remote),
+            stop: Arc::clone(&self.stop),
+            store_uuid: manifest.store_uuid,
+            from: manifest.newest_point(),
+            seq: manifest.shipped_seq,
+            time_ns: manifest.shipped_time_ns,
+            max_object_bytes: self.config.max_object_bytes,
+        };
+        self.delta_covers = Some(self.since_point);
+        let thread = std::thread::Builder::new()
+            .name("rewind-repldelta".into())
+            .spawn(move || work.run())
+            .map_err(|e| Error::Io { context: "starting the remote snapshot thread".into(), cause: e })?;
+        self.delta = Some(thread);
+        Ok(())
     }
 
     /// The timestamp of record `seq`, if the local journal still holds it.
@@ -603,6 +722,7 @@ impl Worker {
         // Only once every object it counts is stored.
         self.remote.put(MANIFEST_KEY, next.encode())?;
         self.shipped_end = Some((segment.index, objects.pos));
+        self.since_point += objects.pos - start;
         self.set_shipped(&next);
         self.manifest = Some(next);
         Ok(objects.next_seq <= durable)
@@ -795,6 +915,100 @@ impl Iterator for SegmentObjects<'_> {
     }
 }
 
+/// Packs a snapshot's ranges into parts of about `max_object_bytes` (table entries included),
+/// uploading each as it fills.
+struct PartUploader<'a> {
+    remote: &'a Remote,
+    of: PartOf,
+    store_uuid: uuid::Uuid,
+    seq: Seq,
+    max_object_bytes: usize,
+    extents: Vec<PartExtent>,
+    held: usize,
+    parts: u64,
+    data_bytes: u64,
+}
+
+impl<'a> PartUploader<'a> {
+    fn new(remote: &'a Remote, of: PartOf, store_uuid: uuid::Uuid, seq: Seq, max_object_bytes: usize) -> Self {
+        Self { remote, of, store_uuid, seq, max_object_bytes, extents: Vec::new(), held: 0, parts: 0, data_bytes: 0 }
+    }
+
+    fn push(&mut self, extent: PartExtent) -> Result<()> {
+        if let PartData::Bytes(data) = &extent.data {
+            self.held += data.len();
+            self.data_bytes += data.len() as u64;
+        }
+        self.held += EXTENT_ENTRY_LEN;
+        self.extents.push(extent);
+        if self.held >= self.max_object_bytes {
+            self.upload()?;
+        }
+        Ok(())
+    }
+
+    fn upload(&mut self) -> Result<()> {
+        if self.extents.is_empty() {
+            return Ok(());
+        }
+        let bytes = layout::encode_part(self.of, self.store_uuid, self.seq, self.parts, &self.extents);
+        self.remote.put(&self.of.key(self.seq, self.parts), bytes)?;
+        self.parts += 1;
+        self.extents.clear();
+        self.held = 0;
+        Ok(())
+    }
+
+    /// Uploads what is left; returns the parts and data bytes stored.
+    fn finish(mut self) -> Result<(u64, u64)> {
+        self.upload()?;
+        Ok((self.parts, self.data_bytes))
+    }
+}
+
+/// A remote snapshot to make: the net effect of the local records in `from + 1 ..= seq`
+/// (which the store holds until it is listed), uploaded as delta parts.
+struct DeltaWork {
+    store: Arc<Store>,
+    remote: Arc<Remote>,
+    stop: StopSignal,
+    store_uuid: uuid::Uuid,
+    from: Seq,
+    seq: Seq,
+    time_ns: u64,
+    max_object_bytes: usize,
+}
+
+impl DeltaWork {
+    fn run(self) -> Result<DeltaInfo> {
+        let view = self.store.journal_view();
+        // Payload checksums are checked here: the delta's own checksums must never cover
+        // damaged bytes.
+        let effect = snapshot::net_effect(&view, self.from, self.seq)?;
+        let mut parts = PartUploader::new(&self.remote, PartOf::Delta, self.store_uuid, self.seq, self.max_object_bytes);
+        for (offset, len, source) in effect.iter() {
+            let Source::Journal { segment, position } = source else {
+                parts.push(PartExtent { offset, data: PartData::Zeroes(len) })?;
+                continue;
+            };
+            let segment = view.segment(segment).ok_or(Error::Gap { seq: self.from + 1 })?;
+            let mut done = 0;
+            while done < len {
+                if *locked(&self.stop.0) {
+                    return Err(Error::Stopped(DELTA_WORK));
+                }
+                let piece = PIECE.min(len - done);
+                let mut data = vec![0u8; piece as usize];
+                JournalView::read_payload(segment, position + done, &mut data)?;
+                parts.push(PartExtent { offset: offset + done, data: PartData::Bytes(data) })?;
+                done += piece;
+            }
+        }
+        let (parts, data_bytes) = parts.finish()?;
+        Ok(DeltaInfo { seq: self.seq, from: self.from, time_ns: self.time_ns, parts, data_bytes })
+    }
+}
+
 /// Journal bytes after the last shipped record, which ends at `shipped_end` (segment index and
 /// offset) when known.
 fn pending_bytes(view: &JournalView, shipped: Seq, shipped_end: Option<(u64, u64)>) -> u64 {
@@ -811,7 +1025,7 @@ fn pending_bytes(view: &JournalView, shipped: Seq, shipped_end: Option<(u64, u64
 }
 
 /// Deletes what the manifest does not count: journal objects past the shipped point (an
-/// upload cut short) or wholly before the base, and parts of other bases.
+/// upload cut short) or wholly before the base, and parts of other bases and deltas.
 fn remove_unlisted(remote: &Remote, manifest: &Manifest) -> Result<()> {
     for object in list_journal(remote)? {
         if object.last > manifest.shipped_seq || object.last <= manifest.base.seq {
@@ -820,8 +1034,15 @@ fn remove_unlisted(remote: &Remote, manifest: &Manifest) -> Result<()> {
         }
     }
     for object in remote.list(BASE_DIR)? {
-        if layout::parse_base_key(&object.key) != Some(manifest.base.seq) {
+        if PartOf::Base.parse_key(&object.key) != Some(manifest.base.seq) {
             log::info!("replication to {}: removing {} (not the manifest's base)", remote.url(), object.key);
+            remote.delete(&object.key)?;
+        }
+    }
+    for object in remote.list(DELTA_DIR)? {
+        let seq = PartOf::Delta.parse_key(&object.key);
+        if !manifest.deltas.iter().any(|delta| Some(delta.seq) == seq) {
+            log::info!("replication to {}: removing {} (not one of the manifest's deltas)", remote.url(), object.key);
             remote.delete(&object.key)?;
         }
     }

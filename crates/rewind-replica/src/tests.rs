@@ -14,7 +14,7 @@ use rewind_engine::retention::RetentionPolicy;
 use rewind_engine::store::CreateOptions;
 use rewind_engine::Store;
 
-use crate::layout::{self, MANIFEST_KEY};
+use crate::layout::{self, PartOf, MANIFEST_KEY};
 use crate::restore::list_journal;
 use crate::{Error, Remote, Replica, ReplicationEvent, Shipper, ShipperConfig};
 
@@ -306,6 +306,7 @@ fn remote_retention_rebases_and_keeps_every_later_point_recoverable() {
         interval: Duration::from_millis(50),
         max_object_bytes: 20_000,
         max_age: Some(Duration::from_secs(1)),
+        delta_every: Some(32 << 10),
     };
     let (shipper, _events) = ship(&store, &objects, config);
     write_blocks(&store, &mut model, 1, 30);
@@ -328,7 +329,14 @@ fn remote_retention_rebases_and_keeps_every_later_point_recoverable() {
     assert!(base.seq > old.seq);
     assert_eq!(replica.manifest().max_age_secs, Some(1));
     assert!(replica.markers().iter().all(|m| m.expired), "the old marker is listed as expired");
-    assert!(bucket.list("base").unwrap().iter().all(|o| layout::parse_base_key(&o.key) == Some(base.seq)));
+    assert!(bucket.list("base").unwrap().iter().all(|o| PartOf::Base.parse_key(&o.key) == Some(base.seq)));
+    // Deltas before the new base went with the journal they stood for; later ones follow it.
+    let deltas = &replica.manifest().deltas;
+    assert!(deltas.iter().all(|d| d.seq > base.seq), "{deltas:?}");
+    for part in bucket.list("delta").unwrap() {
+        let seq = PartOf::Delta.parse_key(&part.key);
+        assert!(deltas.iter().any(|d| Some(d.seq) == seq), "{} is not listed", part.key);
+    }
     assert!(list_journal(&bucket).unwrap().iter().all(|o| o.last > base.seq), "freed objects are deleted");
     let output = dir.path().join("old.img");
     match replica.recover(&RecoveryTarget::Marker("old".into()), &output, &mut |_, _| {}) {
@@ -381,4 +389,139 @@ fn a_walk_from_a_remembered_position_sees_what_a_walk_from_the_start_sees() {
             Ok(())
         });
     assert!(matches!(wrong, Err(rewind_engine::Error::JournalCorrupt { .. })));
+}
+
+/// Waits until the replica's manifest lists `count` deltas; returns it.
+fn wait_for_deltas(objects: &Arc<InMemory>, count: usize) -> layout::Manifest {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let manifest = crate::restore::read_manifest(&remote(objects)).unwrap();
+        if let Some(manifest) = manifest.filter(|m| m.deltas.len() >= count) {
+            return manifest;
+        }
+        assert!(Instant::now() < deadline, "fewer than {count} deltas were listed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn deltas_spare_recovery_the_journal_before_them_and_every_point_stays_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 64 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    let config = ShipperConfig { max_object_bytes: 20_000, delta_every: Some(100 << 10), ..Default::default() };
+    let (shipper, _events) = ship(&store, &objects, config.clone());
+    // Rounds of writes, zeroing and discards, each ending at a marker; the deltas fall
+    // between and inside them.
+    let mut points = Vec::new();
+    for round in 0..6u64 {
+        write_blocks(&store, &mut model, round + 1, 20);
+        let (offset, len) = (round * 24 * BLOCK as u64, 3 * BLOCK as u64);
+        if round % 2 == 0 {
+            store.write_zeroes(offset, len).unwrap();
+        } else {
+            store.discard(offset, len).unwrap();
+        }
+        model[offset as usize..(offset + len) as usize].fill(0);
+        let marker = store.add_marker(&format!("round-{round}"), None, MarkerSource::Host).unwrap();
+        store.sync().unwrap();
+        wait_for_shipped(&shipper, marker.seq);
+        points.push((marker, model.clone()));
+    }
+    wait_for_deltas(&objects, 2);
+    let last = write_blocks(&store, &mut model, 9, 5);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, last);
+    shipper.stop();
+
+    let manifest = crate::restore::read_manifest(&remote(&objects)).unwrap().unwrap();
+    let newest = manifest.deltas.last().unwrap().clone();
+    assert!(newest.data_bytes > 0 && newest.data_bytes < 140 << 10, "a delta holds the net effect: {newest:?}");
+    for (marker, expected) in &points {
+        let bytes = recover_bytes(&objects, RecoveryTarget::Marker(marker.name.clone()), dir.path());
+        assert!(bytes == *expected, "marker {} (seq {}) with deltas {:?}", marker.name, marker.seq, manifest.deltas);
+        assert_eq!(recover_bytes(&objects, RecoveryTarget::Time(marker.time_ns), dir.path()), *expected);
+    }
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
+    // At a delta's own point nothing is replayed.
+    let replica = Replica::from_remote(remote(&objects)).unwrap();
+    let at_delta = dir.path().join("at-delta");
+    let report = replica.recover(&RecoveryTarget::Seq(newest.seq), &at_delta, &mut |_, _| {}).unwrap();
+    assert_eq!((report.snapshot_seq, report.records_replayed), (newest.seq, 0));
+    let local = dir.path().join("local-at-delta");
+    store.recover(&RecoveryTarget::Seq(newest.seq), &local, &mut |_, _| {}).unwrap();
+    assert_eq!(std::fs::read(&at_delta).unwrap(), std::fs::read(&local).unwrap());
+
+    // Without the journal objects the newest delta covers, the points after it still come
+    // back exact (so recovery took them from the deltas), and the points they held do not.
+    let bucket = remote(&objects);
+    for object in list_journal(&bucket).unwrap().iter().filter(|o| o.last <= newest.seq) {
+        bucket.delete(&object.key).unwrap();
+    }
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
+    let before = manifest.deltas[0].seq.max(manifest.base.seq + 1);
+    let output = dir.path().join("gone");
+    match replica.recover(&RecoveryTarget::Seq(before + 1), &output, &mut |_, _| {}) {
+        Err(Error::Gap { .. }) => {}
+        other => panic!("expected a gap once the journal before the delta is gone, got {other:?}"),
+    }
+
+    // A damaged delta part is named, and nothing is left at the output.
+    let part = PartOf::Delta.key(newest.seq, 0);
+    let mut bytes = bucket.get(&part).unwrap().to_vec();
+    let at = bytes.len() - 1;
+    bytes[at] ^= 0x20;
+    bucket.put(&part, bytes).unwrap();
+    match replica.recover(&RecoveryTarget::Seq(last), &output, &mut |_, _| {}) {
+        Err(Error::Corrupt { key, .. }) => assert_eq!(key, part),
+        other => panic!("expected the damaged delta part to be named, got {other:?}"),
+    }
+    assert!(!output.exists());
+
+    // A delta part the manifest does not list (an upload cut short) is deleted at the next
+    // start, and shipping goes on from the newest delta.
+    let stray = PartOf::Delta.key(last, 0);
+    bucket.put(&stray, b"cut short".to_vec()).unwrap();
+    let (shipper, _events) = ship(&store, &objects, config);
+    let after = write_blocks(&store, &mut model, 10, 5);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, after);
+    shipper.stop();
+    assert!(bucket.list("delta").unwrap().iter().all(|o| o.key != stray), "the stray part was removed");
+}
+
+#[test]
+fn deltas_hold_the_local_journal_only_until_they_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 16 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    // Far apart by size: local retention's limit brings them on (at half of it).
+    let config = ShipperConfig { delta_every: Some(1 << 40), ..Default::default() };
+    store.set_retention(RetentionPolicy { max_bytes: Some(64 << 10), ..Default::default() }).unwrap();
+    let (shipper, _events) = ship(&store, &objects, config);
+    let mut last = 0;
+    for round in 0..4 {
+        last = write_blocks(&store, &mut model, round, 12);
+        store.sync().unwrap();
+        wait_for_shipped(&shipper, last);
+    }
+    let manifest = wait_for_deltas(&objects, 1);
+    // Once shipped and in a delta, records may be freed locally.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        store.enforce_retention().unwrap();
+        let first_seq = store.status().first_seq;
+        // Never past the replica's newest snapshot: the next delta is made from what follows.
+        let newest_point = crate::restore::read_manifest(&remote(&objects)).unwrap().unwrap().newest_point();
+        assert!(first_seq <= newest_point + 1, "seq {first_seq} onwards kept, the newest delta is at {newest_point}");
+        if first_seq > manifest.deltas[0].from + 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "retention freed nothing: {:?}", store.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    shipper.stop();
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
 }
