@@ -24,6 +24,7 @@ use blkio::{Blkio, Completion, ReqFlags};
 use rewind::control::protocol::{AgentCommand, HostCommand};
 use rewind::control::replies::Status;
 use rewind::qmp_client::QmpClient;
+use rewind_replica::layout::PartOf;
 use rewind_replica::ReplicationStatus;
 use rng::Rng;
 
@@ -63,7 +64,8 @@ fn remote(target: &Target) -> rewind_replica::Remote {
     rewind_replica::Remote::open(&target.url).unwrap()
 }
 
-fn serve(work: &Path, image: &Path, target: Option<&Target>) -> (Child, PathBuf, PathBuf) {
+/// Serves `image`, replicating to `target` (with `extra` options) when given.
+fn serve(work: &Path, image: &Path, target: Option<(&Target, &[&str])>) -> (Child, PathBuf, PathBuf) {
     let _ = fs::remove_dir_all(rewind::store::default_store_dir(image));
     let socket = work.join("bench.sock");
     let control = work.join("bench.ctl");
@@ -76,8 +78,8 @@ fn serve(work: &Path, image: &Path, target: Option<&Target>) -> (Child, PathBuf,
         .arg(&socket)
         .args(["--queue-size", "1024", "--control"])
         .arg(&control);
-    if let Some(target) = target {
-        command.args(["--replicate", &target.url]).envs(target.env.iter().map(|(k, v)| (k, v)));
+    if let Some((target, extra)) = target {
+        command.args(["--replicate", &target.url]).args(extra).envs(target.env.iter().map(|(k, v)| (k, v)));
     }
     let mut child =
         command.env("RUST_LOG", "error").stderr(File::create(work.join("rewind.log")).unwrap()).spawn().unwrap();
@@ -161,7 +163,7 @@ fn replication(client: &mut QmpClient) -> ReplicationStatus {
 /// Serves `image` replicating to `target` and drives writes for `secs` (paced at `rate`, if
 /// given) while sampling the lag; returns the IOPS and the lags in ms.
 fn run_replicated(work: &Path, image: &Path, target: &Target, secs: f64, rate: Option<f64>) -> (f64, Vec<f64>) {
-    let (child, socket, control) = serve(work, image, Some(target));
+    let (child, socket, control) = serve(work, image, Some((target, &[])));
     wait_caught_up(&control, Duration::from_secs(120));
     let running = Arc::new(AtomicBool::new(true));
     let sampler = {
@@ -209,6 +211,25 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).unwrap());
     values[values.len() / 2]
+}
+
+/// Waits until shipping has caught up and no remote snapshot is being made, twice in a row
+/// over more than a shipping interval (a delta starts just after the pass that makes it due).
+fn wait_settled(control: &Path, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut client = QmpClient::connect(control).unwrap();
+    let mut settled_at = None;
+    loop {
+        let caught_up = wait_caught_up(control, limit).shipped_seq;
+        let status = replication(&mut client);
+        let settled = (!status.making_delta).then_some(caught_up);
+        if settled.is_some() && settled == settled_at {
+            return;
+        }
+        settled_at = settled;
+        assert!(Instant::now() < deadline, "a remote snapshot took longer than {limit:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 fn wait_caught_up(control: &Path, limit: Duration) -> ReplicationStatus {
@@ -259,6 +280,7 @@ fn main() {
         format!("Replica: {store_name}, on this machine; 4 KiB random writes at QD32 over a 256 MiB image.\n\n");
 
     let (mut off, mut on, mut lags): (Vec<f64>, Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut deltas, mut delta_bytes) = (0, 0);
     for round in 0..rounds {
         prepare_image(&image);
         let (child, socket, _) = serve(&work, &image, None);
@@ -269,6 +291,9 @@ fn main() {
         let (iops, round_lags) = run_replicated(&work, &image, &round_target, secs, None);
         on.push(iops);
         lags.extend(round_lags);
+        let manifest = rewind_replica::Replica::from_remote(remote(&round_target)).unwrap().manifest().clone();
+        deltas += manifest.deltas.len();
+        delta_bytes += manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>();
         delete_replica(&round_target);
         eprintln!("round {round}: off {:.0} IOPS, on {:.0} IOPS", off[round], on[round]);
     }
@@ -288,12 +313,14 @@ fn main() {
          | off | {iops_off:.0} | | |\n| on | {iops_on:.0} ({:.2}×; rounds {ratios}) | {:.0} ms | {:.0} ms |\n\
          | on, paced at {PACED_IOPS:.0}/s | {paced_iops:.0} | {:.0} ms | {:.0} ms |\n\n\
          Lag: a write completed by the time the head was sampled (every 50 ms) until the manifest counts it \
-         (polled every 10 ms).\n",
+         (polled every 10 ms). Remote snapshots stored during the replicated rounds (default spacing, \
+         every 4× the volume of journal): {deltas}, {:.0} MiB.\n",
         iops_on / iops_off,
         percentile(&lags, 0.5),
         percentile(&lags, 0.99),
         percentile(&paced_lags, 0.5),
-        percentile(&paced_lags, 0.99)
+        percentile(&paced_lags, 0.99),
+        delta_bytes as f64 / (1 << 20) as f64
     );
     print!("{line}");
     md.push_str(&line);
@@ -301,13 +328,12 @@ fn main() {
         "lag_p50_ms": percentile(&lags, 0.5), "lag_p99_ms": percentile(&lags, 0.99),
         "paced_iops": paced_iops, "paced_lag_p50_ms": percentile(&paced_lags, 0.5), "paced_lag_p99_ms": percentile(&paced_lags, 0.99)});
 
-    // Catch-up after an outage (Ceph only: radosgw stopped under load), then recovery.
-    prepare_image(&image);
-    let url = format!("{}/catch-up", target.url);
-    let catch_target = Target { url: url.clone(), env: target.env.clone() };
-    let (child, socket, control) = serve(&work, &image, Some(&catch_target));
-    wait_caught_up(&control, Duration::from_secs(120));
+    // Catch-up after an outage (Ceph only: radosgw stopped under load).
     if let Some(cluster) = cluster.as_mut() {
+        prepare_image(&image);
+        let catch_target = Target { url: format!("{}/catch-up", target.url), env: target.env.clone() };
+        let (child, socket, control) = serve(&work, &image, Some((&catch_target, &[])));
+        wait_caught_up(&control, Duration::from_secs(120));
         cluster.stop_gateway();
         drive(&socket, 1.0, None);
         let mut client = QmpClient::connect(&control).unwrap();
@@ -316,6 +342,8 @@ fn main() {
         let begin = Instant::now();
         wait_caught_up(&control, Duration::from_secs(600));
         let took = begin.elapsed().as_secs_f64();
+        stop(child);
+        delete_replica(&catch_target);
         let line = format!(
             "\ncatch-up after radosgw was down for 1 s of QD32 writes: {:.1} MiB shipped in {took:.1} s ({:.1} MiB/s, \
              counted from radosgw's restart, retry back-off included)\n",
@@ -325,49 +353,81 @@ fn main() {
         print!("{line}");
         md.push_str(&line);
         json["catch_up_mib_s"] = (backlog as f64 / (1 << 20) as f64 / took).into();
-    } else {
-        drive(&socket, 1.0, None);
-        wait_caught_up(&control, Duration::from_secs(600));
     }
-    stop(child);
 
-    // Recovery from the replica against downloading its objects alone.
-    let remote = remote(&catch_target);
-    let keys: Vec<String> = remote.list("").unwrap().into_iter().map(|o| o.key).collect();
-    let begin = Instant::now();
-    let mut bytes = 0u64;
-    remote
-        .get_each(&keys, |_, data| {
-            bytes += data.len() as u64;
-            Ok(true)
-        })
-        .unwrap();
-    let download = begin.elapsed().as_secs_f64();
-    let output = work.join("recovered.img");
-    let shipped = rewind_replica::Replica::open(&url).unwrap().manifest().shipped_seq;
-    let begin_recovery = Instant::now();
-    let recovered = Command::new(env!("CARGO_BIN_EXE_rewind"))
-        .args(["recover", "--from", &url, "--seq", &shipped.to_string()])
-        .envs(target.env.iter().map(|(k, v)| (k, v)))
-        .arg("--output")
-        .arg(&output)
-        .output()
-        .unwrap();
-    assert!(recovered.status.success(), "{}", String::from_utf8_lossy(&recovered.stderr));
-    let recovery = begin_recovery.elapsed().as_secs_f64();
-    let mib = bytes as f64 / (1 << 20) as f64;
-    let line = format!(
-        "\nrecovery from the replica ({mib:.1} MiB of objects, {} objects): {recovery:.2} s ({:.0} MiB/s); \
-         downloading the same objects alone: {download:.2} s ({:.0} MiB/s)\n",
-        keys.len(),
-        mib / recovery,
-        mib / download
+    // Recovery of the head after the same writes, from a replica with remote snapshots (the
+    // default spacing) and from one without, each against downloading the objects it reads.
+    let mut table = format!(
+        "\nRecovery of the head from the replica after {secs:.0} s of QD32 writes (`rewind recover --from URL --seq \
+         HEAD`), against downloading the same objects alone:\n\n\
+         | replica | journal shipped | deltas | objects read | recovery | download alone |\n|---|---|---|---|---|---|\n"
     );
-    print!("{line}");
-    md.push_str(&line);
-    json["recovery_s"] = recovery.into();
-    delete_replica(&catch_target);
-    json["download_s"] = download.into();
+    for (name, label, extra) in [
+        ("deltas", "remote snapshots every 4× the volume (default)", &[][..]),
+        ("journal", "no remote snapshots (`--replica-delta-every 0`)", &["--replica-delta-every", "0"][..]),
+    ] {
+        prepare_image(&image);
+        let recovery_target = Target { url: format!("{}/recovery-{name}", target.url), env: target.env.clone() };
+        let (child, socket, control) = serve(&work, &image, Some((&recovery_target, extra)));
+        wait_caught_up(&control, Duration::from_secs(120));
+        drive(&socket, secs, None);
+        wait_settled(&control, Duration::from_secs(600));
+        stop(child);
+        let manifest = rewind_replica::Replica::from_remote(remote(&recovery_target)).unwrap().manifest().clone();
+        let remote = remote(&recovery_target);
+        let journal = rewind_replica::restore::list_journal(&remote).unwrap();
+        let journal_mib = journal.iter().map(|o| o.size).sum::<u64>() as f64 / (1 << 20) as f64;
+        let newest = manifest.newest_point();
+        let mut keys: Vec<String> =
+            (0..manifest.base.parts).map(|part| PartOf::Base.key(manifest.base.seq, part)).collect();
+        for delta in &manifest.deltas {
+            keys.extend((0..delta.parts).map(|part| PartOf::Delta.key(delta.seq, part)));
+        }
+        keys.extend(
+            rewind_replica::restore::chain(&journal, newest + 1, manifest.shipped_seq)
+                .unwrap()
+                .into_iter()
+                .map(|o| o.key),
+        );
+        let begin = Instant::now();
+        let mut bytes = 0u64;
+        remote
+            .get_each(&keys, |_, data| {
+                bytes += data.len() as u64;
+                Ok(true)
+            })
+            .unwrap();
+        let download = begin.elapsed().as_secs_f64();
+        let output = work.join("recovered.img");
+        let _ = fs::remove_file(&output);
+        let begin = Instant::now();
+        let recovered = Command::new(env!("CARGO_BIN_EXE_rewind"))
+            .args(["recover", "--from", &recovery_target.url, "--seq", &manifest.shipped_seq.to_string()])
+            .envs(target.env.iter().map(|(k, v)| (k, v)))
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap();
+        assert!(recovered.status.success(), "{}", String::from_utf8_lossy(&recovered.stderr));
+        let recovery = begin.elapsed().as_secs_f64();
+        let _ = fs::remove_file(&output);
+        delete_replica(&recovery_target);
+        let mib = bytes as f64 / (1 << 20) as f64;
+        let delta_mib = manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>() as f64 / (1 << 20) as f64;
+        table.push_str(&format!(
+            "| {label} | {journal_mib:.0} MiB | {}, {delta_mib:.0} MiB | {mib:.0} MiB in {} objects | {recovery:.2} s \
+             ({:.0} MiB/s of objects) | {download:.2} s ({:.0} MiB/s) |\n",
+            manifest.deltas.len(),
+            keys.len(),
+            mib / recovery,
+            mib / download
+        ));
+        json[format!("recovery_{name}_s")] = recovery.into();
+        json[format!("download_{name}_s")] = download.into();
+        json[format!("journal_{name}_mib")] = journal_mib.into();
+    }
+    print!("{table}");
+    md.push_str(&table);
     let out = Path::new("target/bench");
     fs::create_dir_all(out).unwrap();
     fs::write(out.join("replication.md"), &md).unwrap();

@@ -138,16 +138,22 @@ fn marked_rounds(
 }
 
 /// The scenario every backend runs: markers and writes on a live daemon, recovered from the
-/// replica alone; then the listing commands.
+/// replica alone (remote snapshots every MiB shipped, so most points are a base, deltas and a
+/// stretch of journal); then the listing commands.
 fn markers_and_writes_recover_exactly(dir: &Path, url: &str, env: &[(String, String)]) {
-    let served = serve_replicated(&dir.join("host-a").tap_create(), url, env, &[]);
+    let served = serve_replicated(&dir.join("host-a").tap_create(), url, env, &["--replica-delta-every", "1M"]);
     let mut client = Client::connect(&served.daemon.socket, 1);
     let mut rng = Rng(0x5eed_0012);
     let mut model = vec![0u8; SIZE as usize];
-    let points = marked_rounds(&mut client, &served.control, &mut rng, &mut model, "round", 3);
+    let mut points = marked_rounds(&mut client, &served.control, &mut rng, &mut model, "round", 2);
+    caught_up(&served.control, Duration::from_secs(30));
+    wait_for_deltas(env, url, 1);
+    // This marker lies after the first delta, the head after the second.
+    points.extend(marked_rounds(&mut client, &served.control, &mut rng, &mut model, "late", 1));
     write_random(&mut client, &mut model, &mut rng, 100);
     assert_eq!(client.flush(), 0);
     let status = caught_up(&served.control, Duration::from_secs(30));
+    wait_for_deltas(env, url, 2);
     let second_host = dir.join("host-b").tap_create();
     for (name, expected) in &points {
         let got = recover_from(env, url, &["--marker", name], &second_host.join(format!("{name}.img")));
@@ -160,7 +166,7 @@ fn markers_and_writes_recover_exactly(dir: &Path, url: &str, env: &[(String, Str
     assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
     let markers: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     let names: Vec<&str> = markers.as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["round-0", "round-1", "round-2"]);
+    assert_eq!(names, ["round-0", "round-1", "late-0"]);
     let remote = rewind_with(env, &["status", "--from", url, "--json"]);
     assert!(remote.status.success(), "{}", String::from_utf8_lossy(&remote.stderr));
     let remote: serde_json::Value = serde_json::from_slice(&remote.stdout).unwrap();
@@ -170,6 +176,23 @@ fn markers_and_writes_recover_exactly(dir: &Path, url: &str, env: &[(String, Str
     assert_eq!(online["replication"]["shipped-seq"], status.head, "{online}");
     drop(client);
     served.daemon.terminate();
+}
+
+/// Waits until `status --from` lists `count` remote snapshots (made beside the shipping, each
+/// listed once stored).
+fn wait_for_deltas(env: &[(String, String)], url: &str, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let remote = rewind_with(env, &["status", "--from", url, "--json"]);
+        assert!(remote.status.success(), "{}", String::from_utf8_lossy(&remote.stderr));
+        let remote: serde_json::Value = serde_json::from_slice(&remote.stdout).unwrap();
+        if remote["deltas"].as_u64() >= Some(count) {
+            assert!(remote["delta-bytes"].as_u64() > Some(0), "{remote}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "fewer than {count} remote snapshots after 30 s: {remote}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

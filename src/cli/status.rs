@@ -155,6 +155,13 @@ fn print_replication(replication: &ReplicationStatus) {
         format_bytes(replication.bytes_pending),
         if replication.journal_over_limit { ", local journal over its limit" } else { "" }
     );
+    println!(
+        "remote snapshots:    base at seq {}, {} delta(s), newest at seq {}{}",
+        replication.remote_oldest_seq,
+        replication.remote_deltas,
+        replication.remote_snapshot_seq,
+        if replication.making_delta { " (making the next)" } else { "" }
+    );
     if let Some(error) = &replication.last_error {
         let state = if replication.failing { "failing" } else { "recovered" };
         println!("last error:          {error} ({state})");

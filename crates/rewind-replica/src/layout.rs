@@ -69,17 +69,33 @@ pub struct BaseInfo {
     pub data_bytes: u64,
 }
 
-/// A remote snapshot: the net effect of the records in `from + 1 ..= seq`, in parts.
+/// A remote snapshot after the base: the net effect of the records in `from + 1 ..= seq` in
+/// delta parts, or (`full`) the whole volume at `seq` in base parts, which a recovery starts
+/// from instead of the base and the deltas before it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct DeltaInfo {
     pub seq: Seq,
+    /// For a full snapshot, `seq`.
     pub from: Seq,
     /// Timestamp of the record at `seq`.
     pub time_ns: u64,
     pub parts: u64,
     /// Data bytes held by the parts (zeroed ranges hold none).
     pub data_bytes: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
+}
+
+impl DeltaInfo {
+    /// Where its parts are.
+    pub fn parts_of(&self) -> PartOf {
+        if self.full {
+            PartOf::Base
+        } else {
+            PartOf::Delta
+        }
+    }
 }
 
 impl Manifest {
@@ -129,7 +145,8 @@ impl Manifest {
         // within what was shipped.
         let mut point = manifest.base.seq;
         for delta in &manifest.deltas {
-            if delta.from > point || delta.seq <= point || delta.seq > manifest.shipped_seq {
+            let follows = if delta.full { delta.from == delta.seq } else { delta.from <= point };
+            if !follows || delta.seq <= point || delta.seq > manifest.shipped_seq {
                 return Err(corrupt(format!(
                     "the delta at seq {} (from seq {}) does not follow the point at seq {point} within the shipped \
                      records",
@@ -146,6 +163,17 @@ impl Manifest {
     /// The newest remote snapshot: the last delta, else the base.
     pub fn newest_point(&self) -> Seq {
         self.deltas.last().map_or(self.base.seq, |d| d.seq)
+    }
+
+    /// Data bytes of the deltas after the newest full snapshot (or the base): what a recovery of
+    /// a late point reads besides that snapshot.
+    pub fn delta_bytes_since_full(&self) -> u64 {
+        self.deltas.iter().rev().take_while(|d| !d.full).map(|d| d.data_bytes).sum()
+    }
+
+    /// Whether base parts of the snapshot at `seq` are counted: the base's or a full snapshot's.
+    pub fn counts_base_parts_of(&self, seq: Seq) -> bool {
+        self.base.seq == seq || self.deltas.iter().any(|d| d.full && d.seq == seq)
     }
 
     /// Whether a marker's point can be rebuilt from the replica.
@@ -667,11 +695,21 @@ mod tests {
         let base = BaseInfo { seq: 3, time_ns: 7, parts: 1, data_bytes: 4096 };
         let mut manifest = Manifest::new(uuid::Uuid::new_v4(), 1 << 20, 4096, base);
         manifest.shipped_seq = 50;
-        let delta = |from, seq| DeltaInfo { seq, from, time_ns: seq, parts: 1, data_bytes: 0 };
-        manifest.deltas = vec![delta(3, 10), delta(10, 20), delta(5, 30)];
+        let delta = |from, seq| DeltaInfo { seq, from, time_ns: seq, parts: 1, data_bytes: 100, full: false };
+        let full = |seq| DeltaInfo { full: true, ..delta(seq, seq) };
+        manifest.deltas = vec![delta(3, 10), delta(10, 20), full(25), delta(5, 30), delta(30, 40)];
         assert_eq!(Manifest::decode(&manifest.encode()).unwrap(), manifest);
-        assert_eq!(manifest.newest_point(), 30);
-        for deltas in [vec![delta(4, 10)], vec![delta(3, 10), delta(11, 20)], vec![delta(3, 60)], vec![delta(3, 3)]] {
+        assert_eq!(manifest.newest_point(), 40);
+        assert_eq!(manifest.delta_bytes_since_full(), 200);
+        assert!(manifest.counts_base_parts_of(25) && manifest.counts_base_parts_of(3));
+        assert!(!manifest.counts_base_parts_of(20));
+        for deltas in [
+            vec![delta(4, 10)],
+            vec![delta(3, 10), delta(11, 20)],
+            vec![delta(3, 60)],
+            vec![delta(3, 3)],
+            vec![DeltaInfo { from: 3, ..full(10) }],
+        ] {
             let bad = Manifest { deltas, ..manifest.clone() };
             assert!(matches!(Manifest::decode(&bad.encode()), Err(Error::Corrupt { .. })), "{:?}", bad.deltas);
         }

@@ -187,11 +187,26 @@ impl Point {
     }
 }
 
-/// The deltas a recovery to `point` applies after the base: the manifest's, in order, up to
-/// the last at or before the point.
-fn deltas_through(m: &Manifest, point: Point) -> &[DeltaInfo] {
-    let count = m.deltas.iter().take_while(|d| point.reaches(d.seq, d.time_ns)).count();
-    &m.deltas[..count]
+/// The snapshots a recovery to `point` writes, in order: the newest full one at or before the
+/// point (else the base), then the deltas after it up to the point.
+fn snapshots_through(m: &Manifest, point: Point) -> Vec<DeltaInfo> {
+    let reached = m.deltas.iter().take_while(|d| point.reaches(d.seq, d.time_ns)).count();
+    let reached = &m.deltas[..reached];
+    match reached.iter().rposition(|d| d.full) {
+        Some(full) => reached[full..].to_vec(),
+        None => {
+            let b = &m.base;
+            let base = DeltaInfo {
+                seq: b.seq,
+                from: b.seq,
+                time_ns: b.time_ns,
+                parts: b.parts,
+                data_bytes: b.data_bytes,
+                full: true,
+            };
+            std::iter::once(base).chain(reached.iter().cloned()).collect()
+        }
+    }
 }
 
 /// The point a target names, checked against the replica.
@@ -238,8 +253,8 @@ pub(crate) fn recover(
         Point::Seq(seq) => seq,
         Point::LastAtOrBefore(_) => m.shipped_seq,
     };
-    let deltas = deltas_through(m, point);
-    let snapshot_seq = deltas.last().map_or(m.base.seq, |d| d.seq);
+    let snapshots = snapshots_through(m, point);
+    let snapshot_seq = snapshots.last().map_or(m.base.seq, |d| d.seq);
     let mut objects = list_journal(remote)?;
     objects.retain(|o| o.last <= m.shipped_seq);
     let chain = chain(&objects, snapshot_seq + 1, to)?;
@@ -252,7 +267,7 @@ pub(crate) fn recover(
         .context(|| format!("creating {}", partial.display()))?;
     let built = (|| {
         file.set_len(m.volume_size).context(|| format!("sizing {}", partial.display()))?;
-        let (mut report, time_ns) = build(remote, m, &file, point, deltas, &chain, progress)?;
+        let (mut report, time_ns) = build(remote, m, &file, point, &snapshots, &chain, progress)?;
         file.sync_all().context(|| format!("syncing {}", partial.display()))?;
         std::fs::hard_link(&partial, output).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => rewind_engine::Error::OutputExists(output.to_path_buf()).into(),
@@ -265,26 +280,25 @@ pub(crate) fn recover(
     built
 }
 
-/// Writes the base and `deltas` into `file`, then replays `chain` up to the point.
+/// Writes `snapshots` into `file` (a full one, then deltas), then replays `chain` up to the
+/// point.
 fn build(
     remote: &Remote,
     m: &Manifest,
     file: &File,
     point: Point,
-    deltas: &[DeltaInfo],
+    snapshots: &[DeltaInfo],
     chain: &[JournalObject],
     progress: Progress<'_>,
 ) -> Result<(RecoveryReport, u64)> {
-    let total = m.base.data_bytes
-        + deltas.iter().map(|d| d.data_bytes).sum::<u64>()
-        + chain.iter().map(|o| o.size).sum::<u64>();
+    let total = snapshots.iter().map(|d| d.data_bytes).sum::<u64>() + chain.iter().map(|o| o.size).sum::<u64>();
     let mut done = 0u64;
     progress(0, total);
     let mut bytes_written = 0u64;
-    // The base's parts, then each delta's, downloaded in parallel and applied in this order.
-    let parts: Vec<(PartOf, Seq, String)> = std::iter::once((PartOf::Base, m.base.seq, m.base.parts))
-        .chain(deltas.iter().map(|d| (PartOf::Delta, d.seq, d.parts)))
-        .flat_map(|(of, seq, parts)| (0..parts).map(move |part| (of, seq, of.key(seq, part))))
+    // Every snapshot's parts, downloaded in parallel and applied in this order.
+    let parts: Vec<(PartOf, Seq, String)> = snapshots
+        .iter()
+        .flat_map(|d| (0..d.parts).map(move |part| (d.parts_of(), d.seq, d.parts_of().key(d.seq, part))))
         .collect();
     let keys: Vec<String> = parts.iter().map(|(_, _, key)| key.clone()).collect();
     let mut next_part = parts.iter();
@@ -307,7 +321,8 @@ fn build(
     })?;
     // Records after the last snapshot up to the point: for a time, until the first record
     // past it.
-    let (snapshot_seq, snapshot_time_ns) = deltas.last().map_or((m.base.seq, m.base.time_ns), |d| (d.seq, d.time_ns));
+    let (snapshot_seq, snapshot_time_ns) =
+        snapshots.last().map_or((m.base.seq, m.base.time_ns), |d| (d.seq, d.time_ns));
     let mut seq = snapshot_seq;
     let mut time_ns = snapshot_time_ns;
     let mut records_replayed = 0u64;

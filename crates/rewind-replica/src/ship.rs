@@ -83,6 +83,13 @@ pub struct ReplicationStatus {
     pub failing: bool,
     /// The oldest point the replica can rebuild.
     pub remote_oldest_seq: Seq,
+    /// The replica's newest snapshot (the base, or the last delta): recovering a later point
+    /// replays the journal from there.
+    pub remote_snapshot_seq: Seq,
+    /// Remote snapshots after the base.
+    pub remote_deltas: u64,
+    /// A remote snapshot is being made.
+    pub making_delta: bool,
     pub objects_shipped: u64,
     pub bytes_shipped: u64,
     /// The local journal is over its size limit because of records held for shipping.
@@ -134,6 +141,8 @@ const PIECE: u64 = 1 << 20;
 const DELTA_WORK: &str = "the remote snapshot";
 /// Where the base is built before it is uploaded, in the store's directory.
 const BASE_BUILD_FILE: &str = "replica-base.tmp";
+/// Where a full remote snapshot is rebuilt before it is uploaded.
+const FULL_BUILD_FILE: &str = "replica-full.tmp";
 
 /// Set to stop the thread; the condition variable wakes it.
 type StopSignal = Arc<(Mutex<bool>, Condvar)>;
@@ -183,6 +192,9 @@ impl Shipper {
             delta: None,
             since_point: 0,
             delta_covers: None,
+            delta_retry_at: None,
+            delta_backoff: FIRST_BACKOFF,
+            delta_error_reported: false,
         };
         let thread = std::thread::Builder::new()
             .name("rewind-replica".into())
@@ -296,6 +308,10 @@ struct Worker {
     since_point: u64,
     /// What `since_point` was when the delta under way started: the bytes it covers.
     delta_covers: Option<u64>,
+    /// After a failed remote snapshot: none before this (the journal ships meanwhile).
+    delta_retry_at: Option<Instant>,
+    delta_backoff: Duration,
+    delta_error_reported: bool,
 }
 
 impl Worker {
@@ -318,7 +334,10 @@ impl Worker {
                 if let Some(delta) = self.delta.take() {
                     let finished = delta.join().unwrap_or(Err(Error::ThreadDied(DELTA_WORK)));
                     if let Err(e) = finished.and_then(|delta| self.list_delta(delta)) {
-                        log::info!("replication to {}: the remote snapshot under way was not finished: {e}", self.remote.url());
+                        log::info!(
+                            "replication to {}: the remote snapshot under way was not finished: {e}",
+                            self.remote.url()
+                        );
                     }
                 }
                 return;
@@ -384,7 +403,7 @@ impl Worker {
         }
         let head = self.store.head();
         let backlog = self.ship_walk()?;
-        self.finish_delta()?;
+        self.finish_delta();
         self.start_delta_if_due()?;
         if self.caught_up_due && self.shipped() >= head {
             self.caught_up_due = false;
@@ -426,8 +445,14 @@ impl Worker {
                 return Ok(None);
             }
             let image = File::open(&build_path).context(|| format!("opening {}", build_path.display()))?;
-            let (parts, data_bytes) =
-                self.upload_base_parts(&image, manifest.store_uuid, report.seq, manifest.volume_size)?;
+            let (parts, data_bytes) = upload_image(
+                &self.remote,
+                &image,
+                manifest.store_uuid,
+                report.seq,
+                self.config.max_object_bytes,
+                None,
+            )?;
             let mut next = manifest.clone();
             next.base = BaseInfo { seq: report.seq, time_ns, parts, data_bytes };
             // A later delta still follows the new base: its records start at or before it.
@@ -468,6 +493,8 @@ impl Worker {
         let mut status = locked(&self.status);
         status.shipped_seq = manifest.shipped_seq;
         status.remote_oldest_seq = manifest.base.seq;
+        status.remote_snapshot_seq = manifest.newest_point();
+        status.remote_deltas = manifest.deltas.len() as u64;
     }
 
     /// Reads the replica's manifest and resumes from it, or starts the replica with a base.
@@ -526,7 +553,7 @@ impl Worker {
         self.store.recover(&RecoveryTarget::Seq(seq), &build_path, &mut |_, _| {})?;
         let uploaded = File::open(&build_path)
             .context(|| format!("opening {}", build_path.display()))
-            .and_then(|image| self.upload_base_parts(&image, status.uuid, seq, status.volume_size));
+            .and_then(|image| upload_image(&self.remote, &image, status.uuid, seq, self.config.max_object_bytes, None));
         let _ = std::fs::remove_file(&build_path);
         let (parts, data_bytes) = uploaded?;
         let time_ns = self.record_time(seq).unwrap_or_else(|| {
@@ -548,42 +575,28 @@ impl Worker {
         Ok(manifest)
     }
 
-    /// Cuts the image into base parts of about `max_object_bytes`, leaving out holes and
-    /// all-zero pieces. Returns the parts and data bytes stored.
-    fn upload_base_parts(&self, image: &File, uuid: uuid::Uuid, seq: Seq, volume_size: u64) -> Result<(u64, u64)> {
-        let ranges = fsutil::data_ranges(image, volume_size).context(|| "mapping the base image".to_string())?;
-        let mut parts = PartUploader::new(&self.remote, PartOf::Base, uuid, seq, self.config.max_object_bytes);
-        for (start, len) in ranges {
-            let mut offset = start;
-            while offset < start + len {
-                let piece = PIECE.min(start + len - offset);
-                let mut data = vec![0u8; piece as usize];
-                image.read_exact_at(&mut data, offset).context(|| format!("reading the base at {offset}"))?;
-                if data.iter().any(|&b| b != 0) {
-                    parts.push(PartExtent { offset, data: PartData::Bytes(data) })?;
-                }
-                offset += piece;
-            }
-        }
-        parts.finish()
-    }
-
-    /// Lists a finished delta in the manifest, if it still follows the replica's newest
-    /// snapshot.
+    /// Lists a finished remote snapshot in the manifest, if it still fits the chain: a delta
+    /// must follow the newest snapshot; a full snapshot replaces the delta at its point (whose
+    /// parts are then deleted) or, made from the local store, follows the newest snapshot.
     fn list_delta(&mut self, delta: DeltaInfo) -> Result<()> {
         let Some(manifest) = self.manifest.as_ref() else { return Ok(()) };
-        if delta.from != manifest.newest_point() || delta.seq > manifest.shipped_seq {
-            // Not listed, so deleted as a leftover at the next start.
-            return Ok(());
-        }
         let mut next = manifest.clone();
+        let newest = manifest.newest_point();
+        let replaced = match next.deltas.last() {
+            Some(last) if delta.full && last.seq == delta.seq && !last.full => next.deltas.pop(),
+            _ if delta.seq > newest && delta.seq <= manifest.shipped_seq && (delta.full || delta.from == newest) => {
+                None
+            }
+            // Not listed, so deleted as a leftover at the next start.
+            _ => return Ok(()),
+        };
         log::info!(
-            "replication to {}: remote snapshot at seq {} stored ({} parts, {} data bytes, after seq {})",
+            "replication to {}: remote {} snapshot at seq {} stored ({} parts, {} data bytes)",
             self.remote.url(),
+            if delta.full { "full" } else { "delta" },
             delta.seq,
             delta.parts,
             delta.data_bytes,
-            delta.from
         );
         next.deltas.push(delta);
         next.updated_ns = fsutil::now_ns();
@@ -591,17 +604,50 @@ impl Worker {
         self.since_point = self.since_point.saturating_sub(self.delta_covers.take().unwrap_or_default());
         self.set_shipped(&next);
         self.manifest = Some(next);
+        if let Some(replaced) = replaced {
+            for part in 0..replaced.parts {
+                let key = replaced.parts_of().key(replaced.seq, part);
+                if let Err(e) = self.remote.delete(&key) {
+                    log::info!("replication to {}: {key} is left for the next start to delete: {e}", self.remote.url());
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Lists the delta made in its thread once that is done (a failure is this walk's).
-    fn finish_delta(&mut self) -> Result<()> {
+    /// Lists the remote snapshot made in its thread once that is done. A failure is reported
+    /// (`last-error`, a `REPLICATION_ERROR` event) and retried after a back-off of its own: the
+    /// journal, which every point needs, keeps shipping meanwhile.
+    fn finish_delta(&mut self) {
         if !self.delta.as_ref().is_some_and(|delta| delta.is_finished()) {
-            return Ok(());
+            return;
         }
-        let Some(delta) = self.delta.take() else { return Ok(()) };
+        let Some(delta) = self.delta.take() else { return };
+        locked(&self.status).making_delta = false;
         let finished = delta.join().unwrap_or(Err(Error::ThreadDied(DELTA_WORK)));
-        finished.and_then(|delta| self.list_delta(delta)).inspect_err(|_| self.delta_covers = None)
+        match finished.and_then(|delta| self.list_delta(delta)) {
+            Ok(()) => {
+                self.delta_retry_at = None;
+                self.delta_backoff = FIRST_BACKOFF;
+                self.delta_error_reported = false;
+            }
+            Err(e) => {
+                self.delta_covers = None;
+                let error = format!("remote snapshot: {e}");
+                log::warn!(
+                    "replication to {}: {error} (retrying in {:?}; the journal ships meanwhile)",
+                    self.remote.url(),
+                    self.delta_backoff
+                );
+                locked(&self.status).last_error = Some(error.clone());
+                if !self.delta_error_reported {
+                    (self.events)(ReplicationEvent::Error(ReplicationError { error, shipped_seq: self.shipped() }));
+                    self.delta_error_reported = true;
+                }
+                self.delta_retry_at = Some(Instant::now() + self.delta_backoff);
+                self.delta_backoff = (self.delta_backoff * 2).min(MAX_BACKOFF);
+            }
+        }
     }
 
     /// Whether the next remote snapshot is due: `delta_every` journal bytes were shipped after
@@ -622,13 +668,33 @@ impl Worker {
         by_size || by_age
     }
 
-    /// Starts making the remote snapshot at the shipped point in a thread of its own, when one
-    /// is due and none is under way: compacting and uploading it takes as long as reading what
-    /// changed, and the journal keeps shipping meanwhile.
+    /// Starts making a remote snapshot in a thread of its own when one is due and none is under
+    /// way (compacting and uploading it takes as long as reading what changed, and the journal
+    /// keeps shipping meanwhile): a full snapshot at the newest delta once the deltas after the
+    /// last full one (or the base) hold as much data as the volume, so that recovering a late
+    /// point never reads more than about twice the volume besides the journal after the newest
+    /// snapshot; else a delta at the shipped point when `delta_due`.
     fn start_delta_if_due(&mut self) -> Result<()> {
         let Some(manifest) = self.manifest.as_ref() else { return Ok(()) };
-        if self.delta.is_some() || self.stopping() || !self.delta_due(manifest) {
+        if self.delta.is_some() || self.stopping() || self.delta_retry_at.is_some_and(|at| Instant::now() < at) {
             return Ok(());
+        }
+        let full_due = manifest.deltas.last().is_some_and(|d| !d.full)
+            && manifest.delta_bytes_since_full() >= manifest.volume_size;
+        let at_shipped = (manifest.shipped_seq, manifest.shipped_time_ns);
+        let (kind, (seq, time_ns)) = match manifest.deltas.last() {
+            Some(last) if full_due => (SnapshotKind::FullFromReplica(manifest.clone()), (last.seq, last.time_ns)),
+            _ if !self.delta_due(manifest) => return Ok(()),
+            // The local records after the newest remote snapshot were freed (the store was
+            // served without --replicate, or by a build that held less): no delta can be
+            // compacted, but the store can still rebuild the shipped point.
+            _ if self.store.journal_view().first_seq() > manifest.newest_point() + 1 => {
+                (SnapshotKind::FullFromStore, at_shipped)
+            }
+            _ => (SnapshotKind::Delta, at_shipped),
+        };
+        if matches!(kind, SnapshotKind::Delta) {
+            self.delta_covers = Some(self.since_point);
         }
         let work = DeltaWork {
             store: Arc::clone(&self.store),
@@ -636,16 +702,17 @@ impl Worker {
             stop: Arc::clone(&self.stop),
             store_uuid: manifest.store_uuid,
             from: manifest.newest_point(),
-            seq: manifest.shipped_seq,
-            time_ns: manifest.shipped_time_ns,
+            seq,
+            time_ns,
             max_object_bytes: self.config.max_object_bytes,
+            kind,
         };
-        self.delta_covers = Some(self.since_point);
         let thread = std::thread::Builder::new()
             .name("rewind-repldelta".into())
             .spawn(move || work.run())
             .map_err(|e| Error::Io { context: "starting the remote snapshot thread".into(), cause: e })?;
         self.delta = Some(thread);
+        locked(&self.status).making_delta = true;
         Ok(())
     }
 
@@ -966,8 +1033,18 @@ impl<'a> PartUploader<'a> {
     }
 }
 
-/// A remote snapshot to make: the net effect of the local records in `from + 1 ..= seq`
-/// (which the store holds until it is listed), uploaded as delta parts.
+/// Which remote snapshot a [`DeltaWork`] makes.
+enum SnapshotKind {
+    /// The net effect of the local records after the newest remote snapshot.
+    Delta,
+    /// The whole volume at the newest delta, rebuilt from the replica this manifest describes.
+    FullFromReplica(Manifest),
+    /// The whole volume at the shipped point, recovered from the local store.
+    FullFromStore,
+}
+
+/// A remote snapshot to make at `seq`: a delta compacted from the local records in
+/// `from + 1 ..= seq` (which the store holds until it is listed), or a full snapshot.
 struct DeltaWork {
     store: Arc<Store>,
     remote: Arc<Remote>,
@@ -977,15 +1054,28 @@ struct DeltaWork {
     seq: Seq,
     time_ns: u64,
     max_object_bytes: usize,
+    kind: SnapshotKind,
 }
 
 impl DeltaWork {
     fn run(self) -> Result<DeltaInfo> {
+        let stopping = || *locked(&self.stop.0);
+        let (from, (parts, data_bytes), full) = match &self.kind {
+            SnapshotKind::Delta => (self.from, self.upload_delta(&stopping)?, false),
+            SnapshotKind::FullFromReplica(_) | SnapshotKind::FullFromStore => {
+                (self.seq, self.upload_full(&stopping)?, true)
+            }
+        };
+        Ok(DeltaInfo { seq: self.seq, from, time_ns: self.time_ns, parts, data_bytes, full })
+    }
+
+    fn upload_delta(&self, stopping: &dyn Fn() -> bool) -> Result<(u64, u64)> {
         let view = self.store.journal_view();
         // Payload checksums are checked here: the delta's own checksums must never cover
         // damaged bytes.
         let effect = snapshot::net_effect(&view, self.from, self.seq)?;
-        let mut parts = PartUploader::new(&self.remote, PartOf::Delta, self.store_uuid, self.seq, self.max_object_bytes);
+        let mut parts =
+            PartUploader::new(&self.remote, PartOf::Delta, self.store_uuid, self.seq, self.max_object_bytes);
         for (offset, len, source) in effect.iter() {
             let Source::Journal { segment, position } = source else {
                 parts.push(PartExtent { offset, data: PartData::Zeroes(len) })?;
@@ -994,7 +1084,7 @@ impl DeltaWork {
             let segment = view.segment(segment).ok_or(Error::Gap { seq: self.from + 1 })?;
             let mut done = 0;
             while done < len {
-                if *locked(&self.stop.0) {
+                if stopping() {
                     return Err(Error::Stopped(DELTA_WORK));
                 }
                 let piece = PIECE.min(len - done);
@@ -1004,9 +1094,62 @@ impl DeltaWork {
                 done += piece;
             }
         }
-        let (parts, data_bytes) = parts.finish()?;
-        Ok(DeltaInfo { seq: self.seq, from: self.from, time_ns: self.time_ns, parts, data_bytes })
+        parts.finish()
     }
+
+    /// Rebuilds the volume at `seq` (from the replica: its newest full snapshot and the deltas
+    /// since, at most about twice the volume; or from the local store) and uploads it as base
+    /// parts.
+    fn upload_full(&self, stopping: &dyn Fn() -> bool) -> Result<(u64, u64)> {
+        let build_path = self.store.store_dir().join(FULL_BUILD_FILE);
+        let _ = std::fs::remove_file(&build_path);
+        let target = RecoveryTarget::Seq(self.seq);
+        let rebuilt = match &self.kind {
+            SnapshotKind::FullFromReplica(manifest) => {
+                restore::recover(&self.remote, manifest, &target, &build_path, &mut |_, _| {}).map(|_| ())
+            }
+            _ => self.store.recover(&target, &build_path, &mut |_, _| {}).map(|_| ()).map_err(Error::from),
+        };
+        let uploaded = rebuilt
+            .and_then(|_| File::open(&build_path).context(|| format!("opening {}", build_path.display())))
+            .and_then(|image| {
+                upload_image(&self.remote, &image, self.store_uuid, self.seq, self.max_object_bytes, Some(stopping))
+            });
+        let _ = std::fs::remove_file(&build_path);
+        uploaded
+    }
+}
+
+/// Cuts `image` (the volume at `seq`) into base parts of about `max_object_bytes`, leaving out
+/// holes and all-zero pieces, unless `stopping` says to give up. Returns the parts and data
+/// bytes stored.
+fn upload_image(
+    remote: &Remote,
+    image: &File,
+    store_uuid: uuid::Uuid,
+    seq: Seq,
+    max_object_bytes: usize,
+    stopping: Option<&dyn Fn() -> bool>,
+) -> Result<(u64, u64)> {
+    let volume_size = image.metadata().context(|| "reading the size of the image to upload".to_string())?.len();
+    let ranges = fsutil::data_ranges(image, volume_size).context(|| "mapping the image to upload".to_string())?;
+    let mut parts = PartUploader::new(remote, PartOf::Base, store_uuid, seq, max_object_bytes);
+    for (start, len) in ranges {
+        let mut offset = start;
+        while offset < start + len {
+            if stopping.is_some_and(|stopping| stopping()) {
+                return Err(Error::Stopped(DELTA_WORK));
+            }
+            let piece = PIECE.min(start + len - offset);
+            let mut data = vec![0u8; piece as usize];
+            image.read_exact_at(&mut data, offset).context(|| format!("reading the image to upload at {offset}"))?;
+            if data.iter().any(|&b| b != 0) {
+                parts.push(PartExtent { offset, data: PartData::Bytes(data) })?;
+            }
+            offset += piece;
+        }
+    }
+    parts.finish()
 }
 
 /// Journal bytes after the last shipped record, which ends at `shipped_end` (segment index and
@@ -1034,8 +1177,12 @@ fn remove_unlisted(remote: &Remote, manifest: &Manifest) -> Result<()> {
         }
     }
     for object in remote.list(BASE_DIR)? {
-        if PartOf::Base.parse_key(&object.key) != Some(manifest.base.seq) {
-            log::info!("replication to {}: removing {} (not the manifest's base)", remote.url(), object.key);
+        if !PartOf::Base.parse_key(&object.key).is_some_and(|seq| manifest.counts_base_parts_of(seq)) {
+            log::info!(
+                "replication to {}: removing {} (not the manifest's base or full snapshot)",
+                remote.url(),
+                object.key
+            );
             remote.delete(&object.key)?;
         }
     }

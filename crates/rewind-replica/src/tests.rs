@@ -525,3 +525,97 @@ fn deltas_hold_the_local_journal_only_until_they_are_stored() {
     shipper.stop();
     assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
 }
+
+#[test]
+fn once_the_deltas_hold_a_volume_of_data_a_full_snapshot_replaces_the_newest_and_recovery_starts_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 64 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    let config = ShipperConfig { max_object_bytes: 64 << 10, delta_every: Some(128 << 10), ..Default::default() };
+    let (shipper, _events) = ship(&store, &objects, config);
+    let mut points = Vec::new();
+    let mut round = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let full = loop {
+        write_blocks(&store, &mut model, round + 1, 40);
+        let marker = store.add_marker(&format!("m{round}"), None, MarkerSource::Host).unwrap();
+        store.sync().unwrap();
+        wait_for_shipped(&shipper, marker.seq);
+        points.push((marker, model.clone()));
+        round += 1;
+        let manifest = crate::restore::read_manifest(&remote(&objects)).unwrap().unwrap();
+        if let Some(full) = manifest.deltas.iter().find(|d| d.full) {
+            break full.clone();
+        }
+        assert!(Instant::now() < deadline, "no full snapshot: {:?}", manifest.deltas);
+    };
+    let last = write_blocks(&store, &mut model, 99, 10);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, last);
+    shipper.stop();
+
+    let bucket = remote(&objects);
+    let manifest = crate::restore::read_manifest(&bucket).unwrap().unwrap();
+    let before_full: Vec<_> = manifest.deltas.iter().take_while(|d| d.seq < full.seq).collect();
+    // The deltas before it (and the one it replaced) held at least a volume of data.
+    assert!(before_full.len() >= 2 && full.data_bytes <= VOLUME, "{:?}", manifest.deltas);
+    assert!(
+        bucket.list("delta").unwrap().iter().all(|o| PartOf::Delta.parse_key(&o.key) != Some(full.seq)),
+        "the delta the full snapshot replaced is deleted"
+    );
+    for (marker, expected) in &points {
+        let bytes = recover_bytes(&objects, RecoveryTarget::Marker(marker.name.clone()), dir.path());
+        assert!(bytes == *expected, "marker {} (seq {}) with snapshots {:?}", marker.name, marker.seq, manifest.deltas);
+    }
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
+    // Recovery of a later point starts at the full snapshot: it needs neither the base nor
+    // the deltas before it.
+    for part in 0..manifest.base.parts {
+        bucket.delete(&PartOf::Base.key(manifest.base.seq, part)).unwrap();
+    }
+    for delta in &before_full {
+        for part in 0..delta.parts {
+            bucket.delete(&delta.parts_of().key(delta.seq, part)).unwrap();
+        }
+    }
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
+    let replica = Replica::from_remote(remote(&objects)).unwrap();
+    let output = dir.path().join("before-full");
+    let early = &points[0].0;
+    match replica.recover(&RecoveryTarget::Marker(early.name.clone()), &output, &mut |_, _| {}) {
+        Err(Error::Missing { .. }) => {}
+        other => panic!("expected the deleted base to be missing, got {other:?}"),
+    }
+}
+
+#[test]
+fn when_the_local_records_after_the_newest_remote_snapshot_are_gone_a_full_snapshot_is_made_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 16 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    // Shipped without deltas: the store frees what is shipped.
+    let (shipper, _events) = ship(&store, &objects, ShipperConfig::default());
+    let last = write_blocks(&store, &mut model, 1, 40);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, last);
+    shipper.stop();
+    store.set_retention(RetentionPolicy { max_bytes: Some(20 << 10), ..Default::default() }).unwrap();
+    store.enforce_retention().unwrap();
+    assert!(store.status().first_seq > 1, "retention freed shipped records: {:?}", store.status());
+
+    let (shipper, _events) =
+        ship(&store, &objects, ShipperConfig { delta_every: Some(16 << 10), ..Default::default() });
+    let last = write_blocks(&store, &mut model, 2, 10);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, last);
+    let manifest = wait_for_deltas(&objects, 1);
+    shipper.stop();
+    let first = &manifest.deltas[0];
+    assert!(first.full && first.seq > manifest.base.seq, "{:?}", manifest.deltas);
+    let local = dir.path().join("local");
+    store.recover(&RecoveryTarget::Seq(first.seq), &local, &mut |_, _| {}).unwrap();
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(first.seq), dir.path()), std::fs::read(local).unwrap());
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
+}
