@@ -110,6 +110,11 @@ fn drive(socket: &Path, secs: f64, rate: Option<f64>) -> f64 {
     blkio.map_mem_region(&region).unwrap();
     let q = &mut queues[0];
     let mut rng = Rng(0x5eed);
+    // SAFETY: the region is BLOCK * DEPTH bytes libblkio mapped into this process, not in use
+    // by any request yet. Filled with data that is not all zeroes, so that remote snapshots and
+    // recoveries carry real bytes.
+    let data = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, BLOCK * DEPTH) };
+    data.iter_mut().for_each(|byte| *byte = rng.next() as u8);
     let blocks = IMAGE_SIZE / BLOCK as u64;
     for slot in 0..DEPTH {
         let buf = (region.addr + slot * BLOCK) as *const u8;
@@ -360,7 +365,7 @@ fn main() {
     let mut table = format!(
         "\nRecovery of the head from the replica after {secs:.0} s of QD32 writes (`rewind recover --from URL --seq \
          HEAD`), against downloading the same objects alone:\n\n\
-         | replica | journal shipped | deltas | objects read | recovery | download alone |\n|---|---|---|---|---|---|\n"
+         | replica | journal shipped | remote snapshots | objects read | recovery | download alone |\n|---|---|---|---|---|---|\n"
     );
     for (name, label, extra) in [
         ("deltas", "remote snapshots every 4× the volume (default)", &[][..]),
@@ -380,8 +385,14 @@ fn main() {
         let newest = manifest.newest_point();
         let mut keys: Vec<String> =
             (0..manifest.base.parts).map(|part| PartOf::Base.key(manifest.base.seq, part)).collect();
-        for delta in &manifest.deltas {
-            keys.extend((0..delta.parts).map(|part| PartOf::Delta.key(delta.seq, part)));
+        // What a recovery of the head reads: the newest full snapshot (else the base), the
+        // deltas after it, the journal after the last of them.
+        let start = manifest.deltas.iter().rposition(|d| d.full);
+        if start.is_some() {
+            keys.clear();
+        }
+        for delta in &manifest.deltas[start.unwrap_or(0)..] {
+            keys.extend((0..delta.parts).map(|part| delta.parts_of().key(delta.seq, part)));
         }
         keys.extend(
             rewind_replica::restore::chain(&journal, newest + 1, manifest.shipped_seq)
@@ -410,14 +421,21 @@ fn main() {
             .unwrap();
         assert!(recovered.status.success(), "{}", String::from_utf8_lossy(&recovered.stderr));
         let recovery = begin.elapsed().as_secs_f64();
+        // The daemon stopped at the shipped head: the image is what the recovery must give.
+        assert!(
+            fs::read(&output).unwrap() == fs::read(&image).unwrap(),
+            "the recovered head differs from the image; the replica's snapshots: {:?}",
+            manifest.deltas
+        );
         let _ = fs::remove_file(&output);
         delete_replica(&recovery_target);
         let mib = bytes as f64 / (1 << 20) as f64;
         let delta_mib = manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>() as f64 / (1 << 20) as f64;
         table.push_str(&format!(
-            "| {label} | {journal_mib:.0} MiB | {}, {delta_mib:.0} MiB | {mib:.0} MiB in {} objects | {recovery:.2} s \
+            "| {label} | {journal_mib:.0} MiB | {} ({} full), {delta_mib:.0} MiB | {mib:.0} MiB in {} objects | {recovery:.2} s \
              ({:.0} MiB/s of objects) | {download:.2} s ({:.0} MiB/s) |\n",
             manifest.deltas.len(),
+            manifest.deltas.iter().filter(|d| d.full).count(),
             keys.len(),
             mib / recovery,
             mib / download

@@ -358,7 +358,7 @@ impl SnapshotStore {
 
     /// Compacts the records in (from, to] into a new delta file.
     fn write_delta(&self, view: &JournalView, from: Seq, to: Seq, origin: SnapshotOrigin) -> Result<SnapshotInfo> {
-        let map = net_effect(view, from, to)?;
+        let map = net_effect(view, from, to, &AtomicBool::new(false))?;
         let final_path = self.delta_path(to);
         let tmp_path = final_path.with_extension("tmp");
         let file = File::create(&tmp_path).context(|| format!("creating {}", tmp_path.display()))?;
@@ -554,8 +554,8 @@ impl SnapshotStore {
 /// its payload lies in the journal) or zeroing, in volume order. Applied to the volume at any
 /// point from `from` to `to`, it gives the volume at `to`. Every write payload's checksum is
 /// checked on the way, so a damaged journal is never packed into a snapshot under checksums of
-/// its own.
-pub fn net_effect(view: &JournalView, from: Seq, to: Seq) -> Result<ExtentMap<Source>> {
+/// its own. Stops with [`Error::Cancelled`] soon after `stop` is set.
+pub fn net_effect(view: &JournalView, from: Seq, to: Seq, stop: &AtomicBool) -> Result<ExtentMap<Source>> {
     if view.first_seq() > from + 1 || view.next_seq() <= to {
         return Err(Error::Unrecoverable {
             requested: format!("snapshot at seq {to}"),
@@ -565,6 +565,9 @@ pub fn net_effect(view: &JournalView, from: Seq, to: Seq) -> Result<ExtentMap<So
     }
     let mut map = ExtentMap::new();
     view.for_each(from + 1, to, Payloads::OfKinds(&[RecordKind::Write]), |rec| {
+        if stop.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
         let h = rec.header;
         match h.kind {
             RecordKind::Write => map.insert(

@@ -643,6 +643,11 @@ impl Store {
         self.retention_floor.store(seq, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// What [`keep_journal_from`](Self::keep_journal_from) holds now.
+    pub fn journal_kept_from(&self) -> Seq {
+        self.retention_floor.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The journal as it is now, to read records from. Segments are freed only by retention,
     /// which keeps what [`keep_journal_from`](Self::keep_journal_from) holds: read only records
     /// at or above the hold.

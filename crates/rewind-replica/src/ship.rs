@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -141,8 +142,12 @@ const PIECE: u64 = 1 << 20;
 const DELTA_WORK: &str = "the remote snapshot";
 /// Where the base is built before it is uploaded, in the store's directory.
 const BASE_BUILD_FILE: &str = "replica-base.tmp";
-/// Where a full remote snapshot is rebuilt before it is uploaded.
-const FULL_BUILD_FILE: &str = "replica-full.tmp";
+/// Longest wait between attempts while remote snapshots fail (each may read a volume).
+const SNAPSHOT_MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Failed remote snapshots in a row after which the local journal is no longer held for the
+/// next one (local retention goes on as without deltas; a full snapshot of the store's own
+/// then takes over once records it would need are freed).
+const SNAPSHOT_FAILURES_BEFORE_RELEASE: u32 = 3;
 
 /// Set to stop the thread; the condition variable wakes it.
 type StopSignal = Arc<(Mutex<bool>, Condvar)>;
@@ -192,9 +197,10 @@ impl Shipper {
             delta: None,
             since_point: 0,
             delta_covers: None,
+            delta_stop: Arc::default(),
             delta_retry_at: None,
             delta_backoff: FIRST_BACKOFF,
-            delta_error_reported: false,
+            delta_failures: 0,
         };
         let thread = std::thread::Builder::new()
             .name("rewind-replica".into())
@@ -308,10 +314,13 @@ struct Worker {
     since_point: u64,
     /// What `since_point` was when the delta under way started: the bytes it covers.
     delta_covers: Option<u64>,
+    /// Set to stop the remote snapshot under way.
+    delta_stop: Arc<AtomicBool>,
     /// After a failed remote snapshot: none before this (the journal ships meanwhile).
     delta_retry_at: Option<Instant>,
     delta_backoff: Duration,
-    delta_error_reported: bool,
+    /// Remote snapshots failed in a row.
+    delta_failures: u32,
 }
 
 impl Worker {
@@ -330,7 +339,8 @@ impl Worker {
                         log::warn!("replication: final shipping to {} failed: {e}", self.remote.url());
                     }
                 }
-                // A delta under way stops at its next part; one finished is still listed.
+                // A snapshot under way stops soon; one finished is still listed.
+                self.delta_stop.store(true, Ordering::Relaxed);
                 if let Some(delta) = self.delta.take() {
                     let finished = delta.join().unwrap_or(Err(Error::ThreadDied(DELTA_WORK)));
                     if let Err(e) = finished.and_then(|delta| self.list_delta(delta)) {
@@ -444,15 +454,15 @@ impl Worker {
             if report.seq <= manifest.base.seq {
                 return Ok(None);
             }
-            let image = File::open(&build_path).context(|| format!("opening {}", build_path.display()))?;
-            let (parts, data_bytes) = upload_image(
-                &self.remote,
-                &image,
-                manifest.store_uuid,
-                report.seq,
-                self.config.max_object_bytes,
-                None,
-            )?;
+            // A full snapshot at that point becomes the base as it is: its parts are already
+            // the base parts of that seq, and uploading them again would rewrite counted parts.
+            let (parts, data_bytes) = match manifest.deltas.iter().find(|d| d.full && d.seq == report.seq) {
+                Some(full) => (full.parts, full.data_bytes),
+                None => {
+                    let image = File::open(&build_path).context(|| format!("opening {}", build_path.display()))?;
+                    upload_image(&self.remote, &image, manifest.store_uuid, report.seq, self.config.max_object_bytes)?
+                }
+            };
             let mut next = manifest.clone();
             next.base = BaseInfo { seq: report.seq, time_ns, parts, data_bytes };
             // A later delta still follows the new base: its records start at or before it.
@@ -486,8 +496,8 @@ impl Worker {
     /// delta is compacted from the local records.
     fn set_shipped(&self, manifest: &Manifest) {
         let held_after = match self.config.delta_every {
-            Some(_) => manifest.newest_point(),
-            None => manifest.shipped_seq,
+            Some(_) if self.delta_failures < SNAPSHOT_FAILURES_BEFORE_RELEASE => manifest.newest_point(),
+            _ => manifest.shipped_seq,
         };
         self.store.keep_journal_from(held_after + 1);
         let mut status = locked(&self.status);
@@ -553,7 +563,7 @@ impl Worker {
         self.store.recover(&RecoveryTarget::Seq(seq), &build_path, &mut |_, _| {})?;
         let uploaded = File::open(&build_path)
             .context(|| format!("opening {}", build_path.display()))
-            .and_then(|image| upload_image(&self.remote, &image, status.uuid, seq, self.config.max_object_bytes, None));
+            .and_then(|image| upload_image(&self.remote, &image, status.uuid, seq, self.config.max_object_bytes));
         let _ = std::fs::remove_file(&build_path);
         let (parts, data_bytes) = uploaded?;
         let time_ns = self.record_time(seq).unwrap_or_else(|| {
@@ -588,7 +598,10 @@ impl Worker {
                 None
             }
             // Not listed, so deleted as a leftover at the next start.
-            _ => return Ok(()),
+            _ => {
+                self.delta_covers = None;
+                return Ok(());
+            }
         };
         log::info!(
             "replication to {}: remote {} snapshot at seq {} stored ({} parts, {} data bytes)",
@@ -629,10 +642,11 @@ impl Worker {
             Ok(()) => {
                 self.delta_retry_at = None;
                 self.delta_backoff = FIRST_BACKOFF;
-                self.delta_error_reported = false;
+                self.delta_failures = 0;
             }
             Err(e) => {
                 self.delta_covers = None;
+                self.delta_failures += 1;
                 let error = format!("remote snapshot: {e}");
                 log::warn!(
                     "replication to {}: {error} (retrying in {:?}; the journal ships meanwhile)",
@@ -640,12 +654,22 @@ impl Worker {
                     self.delta_backoff
                 );
                 locked(&self.status).last_error = Some(error.clone());
-                if !self.delta_error_reported {
+                if self.delta_failures == 1 {
                     (self.events)(ReplicationEvent::Error(ReplicationError { error, shipped_seq: self.shipped() }));
-                    self.delta_error_reported = true;
+                }
+                if self.delta_failures == SNAPSHOT_FAILURES_BEFORE_RELEASE {
+                    log::warn!(
+                        "replication to {}: {} remote snapshots failed in a row: the local journal is no longer held \
+                         for the next one",
+                        self.remote.url(),
+                        self.delta_failures
+                    );
+                    if let Some(manifest) = self.manifest.clone() {
+                        self.set_shipped(&manifest);
+                    }
                 }
                 self.delta_retry_at = Some(Instant::now() + self.delta_backoff);
-                self.delta_backoff = (self.delta_backoff * 2).min(MAX_BACKOFF);
+                self.delta_backoff = (self.delta_backoff * 2).min(SNAPSHOT_MAX_BACKOFF);
             }
         }
     }
@@ -670,36 +694,39 @@ impl Worker {
 
     /// Starts making a remote snapshot in a thread of its own when one is due and none is under
     /// way (compacting and uploading it takes as long as reading what changed, and the journal
-    /// keeps shipping meanwhile): a full snapshot at the newest delta once the deltas after the
-    /// last full one (or the base) hold as much data as the volume, so that recovering a late
-    /// point never reads more than about twice the volume besides the journal after the newest
-    /// snapshot; else a delta at the shipped point when `delta_due`.
+    /// keeps shipping meanwhile):
+    /// - a full snapshot at the newest delta once the deltas after the last full one (or the
+    ///   base) hold as much data as the volume, so that recovering a late point never reads
+    ///   more than about twice the volume besides the journal after the newest snapshot;
+    /// - else, when `delta_due`, a delta at the shipped point, or a full snapshot there if the
+    ///   local records after the newest remote snapshot were freed (the store was served
+    ///   without --replicate, or snapshots kept failing) so no delta can be compacted.
+    ///
+    /// Full snapshots are read from a point view of the local store: nothing is downloaded or
+    /// copied, and guest I/O and shipping go on.
     fn start_delta_if_due(&mut self) -> Result<()> {
         let Some(manifest) = self.manifest.as_ref() else { return Ok(()) };
         if self.delta.is_some() || self.stopping() || self.delta_retry_at.is_some_and(|at| Instant::now() < at) {
             return Ok(());
         }
-        let full_due = manifest.deltas.last().is_some_and(|d| !d.full)
+        let records_gone = self.store.journal_view().first_seq() > manifest.newest_point() + 1;
+        let full_due = !records_gone
+            && manifest.deltas.last().is_some_and(|d| !d.full)
             && manifest.delta_bytes_since_full() >= manifest.volume_size;
         let at_shipped = (manifest.shipped_seq, manifest.shipped_time_ns);
         let (kind, (seq, time_ns)) = match manifest.deltas.last() {
-            Some(last) if full_due => (SnapshotKind::FullFromReplica(manifest.clone()), (last.seq, last.time_ns)),
+            Some(last) if full_due => (SnapshotKind::Full, (last.seq, last.time_ns)),
             _ if !self.delta_due(manifest) => return Ok(()),
-            // The local records after the newest remote snapshot were freed (the store was
-            // served without --replicate, or by a build that held less): no delta can be
-            // compacted, but the store can still rebuild the shipped point.
-            _ if self.store.journal_view().first_seq() > manifest.newest_point() + 1 => {
-                (SnapshotKind::FullFromStore, at_shipped)
-            }
+            _ if records_gone => (SnapshotKind::Full, at_shipped),
             _ => (SnapshotKind::Delta, at_shipped),
         };
-        if matches!(kind, SnapshotKind::Delta) {
+        if seq == manifest.shipped_seq {
             self.delta_covers = Some(self.since_point);
         }
         let work = DeltaWork {
             store: Arc::clone(&self.store),
             remote: Arc::clone(&self.remote),
-            stop: Arc::clone(&self.stop),
+            stop: Arc::clone(&self.delta_stop),
             store_uuid: manifest.store_uuid,
             from: manifest.newest_point(),
             seq,
@@ -1037,10 +1064,8 @@ impl<'a> PartUploader<'a> {
 enum SnapshotKind {
     /// The net effect of the local records after the newest remote snapshot.
     Delta,
-    /// The whole volume at the newest delta, rebuilt from the replica this manifest describes.
-    FullFromReplica(Manifest),
-    /// The whole volume at the shipped point, recovered from the local store.
-    FullFromStore,
+    /// The whole volume, read from a point view of the local store.
+    Full,
 }
 
 /// A remote snapshot to make at `seq`: a delta compacted from the local records in
@@ -1048,7 +1073,7 @@ enum SnapshotKind {
 struct DeltaWork {
     store: Arc<Store>,
     remote: Arc<Remote>,
-    stop: StopSignal,
+    stop: Arc<AtomicBool>,
     store_uuid: uuid::Uuid,
     from: Seq,
     seq: Seq,
@@ -1059,21 +1084,22 @@ struct DeltaWork {
 
 impl DeltaWork {
     fn run(self) -> Result<DeltaInfo> {
-        let stopping = || *locked(&self.stop.0);
-        let (from, (parts, data_bytes), full) = match &self.kind {
-            SnapshotKind::Delta => (self.from, self.upload_delta(&stopping)?, false),
-            SnapshotKind::FullFromReplica(_) | SnapshotKind::FullFromStore => {
-                (self.seq, self.upload_full(&stopping)?, true)
-            }
+        let (from, (parts, data_bytes), full) = match self.kind {
+            SnapshotKind::Delta => (self.from, self.upload_delta()?, false),
+            SnapshotKind::Full => (self.seq, self.upload_full()?, true),
         };
         Ok(DeltaInfo { seq: self.seq, from, time_ns: self.time_ns, parts, data_bytes, full })
     }
 
-    fn upload_delta(&self, stopping: &dyn Fn() -> bool) -> Result<(u64, u64)> {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn upload_delta(&self) -> Result<(u64, u64)> {
         let view = self.store.journal_view();
         // Payload checksums are checked here: the delta's own checksums must never cover
         // damaged bytes.
-        let effect = snapshot::net_effect(&view, self.from, self.seq)?;
+        let effect = snapshot::net_effect(&view, self.from, self.seq, &self.stop)?;
         let mut parts =
             PartUploader::new(&self.remote, PartOf::Delta, self.store_uuid, self.seq, self.max_object_bytes);
         for (offset, len, source) in effect.iter() {
@@ -1084,7 +1110,7 @@ impl DeltaWork {
             let segment = view.segment(segment).ok_or(Error::Gap { seq: self.from + 1 })?;
             let mut done = 0;
             while done < len {
-                if stopping() {
+                if self.stopping() {
                     return Err(Error::Stopped(DELTA_WORK));
                 }
                 let piece = PIECE.min(len - done);
@@ -1097,52 +1123,61 @@ impl DeltaWork {
         parts.finish()
     }
 
-    /// Rebuilds the volume at `seq` (from the replica: its newest full snapshot and the deltas
-    /// since, at most about twice the volume; or from the local store) and uploads it as base
-    /// parts.
-    fn upload_full(&self, stopping: &dyn Fn() -> bool) -> Result<(u64, u64)> {
-        let build_path = self.store.store_dir().join(FULL_BUILD_FILE);
-        let _ = std::fs::remove_file(&build_path);
-        let target = RecoveryTarget::Seq(self.seq);
-        let rebuilt = match &self.kind {
-            SnapshotKind::FullFromReplica(manifest) => {
-                restore::recover(&self.remote, manifest, &target, &build_path, &mut |_, _| {}).map(|_| ())
-            }
-            _ => self.store.recover(&target, &build_path, &mut |_, _| {}).map(|_| ()).map_err(Error::from),
-        };
-        let uploaded = rebuilt
-            .and_then(|_| File::open(&build_path).context(|| format!("opening {}", build_path.display())))
-            .and_then(|image| {
-                upload_image(&self.remote, &image, self.store_uuid, self.seq, self.max_object_bytes, Some(stopping))
-            });
-        let _ = std::fs::remove_file(&build_path);
-        uploaded
+    /// Uploads the volume at `seq` as base parts, read from a point view of the store (pinned
+    /// against retention while it is read).
+    fn upload_full(&self) -> Result<(u64, u64)> {
+        let view = self.store.point_view(&RecoveryTarget::Seq(self.seq))?;
+        let whole = [(0, view.volume_size())];
+        let stopping = || self.stopping();
+        upload_pieces(
+            &self.remote,
+            self.store_uuid,
+            self.seq,
+            self.max_object_bytes,
+            &whole,
+            &stopping,
+            |offset, buf| view.read(offset, buf).map_err(Error::from),
+        )
     }
 }
 
-/// Cuts `image` (the volume at `seq`) into base parts of about `max_object_bytes`, leaving out
-/// holes and all-zero pieces, unless `stopping` says to give up. Returns the parts and data
-/// bytes stored.
+/// Cuts `image` (the volume at `seq`) into base parts, leaving out holes.
 fn upload_image(
     remote: &Remote,
     image: &File,
     store_uuid: uuid::Uuid,
     seq: Seq,
     max_object_bytes: usize,
-    stopping: Option<&dyn Fn() -> bool>,
 ) -> Result<(u64, u64)> {
     let volume_size = image.metadata().context(|| "reading the size of the image to upload".to_string())?.len();
     let ranges = fsutil::data_ranges(image, volume_size).context(|| "mapping the image to upload".to_string())?;
+    upload_pieces(remote, store_uuid, seq, max_object_bytes, &ranges, &|| false, |offset, buf| {
+        image.read_exact_at(buf, offset).context(|| format!("reading the image to upload at {offset}"))
+    })
+}
+
+/// Reads `ranges` of the volume at `seq` with `read`, a piece at a time, and uploads them as
+/// base parts of about `max_object_bytes`, leaving out all-zero pieces (they read as zeroes in
+/// a new image), unless `stopping` says to give up. Returns the parts and data bytes stored.
+fn upload_pieces(
+    remote: &Remote,
+    store_uuid: uuid::Uuid,
+    seq: Seq,
+    max_object_bytes: usize,
+    ranges: &[(u64, u64)],
+    stopping: &dyn Fn() -> bool,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<()>,
+) -> Result<(u64, u64)> {
     let mut parts = PartUploader::new(remote, PartOf::Base, store_uuid, seq, max_object_bytes);
-    for (start, len) in ranges {
+    for &(start, len) in ranges {
         let mut offset = start;
         while offset < start + len {
-            if stopping.is_some_and(|stopping| stopping()) {
+            if stopping() {
                 return Err(Error::Stopped(DELTA_WORK));
             }
             let piece = PIECE.min(start + len - offset);
             let mut data = vec![0u8; piece as usize];
-            image.read_exact_at(&mut data, offset).context(|| format!("reading the image to upload at {offset}"))?;
+            read(offset, &mut data)?;
             if data.iter().any(|&b| b != 0) {
                 parts.push(PartExtent { offset, data: PartData::Bytes(data) })?;
             }
@@ -1188,7 +1223,7 @@ fn remove_unlisted(remote: &Remote, manifest: &Manifest) -> Result<()> {
     }
     for object in remote.list(DELTA_DIR)? {
         let seq = PartOf::Delta.parse_key(&object.key);
-        if !manifest.deltas.iter().any(|delta| Some(delta.seq) == seq) {
+        if !manifest.deltas.iter().any(|delta| !delta.full && Some(delta.seq) == seq) {
             log::info!("replication to {}: removing {} (not one of the manifest's deltas)", remote.url(), object.key);
             remote.delete(&object.key)?;
         }

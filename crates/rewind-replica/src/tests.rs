@@ -619,3 +619,57 @@ fn when_the_local_records_after_the_newest_remote_snapshot_are_gone_a_full_snaps
     assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(first.seq), dir.path()), std::fs::read(local).unwrap());
     assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
 }
+
+#[test]
+fn a_remote_snapshot_that_keeps_failing_is_reported_and_neither_stalls_shipping_nor_holds_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 16 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    write_blocks(&store, &mut model, 1, 8);
+    // A payload damaged on the local disk after it was written: a delta compacted from it
+    // must fail rather than store the damage under checksums of its own.
+    let view = store.journal_view();
+    let mut damaged = None;
+    view.for_each(3, 3, rewind_engine::journal::Payloads::Skip, |rec| {
+        damaged = Some((rec.segment.path.clone(), rec.payload_position()));
+        Ok(())
+    })
+    .unwrap();
+    let (path, position) = damaged.unwrap();
+    let segment = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&segment, &mut byte, position + 100).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&segment, &[byte[0] ^ 0xff], position + 100).unwrap();
+
+    let config = ShipperConfig { delta_every: Some(8 << 10), ..Default::default() };
+    let (shipper, events) = ship(&store, &objects, config);
+    match events.recv_timeout(Duration::from_secs(10)).unwrap() {
+        ReplicationEvent::Error(e) => assert!(e.error.contains("remote snapshot"), "{}", e.error),
+        other => panic!("expected the failed snapshot to be reported, got {other:?}"),
+    }
+    // The journal goes on shipping; the local journal is held for the next snapshot only until
+    // the third failure in a row (back-offs of 0.5, 1 and 2 s).
+    assert_eq!(store.journal_kept_from(), 1, "held from the base on while snapshots are tried");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let last = loop {
+        let last = write_blocks(&store, &mut model, 2, 8);
+        store.sync().unwrap();
+        wait_for_shipped(&shipper, last);
+        if store.journal_kept_from() > 1 {
+            break last;
+        }
+        assert!(Instant::now() < deadline, "the journal is still held for a snapshot: {:?}", shipper.status());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(store.journal_kept_from() > 3, "held from the shipped point on, past the damaged record");
+    let status = shipper.status();
+    assert!(
+        !status.failing && status.last_error.as_deref().is_some_and(|e| e.contains("remote snapshot")),
+        "{status:?}"
+    );
+    shipper.stop();
+    let manifest = crate::restore::read_manifest(&remote(&objects)).unwrap().unwrap();
+    assert!(manifest.deltas.is_empty(), "no snapshot holds the damaged record: {:?}", manifest.deltas);
+    assert!(manifest.shipped_seq >= last);
+}
