@@ -7,6 +7,7 @@
 //!   cargo bench --bench replication      # writes target/bench/replication.{md,json}
 //!   REWIND_BENCH_QUICK=1 ...             # shorter runs
 //!   REWIND_BENCH_REPLICA_DIRECTORY=1 ... # a directory replica even when Ceph is installed
+//!   REWIND_BENCH_DELTA_EVERY=0 ...       # the IOPS and lag rounds with this --replica-delta-every
 
 #[path = "../tests/common/ceph.rs"]
 mod ceph;
@@ -168,7 +169,12 @@ fn replication(client: &mut QmpClient) -> ReplicationStatus {
 /// Serves `image` replicating to `target` and drives writes for `secs` (paced at `rate`, if
 /// given) while sampling the lag; returns the IOPS and the lags in ms.
 fn run_replicated(work: &Path, image: &Path, target: &Target, secs: f64, rate: Option<f64>) -> (f64, Vec<f64>) {
-    let (child, socket, control) = serve(work, image, Some((target, &[])));
+    let delta_every = std::env::var("REWIND_BENCH_DELTA_EVERY").ok();
+    let extra: Vec<&str> = match &delta_every {
+        Some(size) => vec!["--replica-delta-every", size],
+        None => Vec::new(),
+    };
+    let (child, socket, control) = serve(work, image, Some((target, &extra)));
     wait_caught_up(&control, Duration::from_secs(120));
     let running = Arc::new(AtomicBool::new(true));
     let sampler = {
@@ -318,13 +324,14 @@ fn main() {
          | off | {iops_off:.0} | | |\n| on | {iops_on:.0} ({:.2}×; rounds {ratios}) | {:.0} ms | {:.0} ms |\n\
          | on, paced at {PACED_IOPS:.0}/s | {paced_iops:.0} | {:.0} ms | {:.0} ms |\n\n\
          Lag: a write completed by the time the head was sampled (every 50 ms) until the manifest counts it \
-         (polled every 10 ms). Remote snapshots stored during the replicated rounds (default spacing, \
-         every 4× the volume of journal): {deltas}, {:.0} MiB.\n",
+         (polled every 10 ms). Remote snapshots stored during the replicated rounds (--replica-delta-every \
+         {}): {deltas}, {:.0} MiB.\n",
         iops_on / iops_off,
         percentile(&lags, 0.5),
         percentile(&lags, 0.99),
         percentile(&paced_lags, 0.5),
         percentile(&paced_lags, 0.99),
+        std::env::var("REWIND_BENCH_DELTA_EVERY").unwrap_or_else(|_| "by default, 4× the volume".into()),
         delta_bytes as f64 / (1 << 20) as f64
     );
     print!("{line}");
