@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::extent_map::{ExtentMap, ExtentSource};
 use crate::fsutil;
-use crate::journal::{JournalView, Payloads, RecordKind};
+use crate::journal::{JournalView, RecordHeader, RecordKind, HEADER_LEN};
 use crate::{Seq, FORMAT_VERSION};
 
 const DELTA_MAGIC: [u8; 8] = *b"RWSNAPD\0";
@@ -79,19 +79,23 @@ struct Manifest {
     merging_into_base: Option<Seq>,
 }
 
-/// Where a range of the net effect of some records comes from ([`net_effect`]): zeroes, or a
-/// journal payload (segment index and byte position).
+/// Where a range of the net effect of some records comes from ([`net_effect`]): zeroes, or
+/// part of a journal payload: segment index, where the range's bytes start, and where the
+/// payload they belong to starts (its checksum covers the whole payload; see
+/// [`read_journal_range`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Zero,
-    Journal { segment: u64, position: u64 },
+    Journal { segment: u64, position: u64, payload: u64 },
 }
 
 impl ExtentSource for Source {
     fn skip(self, bytes: u64) -> Self {
         match self {
             Self::Zero => Self::Zero,
-            Self::Journal { segment, position } => Self::Journal { segment, position: position + bytes },
+            Self::Journal { segment, position, payload } => {
+                Self::Journal { segment, position: position + bytes, payload }
+            }
         }
     }
 }
@@ -371,20 +375,12 @@ impl SnapshotStore {
         let write_err = |e| Error::Io { context: format!("writing {}", tmp_path.display()), cause: e };
         std::io::Seek::seek(&mut out, std::io::SeekFrom::Start(data_start)).map_err(write_err)?;
         for (offset, len, source) in map.iter() {
-            let Source::Journal { segment, position } = source else {
+            if source == Source::Zero {
                 extents.push(DeltaExtent { offset, len, data_position: ZERO_EXTENT, crc: 0 });
                 continue;
-            };
-            let segment = view.segment(segment).expect("extent source comes from this view");
-            let mut crc = 0;
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(COPY_CHUNK as u64) as usize;
-                JournalView::read_payload(segment, position + done, &mut chunk[..n])?;
-                crc = crc32c::crc32c_append(crc, &chunk[..n]);
-                out.write_all(&chunk[..n]).map_err(write_err)?;
-                done += n as u64;
             }
+            let crc =
+                read_journal_range(view, source, len, &mut chunk, |_, piece| out.write_all(piece).map_err(write_err))?;
             extents.push(DeltaExtent { offset, len, data_position, crc });
             data_position += len;
         }
@@ -552,9 +548,11 @@ impl SnapshotStore {
 
 /// The net effect of the records in (from, to] of `view`: each byte range's last write (where
 /// its payload lies in the journal) or zeroing, in volume order. Applied to the volume at any
-/// point from `from` to `to`, it gives the volume at `to`. Every write payload's checksum is
-/// checked on the way, so a damaged journal is never packed into a snapshot under checksums of
-/// its own. Stops with [`Error::Cancelled`] soon after `stop` is set.
+/// point from `from` to `to`, it gives the volume at `to`. Folded from the record headers
+/// alone: the payloads that survive are checked as they are read ([`read_journal_range`]), so
+/// a damaged journal is never packed into a snapshot under checksums of its own, and the
+/// overwritten ones are not read at all. Stops with [`Error::Cancelled`] soon after `stop` is
+/// set.
 pub fn net_effect(view: &JournalView, from: Seq, to: Seq, stop: &AtomicBool) -> Result<ExtentMap<Source>> {
     if view.first_seq() > from + 1 || view.next_seq() <= to {
         return Err(Error::Unrecoverable {
@@ -564,23 +562,77 @@ pub fn net_effect(view: &JournalView, from: Seq, to: Seq, stop: &AtomicBool) -> 
         });
     }
     let mut map = ExtentMap::new();
-    view.for_each(from + 1, to, Payloads::OfKinds(&[RecordKind::Write]), |rec| {
+    view.for_each_header(from + 1, to, |segment, record| {
         if stop.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
-        let h = rec.header;
-        match h.kind {
+        let payload = record.payload_position;
+        match record.kind {
             RecordKind::Write => map.insert(
-                h.offset,
-                h.length,
-                Source::Journal { segment: rec.segment.index, position: rec.payload_position() },
+                record.offset,
+                record.length,
+                Source::Journal { segment: segment.index, position: payload, payload },
             ),
-            RecordKind::WriteZeroes | RecordKind::Discard => map.insert(h.offset, h.length, Source::Zero),
+            RecordKind::WriteZeroes | RecordKind::Discard => map.insert(record.offset, record.length, Source::Zero),
             RecordKind::Marker | RecordKind::Snapshot => {}
         }
         Ok(())
     })?;
     Ok(map)
+}
+
+/// Reads the `len` bytes of a journal range of a net effect into `chunk`, a piece at a time
+/// (`chunk`'s length at most), handing each to `each` with its offset in the range, and checks
+/// them against their record's payload checksum: as they go when the range is the whole
+/// payload, else by reading the whole payload again. Returns the range's CRC32C. A mismatch is
+/// reported after the pieces were handed over: the caller must drop what it made of them.
+/// `each`'s errors end the reading and are returned as they are.
+pub fn read_journal_range<E: From<Error>>(
+    view: &JournalView,
+    source: Source,
+    len: u64,
+    chunk: &mut [u8],
+    mut each: impl FnMut(u64, &[u8]) -> std::result::Result<(), E>,
+) -> std::result::Result<u32, E> {
+    let Source::Journal { segment, position, payload } = source else { return Ok(0) };
+    let segment = view.segment(segment).ok_or_else(|| Error::Unrecoverable {
+        requested: format!("journal segment {segment}"),
+        oldest: view.first_seq().saturating_sub(1),
+        head: view.next_seq().saturating_sub(1),
+    })?;
+    let record_at = payload - HEADER_LEN as u64;
+    let corrupt = |reason: String| Error::JournalCorrupt { segment: segment.path.clone(), offset: record_at, reason };
+    let mut raw = [0u8; HEADER_LEN];
+    JournalView::read_payload(segment, record_at, &mut raw)?;
+    let header = RecordHeader::decode(&raw).map_err(|fault| E::from(corrupt(fault.to_string())))?;
+    let whole = position == payload && len == u64::from(header.payload_len);
+    let mut crc = 0;
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(chunk.len() as u64) as usize;
+        JournalView::read_payload(segment, position + done, &mut chunk[..n])?;
+        crc = crc32c::crc32c_append(crc, &chunk[..n]);
+        each(done, &chunk[..n])?;
+        done += n as u64;
+    }
+    let payload_crc = match whole {
+        true => crc,
+        false => {
+            let mut payload_crc = 0;
+            let mut checked = 0;
+            while checked < u64::from(header.payload_len) {
+                let n = (u64::from(header.payload_len) - checked).min(chunk.len() as u64) as usize;
+                JournalView::read_payload(segment, payload + checked, &mut chunk[..n])?;
+                payload_crc = crc32c::crc32c_append(payload_crc, &chunk[..n]);
+                checked += n as u64;
+            }
+            payload_crc
+        }
+    };
+    if payload_crc != header.payload_crc {
+        return Err(corrupt("payload checksum mismatch".into()).into());
+    }
+    Ok(crc)
 }
 
 fn delta_file_name(seq: Seq) -> String {

@@ -246,3 +246,27 @@ fn damage_in_an_older_segment_is_reported_by_open_or_verify_and_recovery() {
     }
     assert!(!output.exists(), "a failed recovery left its output behind");
 }
+
+#[test]
+fn a_snapshot_refuses_a_damaged_payload_it_would_keep_naming_the_record() {
+    // Small segments: the damaged records are in a sealed, checkpointed one that open leaves
+    // to verify. Record 0 is still the volume's whole at the head; record 3 only in part (the
+    // next write covers its end), so its whole payload is read again to check it.
+    let fixture = Fixture::new(30, 8192, true);
+    for index in [0, 3] {
+        let (_dir, image) = fixture.copy();
+        let segment = fixture.segments()[0].file_name().unwrap().to_owned();
+        let damaged = rewind_engine::store::default_store_dir(&image).join("journal").join(segment);
+        let record = fixture.record_offsets[index];
+        flip_bit(&damaged, record + HEADER_LEN as u64 + 7, 3);
+        let (store, _) = Store::open(&image, None).unwrap();
+        let before = store.snapshots();
+        match store.take_snapshot() {
+            Err(Error::JournalCorrupt { segment, offset, reason }) => {
+                assert_eq!((segment, offset), (damaged, record), "record {index}: {reason}")
+            }
+            other => panic!("a snapshot over damaged record {index}: {other:?}"),
+        }
+        assert_eq!(store.snapshots(), before, "no snapshot was added");
+    }
+}

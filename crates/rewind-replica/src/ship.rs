@@ -1097,28 +1097,23 @@ impl DeltaWork {
 
     fn upload_delta(&self) -> Result<(u64, u64)> {
         let view = self.store.journal_view();
-        // Payload checksums are checked here: the delta's own checksums must never cover
-        // damaged bytes.
+        // Payload checksums are checked as the payloads are read: the delta's own checksums
+        // must never cover damaged bytes.
         let effect = snapshot::net_effect(&view, self.from, self.seq, &self.stop)?;
         let mut parts =
             PartUploader::new(&self.remote, PartOf::Delta, self.store_uuid, self.seq, self.max_object_bytes);
+        let mut chunk = vec![0u8; PIECE as usize];
         for (offset, len, source) in effect.iter() {
-            let Source::Journal { segment, position } = source else {
+            if source == Source::Zero {
                 parts.push(PartExtent { offset, data: PartData::Zeroes(len) })?;
                 continue;
-            };
-            let segment = view.segment(segment).ok_or(Error::Gap { seq: self.from + 1 })?;
-            let mut done = 0;
-            while done < len {
+            }
+            snapshot::read_journal_range(&view, source, len, &mut chunk, |done, piece| {
                 if self.stopping() {
                     return Err(Error::Stopped(DELTA_WORK));
                 }
-                let piece = PIECE.min(len - done);
-                let mut data = vec![0u8; piece as usize];
-                JournalView::read_payload(segment, position + done, &mut data)?;
-                parts.push(PartExtent { offset: offset + done, data: PartData::Bytes(data) })?;
-                done += piece;
-            }
+                parts.push(PartExtent { offset: offset + done, data: PartData::Bytes(piece.to_vec()) })
+            })?;
         }
         parts.finish()
     }
