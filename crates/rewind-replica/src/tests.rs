@@ -40,6 +40,15 @@ fn ship(store: &Arc<Store>, objects: &Arc<InMemory>, config: ShipperConfig) -> (
     (Shipper::start(Arc::clone(store), remote(objects), config, sink).unwrap(), events)
 }
 
+/// Writes `count` blocks (seed 1) while a shipper without deltas runs, ships them all, stops it.
+fn ship_blocks_then_stop(store: &Arc<Store>, objects: &Arc<InMemory>, model: &mut [u8], count: u64) {
+    let (shipper, _events) = ship(store, objects, ShipperConfig::default());
+    let last = write_blocks(store, model, 1, count);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, last);
+    shipper.stop();
+}
+
 fn wait_for_shipped(shipper: &Shipper, seq: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while shipper.status().shipped_seq < seq {
@@ -161,11 +170,7 @@ fn shipping_resumes_from_the_manifest_without_gaps_or_duplicates() {
     let store = Arc::new(new_store(dir.path(), 64 << 10));
     let objects = Arc::new(InMemory::new());
     let mut model = vec![0u8; VOLUME as usize];
-    let (shipper, _events) = ship(&store, &objects, ShipperConfig::default());
-    let last = write_blocks(&store, &mut model, 1, 50);
-    store.sync().unwrap();
-    wait_for_shipped(&shipper, last);
-    shipper.stop();
+    ship_blocks_then_stop(&store, &objects, &mut model, 50);
     // An upload cut short by a crash: an object past the manifest's shipped point.
     let remote = remote(&objects);
     let manifest = crate::restore::read_manifest(&remote).unwrap().unwrap();
@@ -596,11 +601,7 @@ fn when_the_local_records_after_the_newest_remote_snapshot_are_gone_a_full_snaps
     let objects = Arc::new(InMemory::new());
     let mut model = vec![0u8; VOLUME as usize];
     // Shipped without deltas: the store frees what is shipped.
-    let (shipper, _events) = ship(&store, &objects, ShipperConfig::default());
-    let last = write_blocks(&store, &mut model, 1, 40);
-    store.sync().unwrap();
-    wait_for_shipped(&shipper, last);
-    shipper.stop();
+    ship_blocks_then_stop(&store, &objects, &mut model, 40);
     store.set_retention(RetentionPolicy { max_bytes: Some(20 << 10), ..Default::default() }).unwrap();
     store.enforce_retention().unwrap();
     assert!(store.status().first_seq > 1, "retention freed shipped records: {:?}", store.status());
