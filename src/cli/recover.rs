@@ -34,7 +34,7 @@ pub(super) fn recover(args: &RecoverArgs) -> Result<()> {
             bar.finish_and_clear();
             emit(args.json, &report, || {
                 println!(
-                    "recovered {url} to seq {} (base {} + {} journal records) into {}",
+                    "recovered {url} to seq {} (remote snapshot at seq {} + {} journal records) into {}",
                     report.seq,
                     report.snapshot_seq,
                     report.records_replayed,
