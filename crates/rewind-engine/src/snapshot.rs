@@ -379,8 +379,9 @@ impl SnapshotStore {
                 extents.push(DeltaExtent { offset, len, data_position: ZERO_EXTENT, crc: 0 });
                 continue;
             }
-            let crc =
-                read_journal_range(view, source, len, &mut chunk, |_, piece| out.write_all(piece).map_err(write_err))?;
+            let crc = read_journal_range(view, offset, source, len, &mut chunk, |_, piece| {
+                out.write_all(piece).map_err(write_err)
+            })?;
             extents.push(DeltaExtent { offset, len, data_position, crc });
             data_position += len;
         }
@@ -581,14 +582,17 @@ pub fn net_effect(view: &JournalView, from: Seq, to: Seq, stop: &AtomicBool) -> 
     Ok(map)
 }
 
-/// Reads the `len` bytes of a journal range of a net effect into `chunk`, a piece at a time
-/// (`chunk`'s length at most), handing each to `each` with its offset in the range, and checks
-/// them against their record's payload checksum: as they go when the range is the whole
-/// payload, else by reading the whole payload again. Returns the range's CRC32C. A mismatch is
+/// Reads the `len` bytes at volume offset `offset` of a journal range of a net effect into
+/// `chunk`, a piece at a time (`chunk`'s length at most), handing each to `each` with its
+/// offset in the range, and checks them: the record header before the payload must be a write
+/// holding exactly this range, and the bytes must match its payload checksum (as they go when
+/// the range is the whole payload, else by reading the whole payload again). Returns the
+/// range's CRC32C. A mismatch is
 /// reported after the pieces were handed over: the caller must drop what it made of them.
 /// `each`'s errors end the reading and are returned as they are.
 pub fn read_journal_range<E: From<Error>>(
     view: &JournalView,
+    offset: u64,
     source: Source,
     len: u64,
     chunk: &mut [u8],
@@ -605,6 +609,14 @@ pub fn read_journal_range<E: From<Error>>(
     let mut raw = [0u8; HEADER_LEN];
     JournalView::read_payload(segment, record_at, &mut raw)?;
     let header = RecordHeader::decode(&raw).map_err(|fault| E::from(corrupt(fault.to_string())))?;
+    let within = position.checked_sub(payload).filter(|skip| skip + len <= u64::from(header.payload_len));
+    if header.kind != RecordKind::Write || within.is_none_or(|skip| header.offset.checked_add(skip) != Some(offset)) {
+        return Err(corrupt(format!(
+            "record {} is not the write of volume offset {offset} the header index places there",
+            header.seq
+        ))
+        .into());
+    }
     let whole = position == payload && len == u64::from(header.payload_len);
     let mut crc = 0;
     let mut done = 0;

@@ -270,3 +270,29 @@ fn a_snapshot_refuses_a_damaged_payload_it_would_keep_naming_the_record() {
         assert_eq!(store.snapshots(), before, "no snapshot was added");
     }
 }
+
+#[test]
+fn a_kept_range_is_read_only_from_the_write_the_header_index_names() {
+    let fixture = Fixture::new(6, 1 << 20, true);
+    let (store, _) = Store::open(&fixture.image, None).unwrap();
+    let view = store.journal_view();
+    let head = view.next_seq() - 1;
+    let effect = rewind_engine::snapshot::net_effect(&view, 0, head, &Default::default()).unwrap();
+    let (offset, len, source) = effect.iter().find(|e| e.2 != rewind_engine::snapshot::Source::Zero).unwrap();
+    let mut chunk = vec![0u8; 4096];
+    let mut read = Vec::new();
+    let read_at = |at: u64, read: &mut Vec<u8>, chunk: &mut [u8]| {
+        rewind_engine::snapshot::read_journal_range::<Error>(&view, at, source, len, chunk, |_, piece| {
+            read.extend_from_slice(piece);
+            Ok(())
+        })
+    };
+    read_at(offset, &mut read, &mut chunk).unwrap();
+    let at_head = fixture.states.last().unwrap();
+    assert_eq!(read, at_head[offset as usize..(offset + len) as usize]);
+    // The same bytes claimed for another place of the volume: not what the record wrote.
+    match read_at(offset + 512, &mut Vec::new(), &mut chunk) {
+        Err(Error::JournalCorrupt { reason, .. }) => assert!(reason.contains("header index"), "{reason}"),
+        other => panic!("a range read for the wrong volume offset: {other:?}"),
+    }
+}

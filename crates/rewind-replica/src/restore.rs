@@ -155,7 +155,7 @@ impl Replica {
     /// `output` under a temporary name and linked into place only once complete and synced, so
     /// nothing half-written is ever left at `output`.
     pub fn recover(&self, target: &RecoveryTarget, output: &Path, progress: Progress<'_>) -> Result<RecoveryReport> {
-        recover(&self.remote, &self.manifest, target, output, progress).map(|(report, _)| report)
+        recover(&self.remote, &self.manifest, target, output, progress, &|| false).map(|(report, _)| report)
     }
 }
 
@@ -237,13 +237,15 @@ fn resolve(m: &Manifest, target: &RecoveryTarget) -> Result<Point> {
 }
 
 /// [`Replica::recover`] from `remote` as `m` describes it; also returns the timestamp of the
-/// point's record (the base's when no record was replayed).
+/// point's record (the base's when no record was replayed). Gives up with [`Error::Stopped`]
+/// at the next object once `stopping` says so.
 pub(crate) fn recover(
     remote: &Remote,
     m: &Manifest,
     target: &RecoveryTarget,
     output: &Path,
     progress: Progress<'_>,
+    stopping: &dyn Fn() -> bool,
 ) -> Result<(RecoveryReport, u64)> {
     if output.symlink_metadata().is_ok() {
         return Err(rewind_engine::Error::OutputExists(output.to_path_buf()).into());
@@ -267,7 +269,7 @@ pub(crate) fn recover(
         .context(|| format!("creating {}", partial.display()))?;
     let built = (|| {
         file.set_len(m.volume_size).context(|| format!("sizing {}", partial.display()))?;
-        let (mut report, time_ns) = build(remote, m, &file, point, &snapshots, &chain, progress)?;
+        let (mut report, time_ns) = build(remote, m, &file, &Route { point, snapshots: &snapshots, chain: &chain }, progress, stopping)?;
         file.sync_all().context(|| format!("syncing {}", partial.display()))?;
         std::fs::hard_link(&partial, output).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => rewind_engine::Error::OutputExists(output.to_path_buf()).into(),
@@ -280,17 +282,25 @@ pub(crate) fn recover(
     built
 }
 
-/// Writes `snapshots` into `file` (a full one, then deltas), then replays `chain` up to the
-/// point.
+/// What a recovery reads to reach its point: snapshots (a full one, then deltas), then the
+/// journal objects after them.
+struct Route<'a> {
+    point: Point,
+    snapshots: &'a [DeltaInfo],
+    chain: &'a [JournalObject],
+}
+
+/// Writes the route's snapshots into `file`, then replays its journal up to the point.
 fn build(
     remote: &Remote,
     m: &Manifest,
     file: &File,
-    point: Point,
-    snapshots: &[DeltaInfo],
-    chain: &[JournalObject],
+    route: &Route<'_>,
     progress: Progress<'_>,
+    stopping: &dyn Fn() -> bool,
 ) -> Result<(RecoveryReport, u64)> {
+    let Route { point, snapshots, chain } = *route;
+    let go_on = || if stopping() { Err(Error::Stopped("a recovery from the replica")) } else { Ok(()) };
     let total = snapshots.iter().map(|d| d.data_bytes).sum::<u64>() + chain.iter().map(|o| o.size).sum::<u64>();
     let mut done = 0u64;
     progress(0, total);
@@ -303,6 +313,7 @@ fn build(
     let keys: Vec<String> = parts.iter().map(|(_, _, key)| key.clone()).collect();
     let mut next_part = parts.iter();
     remote.get_each(&keys, |key, bytes| {
+        go_on()?;
         let Some(&(of, seq, _)) = next_part.next() else { return Ok(false) };
         layout::decode_part(of, key, m.store_uuid, seq, m.volume_size, &bytes, |offset, range| {
             match range {
@@ -328,6 +339,7 @@ fn build(
     let mut records_replayed = 0u64;
     let keys: Vec<String> = chain.iter().map(|o| o.key.clone()).collect();
     remote.get_each(&keys, |key, bytes| {
+        go_on()?;
         let mut past_point = false;
         let size = bytes.len() as u64;
         layout::decode_journal_object(key, m.store_uuid, &bytes, |header, payload| {

@@ -142,6 +142,8 @@ const PIECE: u64 = 1 << 20;
 const DELTA_WORK: &str = "the remote snapshot";
 /// Where the base is built before it is uploaded, in the store's directory.
 const BASE_BUILD_FILE: &str = "replica-base.tmp";
+/// Where a full remote snapshot is rebuilt before it is uploaded.
+const FULL_BUILD_FILE: &str = "replica-full.tmp";
 /// Longest wait between attempts while remote snapshots fail (each may read a volume).
 const SNAPSHOT_MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Failed remote snapshots in a row after which the local journal is no longer held for the
@@ -448,8 +450,14 @@ impl Worker {
         let cutoff = now.saturating_sub(max_age_ns);
         let build_path = self.store.store_dir().join(BASE_BUILD_FILE);
         let _ = std::fs::remove_file(&build_path);
-        let rebuilt =
-            restore::recover(&self.remote, manifest, &RecoveryTarget::Time(cutoff), &build_path, &mut |_, _| {});
+        let rebuilt = restore::recover(
+            &self.remote,
+            manifest,
+            &RecoveryTarget::Time(cutoff),
+            &build_path,
+            &mut |_, _| {},
+            &|| self.stopping(),
+        );
         let rebased = rebuilt.and_then(|(report, time_ns)| {
             if report.seq <= manifest.base.seq {
                 return Ok(None);
@@ -460,7 +468,14 @@ impl Worker {
                 Some(full) => (full.parts, full.data_bytes),
                 None => {
                     let image = File::open(&build_path).context(|| format!("opening {}", build_path.display()))?;
-                    upload_image(&self.remote, &image, manifest.store_uuid, report.seq, self.config.max_object_bytes)?
+                    upload_image(
+                        &self.remote,
+                        &image,
+                        manifest.store_uuid,
+                        report.seq,
+                        self.config.max_object_bytes,
+                        &|| self.stopping(),
+                    )?
                 }
             };
             let mut next = manifest.clone();
@@ -561,9 +576,10 @@ impl Worker {
         let _ = std::fs::remove_file(&build_path);
         log::info!("replication to {}: uploading the base at seq {seq}", self.remote.url());
         self.store.recover(&RecoveryTarget::Seq(seq), &build_path, &mut |_, _| {})?;
-        let uploaded = File::open(&build_path)
-            .context(|| format!("opening {}", build_path.display()))
-            .and_then(|image| upload_image(&self.remote, &image, status.uuid, seq, self.config.max_object_bytes));
+        let uploaded =
+            File::open(&build_path).context(|| format!("opening {}", build_path.display())).and_then(|image| {
+                upload_image(&self.remote, &image, status.uuid, seq, self.config.max_object_bytes, &|| false)
+            });
         let _ = std::fs::remove_file(&build_path);
         let (parts, data_bytes) = uploaded?;
         let time_ns = self.record_time(seq).unwrap_or_else(|| {
@@ -638,11 +654,15 @@ impl Worker {
         let Some(delta) = self.delta.take() else { return };
         locked(&self.status).making_delta = false;
         let finished = delta.join().unwrap_or(Err(Error::ThreadDied(DELTA_WORK)));
-        match finished.and_then(|delta| self.list_delta(delta)) {
+        let listed = finished.and_then(|delta| {
+            // Before listing, so that the listing holds the journal again.
+            self.delta_failures = 0;
+            self.list_delta(delta)
+        });
+        match listed {
             Ok(()) => {
                 self.delta_retry_at = None;
                 self.delta_backoff = FIRST_BACKOFF;
-                self.delta_failures = 0;
             }
             Err(e) => {
                 self.delta_covers = None;
@@ -709,15 +729,17 @@ impl Worker {
         if self.delta.is_some() || self.stopping() || self.delta_retry_at.is_some_and(|at| Instant::now() < at) {
             return Ok(());
         }
-        let records_gone = self.store.journal_view().first_seq() > manifest.newest_point() + 1;
-        let full_due = !records_gone
-            && manifest.deltas.last().is_some_and(|d| !d.full)
+        // A delta reads the local records after the newest remote snapshot: only while they
+        // are there and held (the hold is released after repeated failures).
+        let records_held = self.delta_failures < SNAPSHOT_FAILURES_BEFORE_RELEASE
+            && self.store.journal_view().first_seq() <= manifest.newest_point() + 1;
+        let full_due = manifest.deltas.last().is_some_and(|d| !d.full)
             && manifest.delta_bytes_since_full() >= manifest.volume_size;
         let at_shipped = (manifest.shipped_seq, manifest.shipped_time_ns);
         let (kind, (seq, time_ns)) = match manifest.deltas.last() {
-            Some(last) if full_due => (SnapshotKind::Full, (last.seq, last.time_ns)),
+            Some(last) if full_due => (SnapshotKind::Full(manifest.clone()), (last.seq, last.time_ns)),
             _ if !self.delta_due(manifest) => return Ok(()),
-            _ if records_gone => (SnapshotKind::Full, at_shipped),
+            _ if !records_held => (SnapshotKind::Full(manifest.clone()), at_shipped),
             _ => (SnapshotKind::Delta, at_shipped),
         };
         if seq == manifest.shipped_seq {
@@ -1064,8 +1086,9 @@ impl<'a> PartUploader<'a> {
 enum SnapshotKind {
     /// The net effect of the local records after the newest remote snapshot.
     Delta,
-    /// The whole volume, read from a point view of the local store.
-    Full,
+    /// The whole volume, rebuilt from the replica this manifest describes (every object's
+    /// checksums checked on the way).
+    Full(Manifest),
 }
 
 /// A remote snapshot to make at `seq`: a delta compacted from the local records in
@@ -1084,9 +1107,9 @@ struct DeltaWork {
 
 impl DeltaWork {
     fn run(self) -> Result<DeltaInfo> {
-        let (from, (parts, data_bytes), full) = match self.kind {
+        let (from, (parts, data_bytes), full) = match &self.kind {
             SnapshotKind::Delta => (self.from, self.upload_delta()?, false),
-            SnapshotKind::Full => (self.seq, self.upload_full()?, true),
+            SnapshotKind::Full(manifest) => (self.seq, self.upload_full(manifest)?, true),
         };
         Ok(DeltaInfo { seq: self.seq, from, time_ns: self.time_ns, parts, data_bytes, full })
     }
@@ -1108,7 +1131,7 @@ impl DeltaWork {
                 parts.push(PartExtent { offset, data: PartData::Zeroes(len) })?;
                 continue;
             }
-            snapshot::read_journal_range(&view, source, len, &mut chunk, |done, piece| {
+            snapshot::read_journal_range(&view, offset, source, len, &mut chunk, |done, piece| {
                 if self.stopping() {
                     return Err(Error::Stopped(DELTA_WORK));
                 }
@@ -1118,53 +1141,41 @@ impl DeltaWork {
         parts.finish()
     }
 
-    /// Uploads the volume at `seq` as base parts, read from a point view of the store (pinned
-    /// against retention while it is read).
-    fn upload_full(&self) -> Result<(u64, u64)> {
-        let view = self.store.point_view(&RecoveryTarget::Seq(self.seq))?;
-        let whole = [(0, view.volume_size())];
+    /// Rebuilds the volume at `seq` from the replica (its newest full snapshot before `seq` and
+    /// the deltas and journal after it) in a temporary image in the store's directory, and
+    /// uploads it as base parts. The replica, not the store, is read: every byte comes through
+    /// the replica's own checksums, and neither the store's maintenance lock nor its journal
+    /// hold is needed.
+    fn upload_full(&self, manifest: &Manifest) -> Result<(u64, u64)> {
+        let build_path = self.store.store_dir().join(FULL_BUILD_FILE);
+        let _ = std::fs::remove_file(&build_path);
         let stopping = || self.stopping();
-        upload_pieces(
-            &self.remote,
-            self.store_uuid,
-            self.seq,
-            self.max_object_bytes,
-            &whole,
-            &stopping,
-            |offset, buf| view.read(offset, buf).map_err(Error::from),
-        )
+        let target = RecoveryTarget::Seq(self.seq);
+        let uploaded = restore::recover(&self.remote, manifest, &target, &build_path, &mut |_, _| {}, &stopping)
+            .and_then(|_| File::open(&build_path).context(|| format!("opening {}", build_path.display())))
+            .and_then(|image| {
+                upload_image(&self.remote, &image, self.store_uuid, self.seq, self.max_object_bytes, &stopping)
+            });
+        let _ = std::fs::remove_file(&build_path);
+        uploaded
     }
 }
 
-/// Cuts `image` (the volume at `seq`) into base parts, leaving out holes.
+/// Cuts `image` (the volume at `seq`) into base parts of about `max_object_bytes`, leaving out
+/// holes and all-zero pieces (they read as zeroes in a new image), unless `stopping` says to
+/// give up. Returns the parts and data bytes stored.
 fn upload_image(
     remote: &Remote,
     image: &File,
     store_uuid: uuid::Uuid,
     seq: Seq,
     max_object_bytes: usize,
+    stopping: &dyn Fn() -> bool,
 ) -> Result<(u64, u64)> {
     let volume_size = image.metadata().context(|| "reading the size of the image to upload".to_string())?.len();
     let ranges = fsutil::data_ranges(image, volume_size).context(|| "mapping the image to upload".to_string())?;
-    upload_pieces(remote, store_uuid, seq, max_object_bytes, &ranges, &|| false, |offset, buf| {
-        image.read_exact_at(buf, offset).context(|| format!("reading the image to upload at {offset}"))
-    })
-}
-
-/// Reads `ranges` of the volume at `seq` with `read`, a piece at a time, and uploads them as
-/// base parts of about `max_object_bytes`, leaving out all-zero pieces (they read as zeroes in
-/// a new image), unless `stopping` says to give up. Returns the parts and data bytes stored.
-fn upload_pieces(
-    remote: &Remote,
-    store_uuid: uuid::Uuid,
-    seq: Seq,
-    max_object_bytes: usize,
-    ranges: &[(u64, u64)],
-    stopping: &dyn Fn() -> bool,
-    mut read: impl FnMut(u64, &mut [u8]) -> Result<()>,
-) -> Result<(u64, u64)> {
     let mut parts = PartUploader::new(remote, PartOf::Base, store_uuid, seq, max_object_bytes);
-    for &(start, len) in ranges {
+    for (start, len) in ranges {
         let mut offset = start;
         while offset < start + len {
             if stopping() {
@@ -1172,7 +1183,7 @@ fn upload_pieces(
             }
             let piece = PIECE.min(start + len - offset);
             let mut data = vec![0u8; piece as usize];
-            read(offset, &mut data)?;
+            image.read_exact_at(&mut data, offset).context(|| format!("reading the image to upload at {offset}"))?;
             if data.iter().any(|&b| b != 0) {
                 parts.push(PartExtent { offset, data: PartData::Bytes(data) })?;
             }

@@ -595,7 +595,7 @@ fn once_the_deltas_hold_a_volume_of_data_a_full_snapshot_replaces_the_newest_and
 }
 
 #[test]
-fn when_the_local_records_after_the_newest_remote_snapshot_are_gone_a_full_snapshot_is_made_from_the_store() {
+fn when_the_local_records_after_the_newest_remote_snapshot_are_gone_a_full_snapshot_is_rebuilt_from_the_replica() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(new_store(dir.path(), 16 << 10));
     let objects = Arc::new(InMemory::new());
