@@ -269,7 +269,8 @@ pub(crate) fn recover(
         .context(|| format!("creating {}", partial.display()))?;
     let built = (|| {
         file.set_len(m.volume_size).context(|| format!("sizing {}", partial.display()))?;
-        let (mut report, time_ns) = build(remote, m, &file, &Route { point, snapshots: &snapshots, chain: &chain }, progress, stopping)?;
+        let (mut report, time_ns) =
+            build(remote, m, &file, &Route { point, snapshots: &snapshots, chain: &chain }, progress, stopping)?;
         file.sync_all().context(|| format!("syncing {}", partial.display()))?;
         std::fs::hard_link(&partial, output).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => rewind_engine::Error::OutputExists(output.to_path_buf()).into(),
