@@ -10,6 +10,7 @@
 //! `manifest.json` lists the chain; it is replaced atomically after every file it names is
 //! durable, so a crash leaves either the old chain or the new one.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -82,7 +83,7 @@ struct Manifest {
 /// Where a range of the net effect of some records comes from ([`net_effect`]): zeroes, or
 /// part of a journal payload: segment index, where the range's bytes start, and where the
 /// payload they belong to starts (its checksum covers the whole payload; see
-/// [`read_journal_range`]).
+/// [`KeptRanges`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Zero,
@@ -371,7 +372,7 @@ impl SnapshotStore {
         let mut out = BufWriter::with_capacity(COPY_CHUNK, &file);
         let mut extents = Vec::with_capacity(map.len());
         let mut data_position = data_start;
-        let mut chunk = vec![0u8; COPY_CHUNK];
+        let mut kept = KeptRanges::new(view, COPY_CHUNK);
         let write_err = |e| Error::Io { context: format!("writing {}", tmp_path.display()), cause: e };
         std::io::Seek::seek(&mut out, std::io::SeekFrom::Start(data_start)).map_err(write_err)?;
         for (offset, len, source) in map.iter() {
@@ -379,9 +380,7 @@ impl SnapshotStore {
                 extents.push(DeltaExtent { offset, len, data_position: ZERO_EXTENT, crc: 0 });
                 continue;
             }
-            let crc = read_journal_range(view, offset, source, len, &mut chunk, |_, piece| {
-                out.write_all(piece).map_err(write_err)
-            })?;
+            let crc = kept.read(offset, source, len, |_, piece| out.write_all(piece).map_err(write_err))?;
             extents.push(DeltaExtent { offset, len, data_position, crc });
             data_position += len;
         }
@@ -550,7 +549,7 @@ impl SnapshotStore {
 /// The net effect of the records in (from, to] of `view`: each byte range's last write (where
 /// its payload lies in the journal) or zeroing, in volume order. Applied to the volume at any
 /// point from `from` to `to`, it gives the volume at `to`. Folded from the record headers
-/// alone: the payloads that survive are checked as they are read ([`read_journal_range`]), so
+/// alone: the payloads that survive are checked as they are read ([`KeptRanges`]), so
 /// a damaged journal is never packed into a snapshot under checksums of its own, and the
 /// overwritten ones are not read at all. Stops with [`Error::Cancelled`] soon after `stop` is
 /// set.
@@ -582,69 +581,91 @@ pub fn net_effect(view: &JournalView, from: Seq, to: Seq, stop: &AtomicBool) -> 
     Ok(map)
 }
 
-/// Reads the `len` bytes at volume offset `offset` of a journal range of a net effect into
-/// `chunk`, a piece at a time (`chunk`'s length at most), handing each to `each` with its
-/// offset in the range, and checks them: the record header before the payload must be a write
-/// holding exactly this range, and the bytes must match its payload checksum (as they go when
-/// the range is the whole payload, else by reading the whole payload again). Returns the
-/// range's CRC32C. A mismatch is
-/// reported after the pieces were handed over: the caller must drop what it made of them.
-/// `each`'s errors end the reading and are returned as they are.
-pub fn read_journal_range<E: From<Error>>(
-    view: &JournalView,
-    offset: u64,
-    source: Source,
-    len: u64,
-    chunk: &mut [u8],
-    mut each: impl FnMut(u64, &[u8]) -> std::result::Result<(), E>,
-) -> std::result::Result<u32, E> {
-    let Source::Journal { segment, position, payload } = source else { return Ok(0) };
-    let segment = view.segment(segment).ok_or_else(|| Error::Unrecoverable {
-        requested: format!("journal segment {segment}"),
-        oldest: view.first_seq().saturating_sub(1),
-        head: view.next_seq().saturating_sub(1),
-    })?;
-    let record_at = payload - HEADER_LEN as u64;
-    let corrupt = |reason: String| Error::JournalCorrupt { segment: segment.path.clone(), offset: record_at, reason };
-    let mut raw = [0u8; HEADER_LEN];
-    JournalView::read_payload(segment, record_at, &mut raw)?;
-    let header = RecordHeader::decode(&raw).map_err(|fault| E::from(corrupt(fault.to_string())))?;
-    let within = position.checked_sub(payload).filter(|skip| skip + len <= u64::from(header.payload_len));
-    if header.kind != RecordKind::Write || within.is_none_or(|skip| header.offset.checked_add(skip) != Some(offset)) {
-        return Err(corrupt(format!(
-            "record {} is not the write of volume offset {offset} the header index places there",
-            header.seq
-        ))
-        .into());
+/// Reads the journal ranges of a net effect ([`Source::Journal`]) and checks them: the record
+/// header before each payload must be the write of exactly that volume range, and the bytes
+/// must match the record's payload checksum, as they go when a range is its whole payload,
+/// else by reading the whole payload once (a payload kept in many fragments is checked once).
+pub struct KeptRanges<'v> {
+    view: &'v JournalView,
+    chunk: Vec<u8>,
+    /// Payloads kept in part and checked whole already: (segment index, payload position).
+    checked: HashSet<(u64, u64)>,
+}
+
+impl<'v> KeptRanges<'v> {
+    /// Reads `view`'s payloads `chunk_len` bytes at a time.
+    pub fn new(view: &'v JournalView, chunk_len: usize) -> Self {
+        Self { view, chunk: vec![0u8; chunk_len.max(1)], checked: HashSet::new() }
     }
-    let whole = position == payload && len == u64::from(header.payload_len);
-    let mut crc = 0;
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(chunk.len() as u64) as usize;
-        JournalView::read_payload(segment, position + done, &mut chunk[..n])?;
-        crc = crc32c::crc32c_append(crc, &chunk[..n]);
-        each(done, &chunk[..n])?;
-        done += n as u64;
-    }
-    let payload_crc = match whole {
-        true => crc,
-        false => {
-            let mut payload_crc = 0;
-            let mut checked = 0;
-            while checked < u64::from(header.payload_len) {
-                let n = (u64::from(header.payload_len) - checked).min(chunk.len() as u64) as usize;
-                JournalView::read_payload(segment, payload + checked, &mut chunk[..n])?;
-                payload_crc = crc32c::crc32c_append(payload_crc, &chunk[..n]);
-                checked += n as u64;
-            }
-            payload_crc
+
+    /// Reads the `len` bytes at volume offset `offset` that `source` places in the journal,
+    /// handing each piece to `each` with its offset in the range; returns the range's CRC32C.
+    /// A mismatch is reported after the pieces were handed over: the caller must drop what it
+    /// made of them. `each`'s errors end the reading and are returned as they are.
+    pub fn read<E: From<Error>>(
+        &mut self,
+        offset: u64,
+        source: Source,
+        len: u64,
+        mut each: impl FnMut(u64, &[u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<u32, E> {
+        let Source::Journal { segment: index, position, payload } = source else { return Ok(0) };
+        let view = self.view;
+        let segment = view.segment(index).ok_or_else(|| Error::Unrecoverable {
+            requested: format!("journal segment {index}"),
+            oldest: view.first_seq().saturating_sub(1),
+            head: view.next_seq().saturating_sub(1),
+        })?;
+        let record_at = payload - HEADER_LEN as u64;
+        let corrupt =
+            |reason: String| Error::JournalCorrupt { segment: segment.path.clone(), offset: record_at, reason };
+        let mut raw = [0u8; HEADER_LEN];
+        JournalView::read_payload(segment, record_at, &mut raw)?;
+        let header = RecordHeader::decode(&raw).map_err(|fault| E::from(corrupt(fault.to_string())))?;
+        let payload_len = u64::from(header.payload_len);
+        let within = position.checked_sub(payload).filter(|skip| skip + len <= payload_len);
+        if header.kind != RecordKind::Write || within.is_none_or(|skip| header.offset.checked_add(skip) != Some(offset))
+        {
+            return Err(corrupt(format!(
+                "record {} is not the write of volume offset {offset} the header index places there",
+                header.seq
+            ))
+            .into());
         }
-    };
-    if payload_crc != header.payload_crc {
-        return Err(corrupt("payload checksum mismatch".into()).into());
+        let whole = position == payload && len == payload_len;
+        let chunk = &mut self.chunk;
+        let mut crc = 0;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            JournalView::read_payload(segment, position + done, &mut chunk[..n])?;
+            crc = crc32c::crc32c_append(crc, &chunk[..n]);
+            each(done, &chunk[..n])?;
+            done += n as u64;
+        }
+        let payload_crc = match whole {
+            true => crc,
+            false if self.checked.contains(&(index, payload)) => return Ok(crc),
+            false => {
+                let mut payload_crc = 0;
+                let mut checked = 0;
+                while checked < payload_len {
+                    let n = (payload_len - checked).min(chunk.len() as u64) as usize;
+                    JournalView::read_payload(segment, payload + checked, &mut chunk[..n])?;
+                    payload_crc = crc32c::crc32c_append(payload_crc, &chunk[..n]);
+                    checked += n as u64;
+                }
+                payload_crc
+            }
+        };
+        if payload_crc != header.payload_crc {
+            return Err(corrupt("payload checksum mismatch".into()).into());
+        }
+        if !whole {
+            self.checked.insert((index, payload));
+        }
+        Ok(crc)
     }
-    Ok(crc)
 }
 
 fn delta_file_name(seq: Seq) -> String {

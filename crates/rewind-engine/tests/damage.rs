@@ -279,19 +279,19 @@ fn a_kept_range_is_read_only_from_the_write_the_header_index_names() {
     let head = view.next_seq() - 1;
     let effect = rewind_engine::snapshot::net_effect(&view, 0, head, &Default::default()).unwrap();
     let (offset, len, source) = effect.iter().find(|e| e.2 != rewind_engine::snapshot::Source::Zero).unwrap();
-    let mut chunk = vec![0u8; 4096];
+    let mut kept = rewind_engine::snapshot::KeptRanges::new(&view, 4096);
     let mut read = Vec::new();
-    let read_at = |at: u64, read: &mut Vec<u8>, chunk: &mut [u8]| {
-        rewind_engine::snapshot::read_journal_range::<Error>(&view, at, source, len, chunk, |_, piece| {
+    let mut read_at = |at: u64, read: &mut Vec<u8>| {
+        kept.read::<Error>(at, source, len, |_, piece| {
             read.extend_from_slice(piece);
             Ok(())
         })
     };
-    read_at(offset, &mut read, &mut chunk).unwrap();
+    read_at(offset, &mut read).unwrap();
     let at_head = fixture.states.last().unwrap();
     assert_eq!(read, at_head[offset as usize..(offset + len) as usize]);
     // The same bytes claimed for another place of the volume: not what the record wrote.
-    match read_at(offset + 512, &mut Vec::new(), &mut chunk) {
+    match read_at(offset + 512, &mut Vec::new()) {
         Err(Error::JournalCorrupt { reason, .. }) => assert!(reason.contains("header index"), "{reason}"),
         other => panic!("a range read for the wrong volume offset: {other:?}"),
     }

@@ -1125,13 +1125,13 @@ impl DeltaWork {
         let effect = snapshot::net_effect(&view, self.from, self.seq, &self.stop)?;
         let mut parts =
             PartUploader::new(&self.remote, PartOf::Delta, self.store_uuid, self.seq, self.max_object_bytes);
-        let mut chunk = vec![0u8; PIECE as usize];
+        let mut kept = snapshot::KeptRanges::new(&view, PIECE as usize);
         for (offset, len, source) in effect.iter() {
             if source == Source::Zero {
                 parts.push(PartExtent { offset, data: PartData::Zeroes(len) })?;
                 continue;
             }
-            snapshot::read_journal_range(&view, offset, source, len, &mut chunk, |done, piece| {
+            kept.read(offset, source, len, |done, piece| {
                 if self.stopping() {
                     return Err(Error::Stopped(DELTA_WORK));
                 }
