@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::extent_map::{ExtentMap, ExtentSource};
 use crate::fsutil;
+use crate::journal::segment::Segment;
 use crate::journal::{JournalView, RecordHeader, RecordKind, HEADER_LEN};
 use crate::{Seq, FORMAT_VERSION};
 
@@ -607,7 +608,7 @@ impl<'v> KeptRanges<'v> {
         offset: u64,
         source: Source,
         len: u64,
-        mut each: impl FnMut(u64, &[u8]) -> std::result::Result<(), E>,
+        each: impl FnMut(u64, &[u8]) -> std::result::Result<(), E>,
     ) -> std::result::Result<u32, E> {
         let Source::Journal { segment: index, position, payload } = source else { return Ok(0) };
         let view = self.view;
@@ -633,30 +634,11 @@ impl<'v> KeptRanges<'v> {
             .into());
         }
         let whole = position == payload && len == payload_len;
-        let chunk = &mut self.chunk;
-        let mut crc = 0;
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            JournalView::read_payload(segment, position + done, &mut chunk[..n])?;
-            crc = crc32c::crc32c_append(crc, &chunk[..n]);
-            each(done, &chunk[..n])?;
-            done += n as u64;
-        }
+        let crc = read_with_crc(segment, position, len, &mut self.chunk, each)?;
         let payload_crc = match whole {
             true => crc,
             false if self.checked.contains(&(index, payload)) => return Ok(crc),
-            false => {
-                let mut payload_crc = 0;
-                let mut checked = 0;
-                while checked < payload_len {
-                    let n = (payload_len - checked).min(chunk.len() as u64) as usize;
-                    JournalView::read_payload(segment, payload + checked, &mut chunk[..n])?;
-                    payload_crc = crc32c::crc32c_append(payload_crc, &chunk[..n]);
-                    checked += n as u64;
-                }
-                payload_crc
-            }
+            false => read_with_crc(segment, payload, payload_len, &mut self.chunk, |_, _| Ok::<(), E>(()))?,
         };
         if payload_crc != header.payload_crc {
             return Err(corrupt("payload checksum mismatch".into()).into());
@@ -666,6 +648,27 @@ impl<'v> KeptRanges<'v> {
         }
         Ok(crc)
     }
+}
+
+/// Reads `len` bytes of `segment` from `position` through `chunk`, handing each piece to
+/// `each` with its offset in the range; returns their CRC32C.
+fn read_with_crc<E: From<Error>>(
+    segment: &Segment,
+    position: u64,
+    len: u64,
+    chunk: &mut [u8],
+    mut each: impl FnMut(u64, &[u8]) -> std::result::Result<(), E>,
+) -> std::result::Result<u32, E> {
+    let mut crc = 0;
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(chunk.len() as u64) as usize;
+        JournalView::read_payload(segment, position + done, &mut chunk[..n])?;
+        crc = crc32c::crc32c_append(crc, &chunk[..n]);
+        each(done, &chunk[..n])?;
+        done += n as u64;
+    }
+    Ok(crc)
 }
 
 fn delta_file_name(seq: Seq) -> String {
