@@ -8,6 +8,11 @@
 //!   REWIND_BENCH_QUICK=1 ...             # shorter runs
 //!   REWIND_BENCH_REPLICA_DIRECTORY=1 ... # a directory replica even when Ceph is installed
 //!   REWIND_BENCH_DELTA_EVERY=0 ...       # the IOPS and lag rounds with this --replica-delta-every
+//!
+//! With Ceph, each round runs twice: with the cluster on the cores the daemon and the load
+//! generator use, and with the cluster on a core of its own (the others left to them), a
+//! stand-in for a cluster on another host; in each, the lag is also measured paced at half the
+//! rate the cluster took in a backlog, a load the store keeps up with.
 
 #[path = "../tests/common/ceph.rs"]
 mod ceph;
@@ -16,7 +21,7 @@ mod rng;
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,10 +36,60 @@ use rng::Rng;
 
 const IMAGE_SIZE: u64 = 256 << 20;
 const BLOCK: usize = 4096;
+/// The one bucket of the bench's Ceph replicas.
+const BUCKET: &str = "bench";
 const DEPTH: usize = 32;
 /// A write rate this machine's one-node Ceph keeps up with, for the lag of a store that is not
 /// the bottleneck.
 const PACED_IOPS: f64 = 2000.0;
+
+/// Where the cluster runs: on the cores the daemon and the load generator use (as the tests run
+/// it), or on the last core alone, the others left to them: a stand-in for a cluster on another
+/// host, where a replica belongs.
+#[derive(Clone, Copy, PartialEq)]
+enum Placement {
+    Shared,
+    OwnCore,
+}
+
+impl Placement {
+    fn label(self) -> &'static str {
+        match self {
+            Placement::Shared => "cluster sharing the cores",
+            Placement::OwnCore => "cluster on a core of its own",
+        }
+    }
+}
+
+/// Moves every thread of the cluster's daemons, and of this process (whose children, the
+/// daemons under test, inherit it), to `placement`'s cores among `cpus`.
+fn place(cluster: &ceph::Cluster, placement: Placement, cpus: usize) {
+    let all = format!("0-{}", cpus - 1);
+    let (ours, theirs) = match placement {
+        Placement::Shared => (all.clone(), all),
+        Placement::OwnCore => (format!("0-{}", cpus - 2), (cpus - 1).to_string()),
+    };
+    let taskset = |cores: &str, pid: u32| {
+        let status = Command::new("taskset")
+            .args(["-a", "-p", "-c", cores, &pid.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "taskset -c {cores} -p {pid} failed");
+    };
+    for pid in cluster.pids() {
+        taskset(&theirs, pid);
+    }
+    taskset(&ours, std::process::id());
+}
+
+/// One placement's rounds: IOPS without and with replication, and the lags.
+#[derive(Default)]
+struct Rounds {
+    off: Vec<f64>,
+    on: Vec<f64>,
+    lags: Vec<f64>,
+}
 
 struct Target {
     url: String,
@@ -49,11 +104,17 @@ fn prepare_image(path: &Path) {
     file.set_len(IMAGE_SIZE).unwrap();
 }
 
-/// Deletes a replica, so that the next round does not fill the cluster.
-fn delete_replica(target: &Target) {
-    let remote = remote(target);
-    for object in remote.list("").unwrap() {
-        remote.delete(&object.key).unwrap();
+/// Deletes a replica, so that the next round does not fill the disk or the cluster's memory
+/// (each replica has the bench's bucket to itself while it lives).
+fn delete_replica(target: &Target, cluster: Option<&ceph::Cluster>) {
+    match cluster {
+        Some(cluster) => cluster.empty_bucket(BUCKET),
+        None => {
+            let remote = remote(target);
+            for object in remote.list("").unwrap() {
+                remote.delete(&object.key).unwrap();
+            }
+        }
     }
 }
 
@@ -127,9 +188,9 @@ fn drive(socket: &Path, secs: f64, rate: Option<f64>) -> f64 {
     let deadline = begin + Duration::from_secs_f64(secs);
     let mut ios = 0u64;
     let mut idle: Vec<usize> = Vec::new();
+    let mut wait_for = 1;
     while Instant::now() < deadline {
-        // Paced, nothing may be in flight: poll, and sleep below between submissions.
-        let n = q.do_io(&mut completions, usize::from(rate.is_none()), None, None).unwrap();
+        let n = q.do_io(&mut completions, wait_for, None, None).unwrap();
         for c in &completions[..n] {
             // SAFETY: do_io initialised the first n entries.
             let c = unsafe { c.assume_init_ref() };
@@ -145,8 +206,14 @@ fn drive(socket: &Path, secs: f64, rate: Option<f64>) -> f64 {
             let buf = (region.addr + slot * BLOCK) as *const u8;
             q.write((rng.next() % blocks) * BLOCK as u64, buf, BLOCK, slot, ReqFlags::empty());
         }
-        if rate.is_some() && !idle.is_empty() {
-            std::thread::sleep(Duration::from_micros(200));
+        // While writes are in flight, wait for one to complete: paced, the next are submitted
+        // then. A sleep instead is woken late on a core the daemon keeps busy (paced writes on
+        // one core reached only ~13 000/s). With none in flight, sleep until the next is due.
+        let in_flight = DEPTH - idle.len();
+        wait_for = usize::from(in_flight > 0);
+        if let (Some(rate), 0) = (rate, in_flight) {
+            let due = begin + Duration::from_secs_f64((ios + 1) as f64 / rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
     }
     let elapsed = begin.elapsed().as_secs_f64();
@@ -257,6 +324,56 @@ fn wait_caught_up(control: &Path, limit: Duration) -> ReplicationStatus {
     }
 }
 
+/// How a replica caught up after an outage.
+struct CatchUp {
+    /// The backlog when the store came back.
+    backlog_mib: f64,
+    /// Seconds from the store's restart until the replica held the backlog.
+    took: f64,
+    /// The store's own rate: from the first object stored after the restart, which ends the
+    /// retry back-off.
+    store_mib_s: f64,
+    store_records_s: f64,
+}
+
+/// Stops radosgw while 1 s of QD32 writes go on, restarts it and times the catch-up.
+fn catch_up(work: &Path, image: &Path, target: &Target, cluster: &mut ceph::Cluster) -> CatchUp {
+    prepare_image(image);
+    let catch_target = Target { url: format!("{}/catch-up", target.url), env: target.env.clone() };
+    let (child, socket, control) = serve(work, image, Some((&catch_target, &[])));
+    wait_caught_up(&control, Duration::from_secs(120));
+    cluster.stop_gateway();
+    drive(&socket, 1.0, None);
+    let mut client = QmpClient::connect(&control).unwrap();
+    let behind = replication(&mut client);
+    cluster.start_gateway();
+    let restarted = Instant::now();
+    let mut first_progress = None;
+    let caught_up = loop {
+        let status = replication(&mut client);
+        if first_progress.is_none() && status.bytes_shipped > behind.bytes_shipped {
+            first_progress = Some((Instant::now(), status.clone()));
+        }
+        if status.shipped_seq >= behind.head && !status.failing {
+            break Instant::now();
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(600), "no catch-up: {status:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    stop(child);
+    delete_replica(&catch_target, Some(cluster));
+    let (first_at, first) = first_progress.unwrap();
+    let storing = (caught_up - first_at).as_secs_f64();
+    let stored_after_first = behind.bytes_pending.saturating_sub(first.bytes_shipped - behind.bytes_shipped);
+    let record_bytes = behind.bytes_pending as f64 / (behind.head - behind.shipped_seq) as f64;
+    CatchUp {
+        backlog_mib: behind.bytes_pending as f64 / (1 << 20) as f64,
+        took: (caught_up - restarted).as_secs_f64(),
+        store_mib_s: stored_after_first as f64 / (1 << 20) as f64 / storing,
+        store_records_s: stored_after_first as f64 / record_bytes / storing,
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--test" || a == "--list") {
         return;
@@ -272,12 +389,16 @@ fn main() {
     // shipper's own cost from that of a cluster sharing this machine's cores.
     let mut cluster = match std::env::var_os("REWIND_BENCH_REPLICA_DIRECTORY") {
         Some(_) => None,
-        None => ceph::Cluster::start_if_installed(),
+        // Room for the largest replica, the recovery rounds' (about 3 GiB).
+        None => ceph::Cluster::start_if_installed_holding(8 << 30),
     };
     let (target, store_name) = match &cluster {
         Some(cluster) => {
-            cluster.create_bucket("bench");
-            (Target { url: "s3://bench/vol".into(), env: cluster.s3_env() }, "one-node Ceph (radosgw, memstore OSD)")
+            cluster.create_bucket(BUCKET);
+            (
+                Target { url: format!("s3://{BUCKET}/vol"), env: cluster.s3_env() },
+                "one-node Ceph (radosgw, memstore OSD)",
+            )
         }
         None => (
             Target {
@@ -290,82 +411,126 @@ fn main() {
     let mut md =
         format!("Replica: {store_name}, on this machine; 4 KiB random writes at QD32 over a 256 MiB image.\n\n");
 
-    let (mut off, mut on, mut lags): (Vec<f64>, Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new(), Vec::new());
+    // Counted before any pinning narrows this process's cores.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let placements = match &cluster {
+        Some(_) if cpus >= 2 => vec![Placement::Shared, Placement::OwnCore],
+        _ => vec![Placement::Shared],
+    };
+    let mut rounds_of: Vec<Rounds> = placements.iter().map(|_| Rounds::default()).collect();
     let (mut deltas, mut delta_bytes) = (0, 0);
     for round in 0..rounds {
-        prepare_image(&image);
-        let (child, socket, _) = serve(&work, &image, None);
-        off.push(drive(&socket, secs, None));
-        stop(child);
-        prepare_image(&image);
-        let round_target = Target { url: format!("{}/round{round}", target.url), env: target.env.clone() };
-        let (iops, round_lags) = run_replicated(&work, &image, &round_target, secs, None);
-        on.push(iops);
-        lags.extend(round_lags);
-        let manifest = rewind_replica::Replica::from_remote(remote(&round_target)).unwrap().manifest().clone();
-        deltas += manifest.deltas.len();
-        delta_bytes += manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>();
-        delete_replica(&round_target);
-        eprintln!("round {round}: off {:.0} IOPS, on {:.0} IOPS", off[round], on[round]);
+        for (placement, results) in placements.iter().zip(&mut rounds_of) {
+            if let Some(cluster) = &cluster {
+                place(cluster, *placement, cpus);
+            }
+            prepare_image(&image);
+            let (child, socket, _) = serve(&work, &image, None);
+            results.off.push(drive(&socket, secs, None));
+            stop(child);
+            prepare_image(&image);
+            let round_target = Target { url: format!("{}/round{round}", target.url), env: target.env.clone() };
+            let (iops, round_lags) = run_replicated(&work, &image, &round_target, secs, None);
+            results.on.push(iops);
+            results.lags.extend(round_lags);
+            let manifest = rewind_replica::Replica::from_remote(remote(&round_target)).unwrap().manifest().clone();
+            deltas += manifest.deltas.len();
+            delta_bytes += manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>();
+            delete_replica(&round_target, cluster.as_ref());
+            eprintln!("round {round}, {}: off {:.0} IOPS, on {iops:.0} IOPS", placement.label(), results.off[round]);
+        }
     }
-    lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    prepare_image(&image);
-    let paced_target = Target { url: format!("{}/paced", target.url), env: target.env.clone() };
-    let (paced_iops, mut paced_lags) = run_replicated(&work, &image, &paced_target, secs * 2.0, Some(PACED_IOPS));
-    delete_replica(&paced_target);
-    paced_lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    // Each round's on/off pair ran within seconds: its ratio says more than the medians' on a
-    // machine whose load changes.
-    let ratios: Vec<String> = on.iter().zip(&off).map(|(on, off)| format!("{:.2}", on / off)).collect();
-    let ratios = ratios.join(", ");
-    let (iops_off, iops_on) = (median(off), median(on));
-    let line = format!(
-        "| replication | 4 KiB random write IOPS, QD32 (median of {rounds}) | lag p50 | lag p99 |\n|---|---|---|---|\n\
-         | off | {iops_off:.0} | | |\n| on | {iops_on:.0} ({:.2}×; rounds {ratios}) | {:.0} ms | {:.0} ms |\n\
-         | on, paced at {PACED_IOPS:.0}/s | {paced_iops:.0} | {:.0} ms | {:.0} ms |\n\n\
-         Lag: a write completed by the time the head was sampled (every 50 ms) until the manifest counts it \
-         (polled every 10 ms). Remote snapshots stored during the replicated rounds (--replica-delta-every \
-         {}): {deltas}, {:.0} MiB.\n",
-        iops_on / iops_off,
-        percentile(&lags, 0.5),
-        percentile(&lags, 0.99),
-        percentile(&paced_lags, 0.5),
-        percentile(&paced_lags, 0.99),
-        std::env::var("REWIND_BENCH_DELTA_EVERY").unwrap_or_else(|_| "by default, 4× the volume".into()),
-        delta_bytes as f64 / (1 << 20) as f64
+    if let Some(cluster) = &cluster {
+        place(cluster, Placement::Shared, cpus);
+    }
+    let mut json = serde_json::json!({"store": store_name});
+    let mut line = format!(
+        "| replication | 4 KiB random write IOPS, QD32 (median of {rounds}) | lag p50 | lag p99 |\n|---|---|---|---|\n"
     );
+    for (placement, mut results) in placements.iter().zip(rounds_of) {
+        let (label, key) = match placement {
+            _ if placements.len() == 1 => (String::new(), ""),
+            Placement::Shared => (format!(", {}", placement.label()), "shared_"),
+            Placement::OwnCore => (format!(", {}", placement.label()), "own_core_"),
+        };
+        results.lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        // Each round's on/off pair ran within seconds: its ratio says more than the medians'
+        // on a machine whose load changes.
+        let ratios: Vec<String> =
+            results.on.iter().zip(&results.off).map(|(on, off)| format!("{:.2}", on / off)).collect();
+        let ratios = ratios.join(", ");
+        let (iops_off, iops_on) = (median(results.off), median(results.on));
+        let (p50, p99) = (percentile(&results.lags, 0.5), percentile(&results.lags, 0.99));
+        line.push_str(&format!(
+            "| off{label} | {iops_off:.0} | | |\n| on{label} | {iops_on:.0} ({:.2}×; rounds {ratios}) | {p50:.0} ms | {p99:.0} ms |\n",
+            iops_on / iops_off
+        ));
+        json[format!("{key}iops_off")] = iops_off.into();
+        json[format!("{key}iops_on")] = iops_on.into();
+        json[format!("{key}round_ratios")] = ratios.into();
+        json[format!("{key}lag_p50_ms")] = p50.into();
+        json[format!("{key}lag_p99_ms")] = p99.into();
+    }
     print!("{line}");
     md.push_str(&line);
-    let mut json = serde_json::json!({"store": store_name, "iops_off": iops_off, "iops_on": iops_on, "round_ratios": ratios,
-        "lag_p50_ms": percentile(&lags, 0.5), "lag_p99_ms": percentile(&lags, 0.99),
-        "paced_iops": paced_iops, "paced_lag_p50_ms": percentile(&paced_lags, 0.5), "paced_lag_p99_ms": percentile(&paced_lags, 0.99)});
 
-    // Catch-up after an outage (Ceph only: radosgw stopped under load).
+    // Catch-up after an outage (Ceph only: radosgw stopped under load), in each placement;
+    // half its rate is a load the store keeps up with, for the lag of a store that is not the
+    // bottleneck.
+    let mut paced = vec![(Placement::Shared, PACED_IOPS, String::new())];
     if let Some(cluster) = cluster.as_mut() {
-        prepare_image(&image);
-        let catch_target = Target { url: format!("{}/catch-up", target.url), env: target.env.clone() };
-        let (child, socket, control) = serve(&work, &image, Some((&catch_target, &[])));
-        wait_caught_up(&control, Duration::from_secs(120));
-        cluster.stop_gateway();
-        drive(&socket, 1.0, None);
-        let mut client = QmpClient::connect(&control).unwrap();
-        let backlog = replication(&mut client).bytes_pending;
-        cluster.start_gateway();
-        let begin = Instant::now();
-        wait_caught_up(&control, Duration::from_secs(600));
-        let took = begin.elapsed().as_secs_f64();
-        stop(child);
-        delete_replica(&catch_target);
-        let line = format!(
-            "\ncatch-up after radosgw was down for 1 s of QD32 writes: {:.1} MiB shipped in {took:.1} s ({:.1} MiB/s, \
-             counted from radosgw's restart, retry back-off included)\n",
-            backlog as f64 / (1 << 20) as f64,
-            backlog as f64 / (1 << 20) as f64 / took
-        );
-        print!("{line}");
-        md.push_str(&line);
-        json["catch_up_mib_s"] = (backlog as f64 / (1 << 20) as f64 / took).into();
+        for placement in &placements {
+            place(cluster, *placement, cpus);
+            let caught = catch_up(&work, &image, &target, cluster);
+            let line = format!(
+                "\ncatch-up after radosgw was down for 1 s of QD32 writes, {}: {:.1} MiB shipped in {:.1} s from \
+                 radosgw's restart ({:.1} MiB/s, retry back-off included); {:.1} MiB/s from the first object stored \
+                 after it\n",
+                placement.label(),
+                caught.backlog_mib,
+                caught.took,
+                caught.backlog_mib / caught.took,
+                caught.store_mib_s
+            );
+            print!("{line}");
+            md.push_str(&line);
+            let key = if *placement == Placement::Shared { "" } else { "own_core_" };
+            json[format!("{key}catch_up_mib_s")] = (caught.backlog_mib / caught.took).into();
+            json[format!("{key}catch_up_store_mib_s")] = caught.store_mib_s.into();
+            let why = format!(" (half the records/s the store took in its catch-up, {:.0}/s)", caught.store_records_s);
+            paced.push((*placement, caught.store_records_s / 2.0, why));
+        }
+        place(cluster, Placement::Shared, cpus);
     }
+    let mut line = String::from("\n| paced writes, QD32 | IOPS | lag p50 | lag p99 |\n|---|---|---|---|\n");
+    for (placement, rate, why) in paced {
+        if let Some(cluster) = &cluster {
+            place(cluster, placement, cpus);
+        }
+        prepare_image(&image);
+        let paced_target = Target { url: format!("{}/paced", target.url), env: target.env.clone() };
+        let (paced_iops, mut paced_lags) = run_replicated(&work, &image, &paced_target, secs * 2.0, Some(rate));
+        delete_replica(&paced_target, cluster.as_ref());
+        paced_lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let (p50, p99) = (percentile(&paced_lags, 0.5), percentile(&paced_lags, 0.99));
+        let label = if cluster.is_some() { format!(", {}", placement.label()) } else { String::new() };
+        line.push_str(&format!("| paced at {rate:.0}/s{why}{label} | {paced_iops:.0} | {p50:.0} ms | {p99:.0} ms |\n"));
+        let key = if placement == Placement::Shared { "" } else { "own_core_" };
+        json[format!("{key}paced_{rate:.0}_lag_p99_ms")] = p99.into();
+        json[format!("{key}paced_{rate:.0}_lag_p50_ms")] = p50.into();
+    }
+    if let Some(cluster) = &cluster {
+        place(cluster, Placement::Shared, cpus);
+    }
+    line.push_str(&format!(
+        "\nLag: a write completed by the time the head was sampled (every 50 ms) until the manifest counts it \
+         (polled every 10 ms). Remote snapshots stored during the unpaced rounds (--replica-delta-every {}): \
+         {deltas}, {:.0} MiB.\n",
+        std::env::var("REWIND_BENCH_DELTA_EVERY").unwrap_or_else(|_| "by default, 4× the volume".into()),
+        delta_bytes as f64 / (1 << 20) as f64
+    ));
+    print!("{line}");
+    md.push_str(&line);
 
     // Recovery of the head after the same writes, from a replica with remote snapshots (the
     // default spacing) and from one without, each against downloading the objects it reads.
@@ -435,7 +600,7 @@ fn main() {
             manifest.deltas
         );
         let _ = fs::remove_file(&output);
-        delete_replica(&recovery_target);
+        delete_replica(&recovery_target, cluster.as_ref());
         let mib = bytes as f64 / (1 << 20) as f64;
         let delta_mib = manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>() as f64 / (1 << 20) as f64;
         table.push_str(&format!(

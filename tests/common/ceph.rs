@@ -43,6 +43,12 @@ fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
 impl Cluster {
     /// Starts a cluster, or returns None where Ceph is not installed.
     pub fn start_if_installed() -> Option<Self> {
+        Self::start_if_installed_holding(4 << 30)
+    }
+
+    /// A cluster whose memory store holds `memstore_bytes` (a full store hangs; the OSD's
+    /// memory grows to about 1.5 times what it holds).
+    pub fn start_if_installed_holding(memstore_bytes: u64) -> Option<Self> {
         let needed = ["ceph-mon", "ceph-osd", "radosgw", "ceph", "ceph-authtool", "monmaptool", "radosgw-admin"];
         if !needed.iter().all(|p| installed(p)) {
             return None;
@@ -51,7 +57,7 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("ceph").tempdir().unwrap();
         let conf = dir.path().join("ceph.conf");
         let mut cluster = Self { conf, rgw_port: free_port(), dir, mon: None, osd: None, rgw: None };
-        cluster.write_conf(free_port());
+        cluster.write_conf(free_port(), memstore_bytes);
         cluster.start_monitor();
         cluster.start_osd();
         cluster.start_gateway();
@@ -64,7 +70,7 @@ impl Cluster {
         self.dir.path().join(name)
     }
 
-    fn write_conf(&self, mon_port: u16) {
+    fn write_conf(&self, mon_port: u16, memstore_bytes: u64) {
         let d = self.dir.path().display();
         for sub in ["run", "log", "mon", "osd/ceph-0", "rgw"] {
             std::fs::create_dir_all(self.path(sub)).unwrap();
@@ -87,7 +93,7 @@ log file = {d}/log/$name.log
 mon data = {d}/mon/$cluster-$id
 osd data = {d}/osd/$cluster-$id
 osd objectstore = memstore
-memstore device bytes = 4294967296
+memstore device bytes = {memstore_bytes}
 osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg num = 8
@@ -224,6 +230,11 @@ rgw data = {d}/rgw
         wait_until("radosgw", BRING_UP, || TcpStream::connect(("127.0.0.1", port)).is_ok());
     }
 
+    /// The running daemons' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        [&self.mon, &self.osd, &self.rgw].into_iter().flatten().map(Child::id).collect()
+    }
+
     /// Stops radosgw (SIGTERM) and waits for it.
     pub fn stop_gateway(&mut self) {
         if let Some(child) = self.rgw.take() {
@@ -293,6 +304,13 @@ rgw data = {d}/rgw
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Deletes `bucket` with its objects, freeing their space at once (radosgw's garbage
+    /// collector frees deleted objects only hours later), and creates it again empty.
+    pub fn empty_bucket(&self, bucket: &str) {
+        self.run("radosgw-admin", &["bucket", "rm", &format!("--bucket={bucket}"), "--purge-objects", "--bypass-gc"]);
+        self.create_bucket(bucket);
     }
 
     /// Keys of the objects in `bucket`.
