@@ -437,7 +437,8 @@ fn main() {
             deltas += manifest.deltas.len();
             delta_bytes += manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>();
             delete_replica(&round_target, cluster.as_ref());
-            eprintln!("round {round}, {}: off {:.0} IOPS, on {iops:.0} IOPS", placement.label(), results.off[round]);
+            let label = if cluster.is_some() { format!(", {}", placement.label()) } else { String::new() };
+            eprintln!("round {round}{label}: off {:.0} IOPS, on {iops:.0} IOPS", results.off[round]);
         }
     }
     if let Some(cluster) = &cluster {
