@@ -42,6 +42,8 @@ const DEPTH: usize = 32;
 /// A write rate this machine's one-node Ceph keeps up with, for the lag of a store that is not
 /// the bottleneck.
 const PACED_IOPS: f64 = 2000.0;
+/// A lag past this means the store stopped taking objects.
+const LAG_LIMIT: Duration = Duration::from_secs(300);
 
 /// Where the cluster runs: on the cores the daemon and the load generator use (as the tests run
 /// it), or on the last core alone, the others left to them: a stand-in for a cluster on another
@@ -104,18 +106,80 @@ fn prepare_image(path: &Path) {
     file.set_len(IMAGE_SIZE).unwrap();
 }
 
-/// Deletes a replica, so that the next round does not fill the disk or the cluster's memory
-/// (each replica has the bench's bucket to itself while it lives).
-fn delete_replica(target: &Target, cluster: Option<&ceph::Cluster>) {
-    match cluster {
-        Some(cluster) => cluster.empty_bucket(BUCKET),
-        None => {
-            let remote = remote(target);
-            for object in remote.list("").unwrap() {
-                remote.delete(&object.key).unwrap();
+/// Where the bench's replicas live: a directory, or a one-node Ceph started for each replica
+/// and stopped once the replica is deleted. One cluster for a whole run kept every deleted
+/// replica in memory (radosgw frees deleted objects hours later) until the OSD was OOM-killed;
+/// purging the bucket between replicas once left its memory store reporting itself full.
+enum Replicas {
+    Directory(PathBuf),
+    Ceph { cluster: Option<ceph::Cluster>, cpus: usize },
+}
+
+impl Replicas {
+    /// Ceph when installed, unless REWIND_BENCH_REPLICA_DIRECTORY asks for a directory (to tell
+    /// the shipper's own cost from that of a cluster sharing this machine's cores).
+    fn new(work: &Path, cpus: usize) -> Self {
+        let cluster = match std::env::var_os("REWIND_BENCH_REPLICA_DIRECTORY") {
+            Some(_) => None,
+            None => start_cluster(),
+        };
+        match cluster {
+            Some(cluster) => Replicas::Ceph { cluster: Some(cluster), cpus },
+            None => Replicas::Directory(fs::canonicalize(work).unwrap().join("replica")),
+        }
+    }
+
+    fn is_ceph(&self) -> bool {
+        matches!(self, Replicas::Ceph { .. })
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Replicas::Ceph { .. } => "one-node Ceph (radosgw, memstore OSD)",
+            Replicas::Directory(_) => "a local directory",
+        }
+    }
+
+    /// An empty replica `name`; with Ceph, on a cluster of its own, placed (with this
+    /// process) as `placement` says.
+    fn create(&mut self, name: &str, placement: Placement) -> Target {
+        match self {
+            Replicas::Directory(dir) => Target { url: format!("file://{}", dir.join(name).display()), env: Vec::new() },
+            Replicas::Ceph { cluster, cpus } => {
+                let running = cluster.get_or_insert_with(|| start_cluster().expect("Ceph was installed"));
+                running.create_bucket(BUCKET);
+                place(running, placement, *cpus);
+                Target { url: format!("s3://{BUCKET}/{name}"), env: running.s3_env() }
             }
         }
     }
+
+    /// The cluster holding the replica in use.
+    fn cluster(&mut self) -> &mut ceph::Cluster {
+        match self {
+            Replicas::Ceph { cluster: Some(cluster), .. } => cluster,
+            _ => panic!("no cluster is running"),
+        }
+    }
+
+    /// Deletes the replica at `target`, so that the next one does not fill the disk or the
+    /// cluster's memory.
+    fn delete(&mut self, target: &Target) {
+        match self {
+            Replicas::Ceph { cluster, .. } => *cluster = None,
+            Replicas::Directory(_) => {
+                let remote = remote(target);
+                for object in remote.list("").unwrap() {
+                    remote.delete(&object.key).unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// Room for the largest replica, the recovery rounds' (up to about 3 GiB).
+fn start_cluster() -> Option<ceph::Cluster> {
+    ceph::Cluster::start_if_installed_holding(8 << 30)
 }
 
 fn remote(target: &Target) -> rewind_replica::Remote {
@@ -270,6 +334,10 @@ fn sample_lag(control: PathBuf, running: Arc<AtomicBool>) -> Vec<f64> {
         }
         let shipped = replication(&mut client).shipped_seq;
         let now = Instant::now();
+        // A store that stopped taking objects fails the bench rather than hang it.
+        if let Some((at, seq)) = pending.first() {
+            assert!(now - *at < LAG_LIMIT, "seq {seq} not in the replica after {LAG_LIMIT:?}");
+        }
         pending.retain(|&(at, seq)| {
             let done = shipped >= seq;
             if done {
@@ -336,17 +404,26 @@ struct CatchUp {
     store_records_s: f64,
 }
 
-/// Stops radosgw while 1 s of QD32 writes go on, restarts it and times the catch-up.
-fn catch_up(work: &Path, image: &Path, target: &Target, cluster: &mut ceph::Cluster) -> CatchUp {
+/// Stops radosgw while 1 s of QD32 writes go on to a replica at `target`, restarts it (in
+/// `placement`) and times the catch-up.
+fn catch_up(
+    work: &Path,
+    image: &Path,
+    target: &Target,
+    cluster: &mut ceph::Cluster,
+    placement: Placement,
+    cpus: usize,
+) -> CatchUp {
     prepare_image(image);
-    let catch_target = Target { url: format!("{}/catch-up", target.url), env: target.env.clone() };
-    let (child, socket, control) = serve(work, image, Some((&catch_target, &[])));
+    let (child, socket, control) = serve(work, image, Some((target, &[])));
     wait_caught_up(&control, Duration::from_secs(120));
     cluster.stop_gateway();
     drive(&socket, 1.0, None);
     let mut client = QmpClient::connect(&control).unwrap();
     let behind = replication(&mut client);
     cluster.start_gateway();
+    // Started from this process, it has the daemon's cores until placed.
+    place(cluster, placement, cpus);
     let restarted = Instant::now();
     let mut first_progress = None;
     let caught_up = loop {
@@ -361,7 +438,6 @@ fn catch_up(work: &Path, image: &Path, target: &Target, cluster: &mut ceph::Clus
         std::thread::sleep(Duration::from_millis(10));
     };
     stop(child);
-    delete_replica(&catch_target, Some(cluster));
     let (first_at, first) = first_progress.unwrap();
     let storing = (caught_up - first_at).as_secs_f64();
     let stored_after_first = behind.bytes_pending.saturating_sub(first.bytes_shipped - behind.bytes_shipped);
@@ -385,64 +461,37 @@ fn main() {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).unwrap();
     let image = work.join("bench.img");
-    // REWIND_BENCH_REPLICA_DIRECTORY: a directory even when Ceph is installed, to tell the
-    // shipper's own cost from that of a cluster sharing this machine's cores.
-    let mut cluster = match std::env::var_os("REWIND_BENCH_REPLICA_DIRECTORY") {
-        Some(_) => None,
-        // Room for the largest replica, the recovery rounds' (about 3 GiB).
-        None => ceph::Cluster::start_if_installed_holding(8 << 30),
-    };
-    let (target, store_name) = match &cluster {
-        Some(cluster) => {
-            cluster.create_bucket(BUCKET);
-            (
-                Target { url: format!("s3://{BUCKET}/vol"), env: cluster.s3_env() },
-                "one-node Ceph (radosgw, memstore OSD)",
-            )
-        }
-        None => (
-            Target {
-                url: format!("file://{}", fs::canonicalize(&work).unwrap().join("replica").display()),
-                env: Vec::new(),
-            },
-            "a local directory",
-        ),
-    };
+    // Counted before any pinning narrows this process's cores.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut replicas = Replicas::new(&work, cpus);
+    let store_name = replicas.describe();
     let mut md =
         format!("Replica: {store_name}, on this machine; 4 KiB random writes at QD32 over a 256 MiB image.\n\n");
 
-    // Counted before any pinning narrows this process's cores.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let placements = match &cluster {
-        Some(_) if cpus >= 2 => vec![Placement::Shared, Placement::OwnCore],
-        _ => vec![Placement::Shared],
+    let placements = match replicas.is_ceph() && cpus >= 2 {
+        true => vec![Placement::Shared, Placement::OwnCore],
+        false => vec![Placement::Shared],
     };
     let mut rounds_of: Vec<Rounds> = placements.iter().map(|_| Rounds::default()).collect();
     let (mut deltas, mut delta_bytes) = (0, 0);
     for round in 0..rounds {
         for (placement, results) in placements.iter().zip(&mut rounds_of) {
-            if let Some(cluster) = &cluster {
-                place(cluster, *placement, cpus);
-            }
+            let round_target = replicas.create(&format!("round{round}"), *placement);
             prepare_image(&image);
             let (child, socket, _) = serve(&work, &image, None);
             results.off.push(drive(&socket, secs, None));
             stop(child);
             prepare_image(&image);
-            let round_target = Target { url: format!("{}/round{round}", target.url), env: target.env.clone() };
             let (iops, round_lags) = run_replicated(&work, &image, &round_target, secs, None);
             results.on.push(iops);
             results.lags.extend(round_lags);
             let manifest = rewind_replica::Replica::from_remote(remote(&round_target)).unwrap().manifest().clone();
             deltas += manifest.deltas.len();
             delta_bytes += manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>();
-            delete_replica(&round_target, cluster.as_ref());
-            let label = if cluster.is_some() { format!(", {}", placement.label()) } else { String::new() };
+            replicas.delete(&round_target);
+            let label = if replicas.is_ceph() { format!(", {}", placement.label()) } else { String::new() };
             eprintln!("round {round}{label}: off {:.0} IOPS, on {iops:.0} IOPS", results.off[round]);
         }
-    }
-    if let Some(cluster) = &cluster {
-        place(cluster, Placement::Shared, cpus);
     }
     let mut json = serde_json::json!({"store": store_name});
     let mut line = format!(
@@ -479,10 +528,11 @@ fn main() {
     // half its rate is a load the store keeps up with, for the lag of a store that is not the
     // bottleneck.
     let mut paced = vec![(Placement::Shared, PACED_IOPS, String::new())];
-    if let Some(cluster) = cluster.as_mut() {
+    if replicas.is_ceph() {
         for placement in &placements {
-            place(cluster, *placement, cpus);
-            let caught = catch_up(&work, &image, &target, cluster);
+            let target = replicas.create("catch-up", *placement);
+            let caught = catch_up(&work, &image, &target, replicas.cluster(), *placement, cpus);
+            replicas.delete(&target);
             let line = format!(
                 "\ncatch-up after radosgw was down for 1 s of QD32 writes, {}: {:.1} MiB shipped in {:.1} s from \
                  radosgw's restart ({:.1} MiB/s, retry back-off included); {:.1} MiB/s from the first object stored \
@@ -501,27 +551,20 @@ fn main() {
             let why = format!(" (half the records/s the store took in its catch-up, {:.0}/s)", caught.store_records_s);
             paced.push((*placement, caught.store_records_s / 2.0, why));
         }
-        place(cluster, Placement::Shared, cpus);
     }
     let mut line = String::from("\n| paced writes, QD32 | IOPS | lag p50 | lag p99 |\n|---|---|---|---|\n");
     for (placement, rate, why) in paced {
-        if let Some(cluster) = &cluster {
-            place(cluster, placement, cpus);
-        }
+        let paced_target = replicas.create("paced", placement);
         prepare_image(&image);
-        let paced_target = Target { url: format!("{}/paced", target.url), env: target.env.clone() };
         let (paced_iops, mut paced_lags) = run_replicated(&work, &image, &paced_target, secs * 2.0, Some(rate));
-        delete_replica(&paced_target, cluster.as_ref());
+        replicas.delete(&paced_target);
         paced_lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let (p50, p99) = (percentile(&paced_lags, 0.5), percentile(&paced_lags, 0.99));
-        let label = if cluster.is_some() { format!(", {}", placement.label()) } else { String::new() };
+        let label = if replicas.is_ceph() { format!(", {}", placement.label()) } else { String::new() };
         line.push_str(&format!("| paced at {rate:.0}/s{why}{label} | {paced_iops:.0} | {p50:.0} ms | {p99:.0} ms |\n"));
         let key = if placement == Placement::Shared { "" } else { "own_core_" };
         json[format!("{key}paced_{rate:.0}_lag_p99_ms")] = p99.into();
         json[format!("{key}paced_{rate:.0}_lag_p50_ms")] = p50.into();
-    }
-    if let Some(cluster) = &cluster {
-        place(cluster, Placement::Shared, cpus);
     }
     line.push_str(&format!(
         "\nLag: a write completed by the time the head was sampled (every 50 ms) until the manifest counts it \
@@ -545,7 +588,7 @@ fn main() {
         ("journal", "no remote snapshots (`--replica-delta-every 0`)", &["--replica-delta-every", "0"][..]),
     ] {
         prepare_image(&image);
-        let recovery_target = Target { url: format!("{}/recovery-{name}", target.url), env: target.env.clone() };
+        let recovery_target = replicas.create(&format!("recovery-{name}"), Placement::Shared);
         let (child, socket, control) = serve(&work, &image, Some((&recovery_target, extra)));
         wait_caught_up(&control, Duration::from_secs(120));
         drive(&socket, secs, None);
@@ -587,7 +630,7 @@ fn main() {
         let begin = Instant::now();
         let recovered = Command::new(env!("CARGO_BIN_EXE_rewind"))
             .args(["recover", "--from", &recovery_target.url, "--seq", &manifest.shipped_seq.to_string()])
-            .envs(target.env.iter().map(|(k, v)| (k, v)))
+            .envs(recovery_target.env.iter().map(|(k, v)| (k, v)))
             .arg("--output")
             .arg(&output)
             .output()
@@ -601,7 +644,7 @@ fn main() {
             manifest.deltas
         );
         let _ = fs::remove_file(&output);
-        delete_replica(&recovery_target, cluster.as_ref());
+        replicas.delete(&recovery_target);
         let mib = bytes as f64 / (1 << 20) as f64;
         let delta_mib = manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>() as f64 / (1 << 20) as f64;
         table.push_str(&format!(
@@ -623,6 +666,6 @@ fn main() {
     fs::create_dir_all(out).unwrap();
     fs::write(out.join("replication.md"), &md).unwrap();
     fs::write(out.join("replication.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
-    drop(cluster);
+    drop(replicas);
     let _ = fs::remove_dir_all(&work);
 }

@@ -306,13 +306,6 @@ rgw data = {d}/rgw
         }
     }
 
-    /// Deletes `bucket` with its objects, freeing their space at once (radosgw's garbage
-    /// collector frees deleted objects only hours later), and creates it again empty.
-    pub fn empty_bucket(&self, bucket: &str) {
-        self.run("radosgw-admin", &["bucket", "rm", &format!("--bucket={bucket}"), "--purge-objects", "--bypass-gc"]);
-        self.create_bucket(bucket);
-    }
-
     /// Keys of the objects in `bucket`.
     pub fn list_objects(&self, bucket: &str) -> Vec<String> {
         let listing = self.run("radosgw-admin", &["bucket", "list", &format!("--bucket={bucket}")]);
