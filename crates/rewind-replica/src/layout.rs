@@ -88,6 +88,12 @@ pub struct DeltaInfo {
 }
 
 impl DeltaInfo {
+    /// A full snapshot taken as the base: its parts are base parts of its seq already.
+    pub fn as_base(&self) -> BaseInfo {
+        debug_assert!(self.full, "only a full snapshot can become the base");
+        BaseInfo { seq: self.seq, time_ns: self.time_ns, parts: self.parts, data_bytes: self.data_bytes }
+    }
+
     /// Where its parts are.
     pub fn parts_of(&self) -> PartOf {
         if self.full {

@@ -428,8 +428,10 @@ impl Worker {
     }
 
     /// Remote retention: once the replica's base is older than `max_age` by a quarter more
-    /// (so that rebases are spaced out: each downloads the base and the journal it drops), the
-    /// replica is rebased to its last point older than `max_age`. Every point from there on
+    /// (so that rebases are spaced out), the replica is rebased past the points older than
+    /// `max_age`: onto its newest full snapshot in that quarter, which becomes the base as it
+    /// is, else onto its last point older than `max_age`, rebuilt from the replica and uploaded
+    /// (each such rebase downloads and uploads a volume). Every point from the new base on
     /// stays recoverable; markers before it are listed as expired.
     fn apply_remote_retention(&mut self) -> Result<()> {
         let (Some(max_age), Some(manifest)) = (self.config.max_age, self.manifest.as_ref()) else { return Ok(()) };
@@ -442,12 +444,40 @@ impl Worker {
             return Ok(());
         }
         self.retention_checked = Some(Instant::now());
-        let now = fsutil::now_ns();
-        let max_age_ns = u64::try_from(max_age.as_nanos()).unwrap_or(u64::MAX);
-        if manifest.base.time_ns.saturating_add(max_age_ns.saturating_add(max_age_ns / 4)) >= now {
-            return Ok(());
-        }
-        let cutoff = now.saturating_sub(max_age_ns);
+        let new_base = match rebase_due(manifest, max_age, fsutil::now_ns()) {
+            None => None,
+            Some(Rebase::OntoFull(full)) => Some(full.as_base()),
+            Some(Rebase::Rebuild { cutoff }) => self.rebuilt_base(manifest, cutoff)?,
+        };
+        let Some(base) = new_base else { return Ok(()) };
+        let mut next = manifest.clone();
+        // A later delta still follows the new base: its records start at or before it.
+        next.deltas.retain(|delta| delta.seq > base.seq);
+        next.base = base;
+        next.max_age_secs = Some(max_age.as_secs());
+        next.updated_ns = fsutil::now_ns();
+        self.remote.put(MANIFEST_KEY, next.encode())?;
+        log::info!(
+            "replication to {}: remote retention rebased the replica from seq {} to seq {}{}",
+            self.remote.url(),
+            manifest.base.seq,
+            next.base.seq,
+            if manifest.deltas.iter().any(|d| d.full && d.seq == next.base.seq) {
+                " (a full snapshot became the base as it is)"
+            } else {
+                ""
+            }
+        );
+        remove_unlisted(&self.remote, &next)?;
+        self.set_shipped(&next);
+        self.manifest = Some(next);
+        Ok(())
+    }
+
+    /// The replica's base at its last point at or before `cutoff`, rebuilt from the replica in
+    /// a temporary image and uploaded as base parts, or None when that point is not after the
+    /// base.
+    fn rebuilt_base(&self, manifest: &Manifest, cutoff: u64) -> Result<Option<BaseInfo>> {
         let build_path = self.store.store_dir().join(BASE_BUILD_FILE);
         let _ = std::fs::remove_file(&build_path);
         let rebuilt = restore::recover(
@@ -458,48 +488,28 @@ impl Worker {
             &mut |_, _| {},
             &|| self.stopping(),
         );
-        let rebased = rebuilt.and_then(|(report, time_ns)| {
+        let base = rebuilt.and_then(|(report, time_ns)| {
             if report.seq <= manifest.base.seq {
                 return Ok(None);
             }
             // A full snapshot at that point becomes the base as it is: its parts are already
             // the base parts of that seq, and uploading them again would rewrite counted parts.
-            let (parts, data_bytes) = match manifest.deltas.iter().find(|d| d.full && d.seq == report.seq) {
-                Some(full) => (full.parts, full.data_bytes),
-                None => {
-                    let image = File::open(&build_path).context(|| format!("opening {}", build_path.display()))?;
-                    upload_image(
-                        &self.remote,
-                        &image,
-                        manifest.store_uuid,
-                        report.seq,
-                        self.config.max_object_bytes,
-                        &|| self.stopping(),
-                    )?
-                }
-            };
-            let mut next = manifest.clone();
-            next.base = BaseInfo { seq: report.seq, time_ns, parts, data_bytes };
-            // A later delta still follows the new base: its records start at or before it.
-            next.deltas.retain(|delta| delta.seq > report.seq);
-            next.max_age_secs = Some(max_age.as_secs());
-            next.updated_ns = fsutil::now_ns();
-            self.remote.put(MANIFEST_KEY, next.encode())?;
-            Ok(Some(next))
+            if let Some(full) = manifest.deltas.iter().find(|d| d.full && d.seq == report.seq) {
+                return Ok(Some(full.as_base()));
+            }
+            let image = File::open(&build_path).context(|| format!("opening {}", build_path.display()))?;
+            let (parts, data_bytes) = upload_image(
+                &self.remote,
+                &image,
+                manifest.store_uuid,
+                report.seq,
+                self.config.max_object_bytes,
+                &|| self.stopping(),
+            )?;
+            Ok(Some(BaseInfo { seq: report.seq, time_ns, parts, data_bytes }))
         });
         let _ = std::fs::remove_file(&build_path);
-        if let Some(next) = rebased? {
-            log::info!(
-                "replication to {}: remote retention rebased the replica from seq {} to seq {}",
-                self.remote.url(),
-                manifest.base.seq,
-                next.base.seq
-            );
-            remove_unlisted(&self.remote, &next)?;
-            self.set_shipped(&next);
-            self.manifest = Some(next);
-        }
-        Ok(())
+        base
     }
 
     fn shipped(&self) -> Seq {
@@ -613,9 +623,16 @@ impl Worker {
             _ if delta.seq > newest && delta.seq <= manifest.shipped_seq && (delta.full || delta.from == newest) => {
                 None
             }
-            // Not listed, so deleted as a leftover at the next start.
             _ => {
                 self.delta_covers = None;
+                let counted = if delta.full {
+                    manifest.counts_base_parts_of(delta.seq)
+                } else {
+                    manifest.deltas.iter().any(|d| !d.full && d.seq == delta.seq)
+                };
+                if !counted {
+                    self.delete_parts(&delta);
+                }
                 return Ok(());
             }
         };
@@ -634,14 +651,15 @@ impl Worker {
         self.set_shipped(&next);
         self.manifest = Some(next);
         if let Some(replaced) = replaced {
-            for part in 0..replaced.parts {
-                let key = replaced.parts_of().key(replaced.seq, part);
-                if let Err(e) = self.remote.delete(&key) {
-                    log::info!("replication to {}: {key} is left for the next start to delete: {e}", self.remote.url());
-                }
-            }
+            self.delete_parts(&replaced);
         }
         Ok(())
+    }
+
+    /// Deletes the parts of a snapshot no manifest lists (a failure leaves them for the next
+    /// start to delete).
+    fn delete_parts(&self, snapshot: &DeltaInfo) {
+        delete_parts(&self.remote, snapshot.parts_of(), snapshot.seq, snapshot.parts);
     }
 
     /// Lists the remote snapshot made in its thread once that is done. A failure is reported
@@ -1075,10 +1093,19 @@ impl<'a> PartUploader<'a> {
         Ok(())
     }
 
-    /// Uploads what is left; returns the parts and data bytes stored.
-    fn finish(mut self) -> Result<(u64, u64)> {
-        self.upload()?;
-        Ok((self.parts, self.data_bytes))
+    /// Pushes the extents `fill` gives, then uploads what is left; returns the parts and data
+    /// bytes stored. Cut short by a stop, it deletes the parts it stored: no manifest lists
+    /// them, and a host that never starts the shipper again would leave them in the bucket.
+    fn fill(mut self, fill: impl FnOnce(&mut Self) -> Result<()>) -> Result<(u64, u64)> {
+        match fill(&mut self).and_then(|()| self.upload()) {
+            Ok(()) => Ok((self.parts, self.data_bytes)),
+            Err(error) => {
+                if matches!(error, Error::Stopped(_)) {
+                    delete_parts(self.remote, self.of, self.seq, self.parts);
+                }
+                Err(error)
+            }
+        }
     }
 }
 
@@ -1123,22 +1150,23 @@ impl DeltaWork {
         // Payload checksums are checked as the payloads are read: the delta's own checksums
         // must never cover damaged bytes.
         let effect = snapshot::net_effect(&view, self.from, self.seq, &self.stop)?;
-        let mut parts =
-            PartUploader::new(&self.remote, PartOf::Delta, self.store_uuid, self.seq, self.max_object_bytes);
         let mut kept = snapshot::KeptRanges::new(&view, PIECE as usize);
-        for (offset, len, source) in effect.iter() {
-            if source == Source::Zero {
-                parts.push(PartExtent { offset, data: PartData::Zeroes(len) })?;
-                continue;
-            }
-            kept.read(offset, source, len, |done, piece| {
-                if self.stopping() {
-                    return Err(Error::Stopped(DELTA_WORK));
+        let parts = PartUploader::new(&self.remote, PartOf::Delta, self.store_uuid, self.seq, self.max_object_bytes);
+        parts.fill(|parts| {
+            for (offset, len, source) in effect.iter() {
+                if source == Source::Zero {
+                    parts.push(PartExtent { offset, data: PartData::Zeroes(len) })?;
+                    continue;
                 }
-                parts.push(PartExtent { offset: offset + done, data: PartData::Bytes(piece.to_vec()) })
-            })?;
-        }
-        parts.finish()
+                kept.read(offset, source, len, |done, piece| {
+                    if self.stopping() {
+                        return Err(Error::Stopped(DELTA_WORK));
+                    }
+                    parts.push(PartExtent { offset: offset + done, data: PartData::Bytes(piece.to_vec()) })
+                })?;
+            }
+            Ok(())
+        })
     }
 
     /// Rebuilds the volume at `seq` from the replica (its newest full snapshot before `seq` and
@@ -1161,6 +1189,30 @@ impl DeltaWork {
     }
 }
 
+/// Where remote retention rebases a replica.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Rebase<'a> {
+    /// Onto this full snapshot, as it is.
+    OntoFull(&'a DeltaInfo),
+    /// Onto the last point at or before `cutoff` (ns), rebuilt and uploaded.
+    Rebuild { cutoff: u64 },
+}
+
+/// The rebase remote retention makes at `now` (ns), if one is due: once the base is older than
+/// `max_age` by a quarter more, onto the newest full snapshot in that quarter (older than
+/// `max_age`, so no retained point is lost, and not older than the quarter, so the next
+/// rebase is as far away as after a rebuild), else onto the last point older than `max_age`.
+pub(crate) fn rebase_due(manifest: &Manifest, max_age: Duration, now: u64) -> Option<Rebase<'_>> {
+    let max_age_ns = u64::try_from(max_age.as_nanos()).unwrap_or(u64::MAX);
+    let due_before = now.saturating_sub(max_age_ns.saturating_add(max_age_ns / 4));
+    if manifest.base.time_ns >= due_before {
+        return None;
+    }
+    let cutoff = now.saturating_sub(max_age_ns);
+    let full_in_slack = manifest.deltas.iter().rev().find(|d| d.full && d.time_ns <= cutoff && d.time_ns >= due_before);
+    Some(full_in_slack.map_or(Rebase::Rebuild { cutoff }, Rebase::OntoFull))
+}
+
 /// Cuts `image` (the volume at `seq`) into base parts of about `max_object_bytes`, leaving out
 /// holes and all-zero pieces (they read as zeroes in a new image), unless `stopping` says to
 /// give up. Returns the parts and data bytes stored.
@@ -1174,23 +1226,37 @@ fn upload_image(
 ) -> Result<(u64, u64)> {
     let volume_size = image.metadata().context(|| "reading the size of the image to upload".to_string())?.len();
     let ranges = fsutil::data_ranges(image, volume_size).context(|| "mapping the image to upload".to_string())?;
-    let mut parts = PartUploader::new(remote, PartOf::Base, store_uuid, seq, max_object_bytes);
-    for (start, len) in ranges {
-        let mut offset = start;
-        while offset < start + len {
-            if stopping() {
-                return Err(Error::Stopped(DELTA_WORK));
+    PartUploader::new(remote, PartOf::Base, store_uuid, seq, max_object_bytes).fill(|parts| {
+        for (start, len) in ranges {
+            let mut offset = start;
+            while offset < start + len {
+                if stopping() {
+                    return Err(Error::Stopped(DELTA_WORK));
+                }
+                let piece = PIECE.min(start + len - offset);
+                let mut data = vec![0u8; piece as usize];
+                image
+                    .read_exact_at(&mut data, offset)
+                    .context(|| format!("reading the image to upload at {offset}"))?;
+                if data.iter().any(|&b| b != 0) {
+                    parts.push(PartExtent { offset, data: PartData::Bytes(data) })?;
+                }
+                offset += piece;
             }
-            let piece = PIECE.min(start + len - offset);
-            let mut data = vec![0u8; piece as usize];
-            image.read_exact_at(&mut data, offset).context(|| format!("reading the image to upload at {offset}"))?;
-            if data.iter().any(|&b| b != 0) {
-                parts.push(PartExtent { offset, data: PartData::Bytes(data) })?;
-            }
-            offset += piece;
+        }
+        Ok(())
+    })
+}
+
+/// Deletes parts `0..parts` of the snapshot at `seq`, which no manifest lists; one that cannot be
+/// deleted is left for the next start to delete.
+fn delete_parts(remote: &Remote, of: PartOf, seq: Seq, parts: u64) {
+    for part in 0..parts {
+        let key = of.key(seq, part);
+        if let Err(e) = remote.delete(&key) {
+            log::info!("replication to {}: {key} is left for the next start to delete: {e}", remote.url());
         }
     }
-    parts.finish()
 }
 
 /// Journal bytes after the last shipped record, which ends at `shipped_end` (segment index and

@@ -16,6 +16,7 @@ use rewind_engine::Store;
 
 use crate::layout::{self, PartOf, MANIFEST_KEY};
 use crate::restore::list_journal;
+use crate::ship::Rebase;
 use crate::{Error, Remote, Replica, ReplicationEvent, Shipper, ShipperConfig};
 
 const VOLUME: u64 = 1 << 20;
@@ -338,10 +339,7 @@ fn remote_retention_rebases_and_keeps_every_later_point_recoverable() {
     // Deltas before the new base went with the journal they stood for; later ones follow it.
     let deltas = &replica.manifest().deltas;
     assert!(deltas.iter().all(|d| d.seq > base.seq), "{deltas:?}");
-    for part in bucket.list("delta").unwrap() {
-        let seq = PartOf::Delta.parse_key(&part.key);
-        assert!(deltas.iter().any(|d| Some(d.seq) == seq), "{} is not listed", part.key);
-    }
+    assert_only_listed_parts(&bucket, replica.manifest());
     assert!(list_journal(&bucket).unwrap().iter().all(|o| o.last > base.seq), "freed objects are deleted");
     let output = dir.path().join("old.img");
     match replica.recover(&RecoveryTarget::Marker("old".into()), &output, &mut |_, _| {}) {
@@ -675,4 +673,147 @@ fn a_remote_snapshot_that_keeps_failing_is_reported_and_neither_stalls_shipping_
     let manifest = crate::restore::read_manifest(&remote(&objects)).unwrap().unwrap();
     assert!(manifest.deltas.is_empty(), "no snapshot holds the damaged record: {:?}", manifest.deltas);
     assert!(manifest.shipped_seq >= last);
+}
+
+#[test]
+fn remote_retention_rebases_onto_a_full_snapshot_in_its_slack_and_rebuilds_otherwise() {
+    const SEC: u64 = 1_000_000_000;
+    let base = layout::BaseInfo { seq: 0, time_ns: 0, parts: 0, data_bytes: 0 };
+    let mut manifest = layout::Manifest::new(uuid::Uuid::new_v4(), VOLUME, 4096, base);
+    let delta =
+        |from, seq, secs| layout::DeltaInfo { seq, from, time_ns: secs * SEC, parts: 1, data_bytes: 100, full: false };
+    let full = |seq, secs| layout::DeltaInfo { full: true, ..delta(seq, seq, secs) };
+    manifest.deltas = vec![delta(0, 10, 50), full(20, 80), delta(20, 30, 90), full(40, 110), delta(40, 50, 200)];
+    manifest.shipped_seq = 60;
+    let max_age = Duration::from_secs(100);
+    let at = |secs| crate::ship::rebase_due(&manifest, max_age, secs * SEC);
+    // Not before the base is older than the age by a quarter more.
+    assert_eq!(at(125), None);
+    // The newest full snapshot between 125 and 100 s old becomes the base...
+    assert_eq!(at(200), Some(Rebase::OntoFull(&manifest.deltas[1])));
+    assert_eq!(at(205), Some(Rebase::OntoFull(&manifest.deltas[1])));
+    assert_eq!(at(215), Some(Rebase::OntoFull(&manifest.deltas[3])));
+    // ...but never one younger than the age (points after the cutoff would go), one older than
+    // the quarter (the next rebase would be due at once) or a delta.
+    assert_eq!(at(179), Some(Rebase::Rebuild { cutoff: 79 * SEC }));
+    assert_eq!(at(208), Some(Rebase::Rebuild { cutoff: 108 * SEC }));
+    assert_eq!(at(300), Some(Rebase::Rebuild { cutoff: 200 * SEC }));
+}
+
+#[test]
+fn a_rebase_onto_a_full_snapshot_keeps_its_parts_and_every_later_point_recoverable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 64 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    // Deltas whenever a record is shipped after the newest snapshot, so that every round ends
+    // at one, until the deltas hold a volume of data and a full snapshot replaces the newest
+    // at the end of a round: then no record follows it.
+    let config = ShipperConfig { max_object_bytes: 64 << 10, delta_every: Some(BLOCK as u64), ..Default::default() };
+    let (shipper, _events) = ship(&store, &objects, config);
+    let early = store.add_marker("early", None, MarkerSource::Host).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    let (full, at_full) = loop {
+        round += 1;
+        let last = write_blocks(&store, &mut model, round, 40);
+        store.sync().unwrap();
+        let settled_at_last = |manifest: &layout::Manifest| {
+            let full_due = manifest.deltas.last().is_some_and(|d| !d.full)
+                && manifest.delta_bytes_since_full() >= manifest.volume_size;
+            manifest.newest_point() == last && !full_due
+        };
+        let manifest = loop {
+            // None until the shipper has connected.
+            let manifest = crate::restore::read_manifest(&remote(&objects)).unwrap();
+            if let Some(manifest) = manifest.filter(settled_at_last) {
+                break manifest;
+            }
+            assert!(Instant::now() < deadline, "no snapshot settled at seq {last}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if let Some(full) = manifest.deltas.last().filter(|d| d.full) {
+            break (full.clone(), model.clone());
+        }
+    };
+    shipper.stop();
+    let base_parts = |bucket: &Remote| {
+        let mut keys: Vec<String> = bucket.list("base").unwrap().into_iter().map(|o| o.key).collect();
+        keys.sort();
+        keys
+    };
+    let full_parts: Vec<String> = (0..full.parts).map(|part| PartOf::Base.key(full.seq, part)).collect();
+
+    // The full snapshot is older than the age by a tenth of it: in the slack.
+    let age_ns = rewind_engine::fsutil::now_ns() - full.time_ns;
+    let max_age = Duration::from_nanos(age_ns * 9 / 10);
+    let config = ShipperConfig { max_age: Some(max_age), ..Default::default() };
+    let (shipper, _events) = ship(&store, &objects, config);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shipper.status().remote_oldest_seq < full.seq {
+        assert!(Instant::now() < deadline, "no rebase: {:?}", shipper.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    shipper.stop();
+
+    let bucket = remote(&objects);
+    let replica = Replica::from_remote(remote(&objects)).unwrap();
+    assert_eq!(replica.manifest().base, full.as_base());
+    assert!(replica.manifest().deltas.is_empty(), "{:?}", replica.manifest().deltas);
+    assert_eq!(base_parts(&bucket), full_parts, "the full snapshot's parts are the base's, and only they");
+    assert!(bucket.list("delta").unwrap().is_empty(), "the deltas before the base are deleted");
+    assert!(list_journal(&bucket).unwrap().iter().all(|o| o.last > full.seq));
+    let early_status = replica.markers().iter().find(|m| m.marker.name == early.name).unwrap().expired;
+    assert!(early_status, "a marker before the base is listed as expired");
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(full.seq), dir.path()), at_full);
+
+    // Shipping goes on from the new base.
+    let (shipper, _events) = ship(&store, &objects, ShipperConfig::default());
+    let later = write_blocks(&store, &mut model, 99, 30);
+    store.sync().unwrap();
+    wait_for_shipped(&shipper, later);
+    shipper.stop();
+    assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(later), dir.path()), model);
+}
+
+/// Every snapshot part in the bucket is one of a snapshot `manifest` lists.
+fn assert_only_listed_parts(bucket: &Remote, manifest: &layout::Manifest) {
+    for part in bucket.list("delta").unwrap() {
+        let seq = PartOf::Delta.parse_key(&part.key);
+        assert!(manifest.deltas.iter().any(|d| !d.full && Some(d.seq) == seq), "{} is not listed", part.key);
+    }
+    for part in bucket.list("base").unwrap() {
+        let seq = PartOf::Base.parse_key(&part.key);
+        assert!(seq.is_some_and(|seq| manifest.counts_base_parts_of(seq)), "{} is not listed", part.key);
+    }
+}
+
+#[test]
+fn a_stop_while_a_remote_snapshot_is_made_leaves_no_part_unlisted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(dir.path(), 64 << 10));
+    let objects = Arc::new(InMemory::new());
+    let mut model = vec![0u8; VOLUME as usize];
+    // Small parts, so that a snapshot is stored in many and a stop finds one half stored.
+    let config = ShipperConfig { max_object_bytes: 8 << 10, delta_every: Some(BLOCK as u64), ..Default::default() };
+    // Rounds whose stop left the newest snapshot short of their last record: a snapshot was
+    // under way then (the mutation that keeps a stopped snapshot's parts fails these).
+    let mut stopped_short = 0;
+    for round in 1..=10 {
+        let (shipper, _events) = ship(&store, &objects, config.clone());
+        let last = write_blocks(&store, &mut model, round, 200);
+        store.sync().unwrap();
+        wait_for_shipped(&shipper, last);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !shipper.status().making_delta {
+            assert!(Instant::now() < deadline, "no remote snapshot under way: {:?}", shipper.status());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        shipper.stop();
+        let replica = Replica::from_remote(remote(&objects)).unwrap();
+        stopped_short += usize::from(replica.manifest().newest_point() < last);
+        assert_only_listed_parts(&remote(&objects), replica.manifest());
+        assert_eq!(recover_bytes(&objects, RecoveryTarget::Seq(last), dir.path()), model);
+    }
+    assert!(stopped_short > 0, "every round's snapshots were finished before its stop");
 }
