@@ -297,9 +297,9 @@ fn replication(client: &mut QmpClient) -> ReplicationStatus {
     client.execute(HostCommand::QueryReplication).unwrap()
 }
 
-/// Serves `image` replicating to `target` and drives writes for `secs` (paced at `rate`, if
-/// given) while sampling the lag; returns the IOPS and the lags in ms.
-fn run_replicated(work: &Path, image: &Path, target: &Target, secs: f64, rate: Option<f64>) -> (f64, Vec<f64>) {
+/// Serves `image` replicating to `target` and runs `load` on the daemon's socket (returning
+/// its IOPS) while sampling the lag; returns the IOPS and the lags in ms.
+fn run_replicated(work: &Path, image: &Path, target: &Target, load: impl FnOnce(&Path) -> f64) -> (f64, Vec<f64>) {
     let delta_every = std::env::var("REWIND_BENCH_DELTA_EVERY").ok();
     let extra: Vec<&str> = match &delta_every {
         Some(size) => vec!["--replica-delta-every", size],
@@ -312,25 +312,30 @@ fn run_replicated(work: &Path, image: &Path, target: &Target, secs: f64, rate: O
         let (control, running) = (control.clone(), Arc::clone(&running));
         std::thread::spawn(move || sample_lag(control, running))
     };
-    let iops = drive(&socket, secs, rate);
+    let iops = load(&socket);
     running.store(false, Ordering::Relaxed);
     let lags = sampler.join().unwrap();
     stop(child);
     (iops, lags)
 }
 
-/// While `running`, takes the head every 50 ms and finds when the manifest first counted it:
-/// the lag of the writes completed by then (±10 ms, the polling interval).
+/// While `running`, takes the head every 50 ms and, when writes completed since the last
+/// sample (a guest booting writes none), finds when the manifest first counted it: the lag of
+/// the writes completed by then (±10 ms, the polling interval).
 fn sample_lag(control: PathBuf, running: Arc<AtomicBool>) -> Vec<f64> {
     let mut client = QmpClient::connect(&control).unwrap();
     let mut pending: Vec<(Instant, u64)> = Vec::new();
     let mut lags = Vec::new();
     let mut last_sample = Instant::now() - Duration::from_secs(1);
+    let mut last_head = head(&control);
     while running.load(Ordering::Relaxed) || !pending.is_empty() {
         if running.load(Ordering::Relaxed) && last_sample.elapsed() >= Duration::from_millis(50) {
             let status: Status = client.execute(AgentCommand::QueryStatus).unwrap();
             last_sample = Instant::now();
-            pending.push((last_sample, status.head));
+            if status.head > last_head {
+                pending.push((last_sample, status.head));
+                last_head = status.head;
+            }
         }
         let shipped = replication(&mut client).shipped_seq;
         let now = Instant::now();
@@ -450,6 +455,138 @@ fn catch_up(
     }
 }
 
+/// fio in a QEMU guest (under TCG here, which issues about 12 000 writes/s at most whatever
+/// the disk): what a VM on this machine sees, against the load generator's ceiling.
+struct Guest {
+    data: PathBuf,
+    script: PathBuf,
+    log: PathBuf,
+}
+
+impl Guest {
+    /// The guest's files (fio, its libraries, the script running it for `secs`), or why no
+    /// guest boots here.
+    fn prepare(work: &Path, secs: f64) -> Result<Self, String> {
+        let data = work.join("guest-data");
+        let built = Command::new("bash")
+            .args(["-c", r#"source guest-tests/lib.sh && guest_initramfs >/dev/null && guest_fio "$0""#])
+            .arg(&data)
+            .output()
+            .map_err(|e| format!("bash: {e}"))?;
+        if !built.status.success() {
+            return Err(String::from_utf8_lossy(&built.stderr).trim().to_string());
+        }
+        if Command::new("qemu-system-x86_64").arg("--version").output().map_or(true, |o| !o.status.success()) {
+            return Err("no qemu-system-x86_64".into());
+        }
+        let script = work.join("guest-fio.sh");
+        fs::write(
+            &script,
+            format!(
+                "set -e\nmkdir -p /tmp\n/data/lib/ld-linux-x86-64.so.2 --library-path /data/lib /data/fio --name=randwrite \
+                 --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth={DEPTH} \
+                 --runtime={secs:.0} --time_based --size={IMAGE_SIZE} --output-format=terse --terse-version=3 > /tmp/out\n\
+                 # terse v3: field 49 is the write IOPS\necho \"fio-result $(cut -d';' -f49 /tmp/out)\"\n"
+            ),
+        )
+        .unwrap();
+        Ok(Self { data, script, log: work.join("guest.log") })
+    }
+
+    /// Boots a guest whose disk is the daemon at `socket` and runs fio: 4 KiB random writes,
+    /// O_DIRECT, libaio at QD32. Returns fio's IOPS.
+    fn fio(&self, socket: &Path) -> f64 {
+        let booted = Command::new("bash")
+            .args([
+                "-c",
+                r#"source guest-tests/lib.sh && guest_boot "$0" "$1" "$2" -chardev socket,id=disk0,path="$3" \
+                   -device vhost-user-blk-pci,chardev=disk0,num-queues=1"#,
+            ])
+            .args([&self.log, &self.script, &self.data, socket])
+            .status()
+            .unwrap();
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(booted.success(), "the guest's fio failed:\n{log}");
+        let iops = log.lines().find_map(|line| line.trim().strip_prefix("fio-result ")?.trim().parse::<f64>().ok());
+        iops.unwrap_or_else(|| panic!("no fio result in the guest's log:\n{log}"))
+    }
+}
+
+/// `rounds` rounds of `load` on the daemon's socket with replication off, then on, in each
+/// placement; returns each placement's rounds, and the remote snapshots stored and their data
+/// bytes.
+fn measure_rounds(
+    replicas: &mut Replicas,
+    placements: &[Placement],
+    rounds: usize,
+    work: &Path,
+    image: &Path,
+    name: &str,
+    load: impl Fn(&Path) -> f64,
+) -> (Vec<Rounds>, usize, u64) {
+    let mut rounds_of: Vec<Rounds> = placements.iter().map(|_| Rounds::default()).collect();
+    let (mut deltas, mut delta_bytes) = (0, 0);
+    for round in 0..rounds {
+        for (placement, results) in placements.iter().zip(&mut rounds_of) {
+            let round_target = replicas.create(&format!("{name}{round}"), *placement);
+            prepare_image(image);
+            let (child, socket, _) = serve(work, image, None);
+            results.off.push(load(&socket));
+            stop(child);
+            prepare_image(image);
+            let (iops, round_lags) = run_replicated(work, image, &round_target, &load);
+            results.on.push(iops);
+            results.lags.extend(round_lags);
+            let manifest = rewind_replica::Replica::from_remote(remote(&round_target)).unwrap().manifest().clone();
+            deltas += manifest.deltas.len();
+            delta_bytes += manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>();
+            replicas.delete(&round_target);
+            let label = if replicas.is_ceph() { format!(", {}", placement.label()) } else { String::new() };
+            eprintln!("{name} {round}{label}: off {:.0} IOPS, on {iops:.0} IOPS", results.off[round]);
+        }
+    }
+    (rounds_of, deltas, delta_bytes)
+}
+
+/// The table of `measure_rounds`' results under `heading` (and their figures in `json`, keys
+/// prefixed by `key_prefix`).
+fn report_rounds(
+    heading: &str,
+    placements: &[Placement],
+    rounds_of: Vec<Rounds>,
+    json: &mut serde_json::Value,
+    key_prefix: &str,
+) -> String {
+    let mut line = format!("| replication | {heading} | lag p50 | lag p99 |\n|---|---|---|---|\n");
+    for (placement, mut results) in placements.iter().zip(rounds_of) {
+        let (label, key) = match placement {
+            _ if placements.len() == 1 => (String::new(), ""),
+            Placement::Shared => (format!(", {}", placement.label()), "shared_"),
+            Placement::OwnCore => (format!(", {}", placement.label()), "own_core_"),
+        };
+        results.lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        // Each round's on/off pair ran within seconds: its ratio says more than the medians'
+        // on a machine whose load changes.
+        let ratios: Vec<String> =
+            results.on.iter().zip(&results.off).map(|(on, off)| format!("{:.2}", on / off)).collect();
+        let ratios = ratios.join(", ");
+        let (iops_off, iops_on) = (median(results.off), median(results.on));
+        let (p50, p99) = (percentile(&results.lags, 0.5), percentile(&results.lags, 0.99));
+        line.push_str(&format!(
+            "| off{label} | {iops_off:.0} | | |\n| on{label} | {iops_on:.0} ({:.2}×; rounds {ratios}) | {p50:.0} ms | {p99:.0} ms |\n",
+            iops_on / iops_off
+        ));
+        let key = format!("{key_prefix}{key}");
+        json[format!("{key}iops_off")] = iops_off.into();
+        json[format!("{key}iops_on")] = iops_on.into();
+        json[format!("{key}round_ratios")] = ratios.into();
+        json[format!("{key}lag_p50_ms")] = p50.into();
+        json[format!("{key}lag_p99_ms")] = p99.into();
+    }
+    print!("{line}");
+    line
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--test" || a == "--list") {
         return;
@@ -472,57 +609,11 @@ fn main() {
         true => vec![Placement::Shared, Placement::OwnCore],
         false => vec![Placement::Shared],
     };
-    let mut rounds_of: Vec<Rounds> = placements.iter().map(|_| Rounds::default()).collect();
-    let (mut deltas, mut delta_bytes) = (0, 0);
-    for round in 0..rounds {
-        for (placement, results) in placements.iter().zip(&mut rounds_of) {
-            let round_target = replicas.create(&format!("round{round}"), *placement);
-            prepare_image(&image);
-            let (child, socket, _) = serve(&work, &image, None);
-            results.off.push(drive(&socket, secs, None));
-            stop(child);
-            prepare_image(&image);
-            let (iops, round_lags) = run_replicated(&work, &image, &round_target, secs, None);
-            results.on.push(iops);
-            results.lags.extend(round_lags);
-            let manifest = rewind_replica::Replica::from_remote(remote(&round_target)).unwrap().manifest().clone();
-            deltas += manifest.deltas.len();
-            delta_bytes += manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>();
-            replicas.delete(&round_target);
-            let label = if replicas.is_ceph() { format!(", {}", placement.label()) } else { String::new() };
-            eprintln!("round {round}{label}: off {:.0} IOPS, on {iops:.0} IOPS", results.off[round]);
-        }
-    }
+    let (rounds_of, deltas, delta_bytes) =
+        measure_rounds(&mut replicas, &placements, rounds, &work, &image, "round", |socket| drive(socket, secs, None));
     let mut json = serde_json::json!({"store": store_name});
-    let mut line = format!(
-        "| replication | 4 KiB random write IOPS, QD32 (median of {rounds}) | lag p50 | lag p99 |\n|---|---|---|---|\n"
-    );
-    for (placement, mut results) in placements.iter().zip(rounds_of) {
-        let (label, key) = match placement {
-            _ if placements.len() == 1 => (String::new(), ""),
-            Placement::Shared => (format!(", {}", placement.label()), "shared_"),
-            Placement::OwnCore => (format!(", {}", placement.label()), "own_core_"),
-        };
-        results.lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        // Each round's on/off pair ran within seconds: its ratio says more than the medians'
-        // on a machine whose load changes.
-        let ratios: Vec<String> =
-            results.on.iter().zip(&results.off).map(|(on, off)| format!("{:.2}", on / off)).collect();
-        let ratios = ratios.join(", ");
-        let (iops_off, iops_on) = (median(results.off), median(results.on));
-        let (p50, p99) = (percentile(&results.lags, 0.5), percentile(&results.lags, 0.99));
-        line.push_str(&format!(
-            "| off{label} | {iops_off:.0} | | |\n| on{label} | {iops_on:.0} ({:.2}×; rounds {ratios}) | {p50:.0} ms | {p99:.0} ms |\n",
-            iops_on / iops_off
-        ));
-        json[format!("{key}iops_off")] = iops_off.into();
-        json[format!("{key}iops_on")] = iops_on.into();
-        json[format!("{key}round_ratios")] = ratios.into();
-        json[format!("{key}lag_p50_ms")] = p50.into();
-        json[format!("{key}lag_p99_ms")] = p99.into();
-    }
-    print!("{line}");
-    md.push_str(&line);
+    let heading = format!("4 KiB random write IOPS, QD32 (median of {rounds})");
+    md.push_str(&report_rounds(&heading, &placements, rounds_of, &mut json, ""));
 
     // Catch-up after an outage (Ceph only: radosgw stopped under load), in each placement;
     // half its rate is a load the store keeps up with, for the lag of a store that is not the
@@ -556,7 +647,8 @@ fn main() {
     for (placement, rate, why) in paced {
         let paced_target = replicas.create("paced", placement);
         prepare_image(&image);
-        let (paced_iops, mut paced_lags) = run_replicated(&work, &image, &paced_target, secs * 2.0, Some(rate));
+        let (paced_iops, mut paced_lags) =
+            run_replicated(&work, &image, &paced_target, |socket| drive(socket, secs * 2.0, Some(rate)));
         replicas.delete(&paced_target);
         paced_lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let (p50, p99) = (percentile(&paced_lags, 0.5), percentile(&paced_lags, 0.99));
@@ -575,6 +667,27 @@ fn main() {
     ));
     print!("{line}");
     md.push_str(&line);
+
+    // The same writes from a guest, which (under TCG) issues far fewer of them than the load
+    // generator: what a VM on this machine sees.
+    let guest_secs = if quick { 5.0 } else { 10.0 };
+    match Guest::prepare(&work, guest_secs) {
+        Ok(guest) => {
+            let (rounds_of, _, _) =
+                measure_rounds(&mut replicas, &placements, rounds, &work, &image, "guest", |socket| guest.fio(socket));
+            let heading = format!(
+                "fio in a QEMU guest (TCG): 4 KiB random writes, libaio QD32, O_DIRECT, {guest_secs:.0} s; IOPS \
+                 (median of {rounds})"
+            );
+            md.push('\n');
+            md.push_str(&report_rounds(&heading, &placements, rounds_of, &mut json, "guest_"));
+        }
+        Err(why) => {
+            let line = format!("\nNo guest rounds: {why}\n");
+            print!("{line}");
+            md.push_str(&line);
+        }
+    }
 
     // Recovery of the head after the same writes, from a replica with remote snapshots (the
     // default spacing) and from one without, each against downloading the objects it reads.
