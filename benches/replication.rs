@@ -356,6 +356,7 @@ fn sample_lag(control: PathBuf, running: Arc<AtomicBool>) -> Vec<f64> {
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
+    assert!(!sorted.is_empty(), "no lag sample: no write completed while the lag was sampled");
     sorted[((sorted.len() as f64 - 1.0) * p) as usize]
 }
 

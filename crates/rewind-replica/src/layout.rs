@@ -182,6 +182,14 @@ impl Manifest {
         self.base.seq == seq || self.deltas.iter().any(|d| d.full && d.seq == seq)
     }
 
+    /// Whether the parts of kind `of` at `seq` are ones it lists.
+    pub fn counts_parts(&self, of: PartOf, seq: Seq) -> bool {
+        match of {
+            PartOf::Base => self.counts_base_parts_of(seq),
+            PartOf::Delta => self.deltas.iter().any(|d| !d.full && d.seq == seq),
+        }
+    }
+
     /// Whether a marker's point can be rebuilt from the replica.
     pub fn marker_expired(&self, marker: &Marker) -> bool {
         marker.seq < self.base.seq

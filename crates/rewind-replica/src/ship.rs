@@ -623,16 +623,9 @@ impl Worker {
             _ if delta.seq > newest && delta.seq <= manifest.shipped_seq && (delta.full || delta.from == newest) => {
                 None
             }
+            // Not listed, so deleted as a leftover at the next start.
             _ => {
                 self.delta_covers = None;
-                let counted = if delta.full {
-                    manifest.counts_base_parts_of(delta.seq)
-                } else {
-                    manifest.deltas.iter().any(|d| !d.full && d.seq == delta.seq)
-                };
-                if !counted {
-                    self.delete_parts(&delta);
-                }
                 return Ok(());
             }
         };
@@ -651,15 +644,9 @@ impl Worker {
         self.set_shipped(&next);
         self.manifest = Some(next);
         if let Some(replaced) = replaced {
-            self.delete_parts(&replaced);
+            delete_parts(&self.remote, replaced.parts_of(), replaced.seq, replaced.parts);
         }
         Ok(())
-    }
-
-    /// Deletes the parts of a snapshot no manifest lists (a failure leaves them for the next
-    /// start to delete).
-    fn delete_parts(&self, snapshot: &DeltaInfo) {
-        delete_parts(&self.remote, snapshot.parts_of(), snapshot.seq, snapshot.parts);
     }
 
     /// Lists the remote snapshot made in its thread once that is done. A failure is reported
@@ -1094,14 +1081,26 @@ impl<'a> PartUploader<'a> {
     }
 
     /// Pushes the extents `fill` gives, then uploads what is left; returns the parts and data
-    /// bytes stored. Cut short by a stop, it deletes the parts it stored: no manifest lists
-    /// them, and a host that never starts the shipper again would leave them in the bucket.
+    /// bytes stored. Cut short by a stop, it deletes the parts it stored unless the bucket's
+    /// manifest lists them: a host that never starts the shipper again would leave them in the
+    /// bucket. (The bucket's manifest, not the worker's: a manifest whose upload timed out may
+    /// have been stored all the same, listing the same snapshot made before and made again.)
     fn fill(mut self, fill: impl FnOnce(&mut Self) -> Result<()>) -> Result<(u64, u64)> {
         match fill(&mut self).and_then(|()| self.upload()) {
             Ok(()) => Ok((self.parts, self.data_bytes)),
             Err(error) => {
                 if matches!(error, Error::Stopped(_)) {
-                    delete_parts(self.remote, self.of, self.seq, self.parts);
+                    match read_manifest(self.remote) {
+                        Ok(listing) if !listing.as_ref().is_some_and(|m| m.counts_parts(self.of, self.seq)) => {
+                            delete_parts(self.remote, self.of, self.seq, self.parts)
+                        }
+                        Ok(_) => {}
+                        Err(e) => log::info!(
+                            "replication to {}: the parts of a snapshot cut short are left for the next start to \
+                             delete (reading the manifest: {e})",
+                            self.remote.url()
+                        ),
+                    }
                 }
                 Err(error)
             }
@@ -1200,8 +1199,8 @@ pub(crate) enum Rebase<'a> {
 
 /// The rebase remote retention makes at `now` (ns), if one is due: once the base is older than
 /// `max_age` by a quarter more, onto the newest full snapshot in that quarter (older than
-/// `max_age`, so no retained point is lost, and not older than the quarter, so the next
-/// rebase is as far away as after a rebuild), else onto the last point older than `max_age`.
+/// `max_age`, so no retained point is lost, and not older than the quarter, or the next
+/// rebase would be due at once), else onto the last point older than `max_age`.
 pub(crate) fn rebase_due(manifest: &Manifest, max_age: Duration, now: u64) -> Option<Rebase<'_>> {
     let max_age_ns = u64::try_from(max_age.as_nanos()).unwrap_or(u64::MAX);
     let due_before = now.saturating_sub(max_age_ns.saturating_add(max_age_ns / 4));
@@ -1301,4 +1300,41 @@ fn remove_unlisted(remote: &Remote, manifest: &Manifest) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use object_store::memory::InMemory;
+    use object_store::ObjectStore;
+
+    use super::*;
+    use crate::layout::DELTA_DIR;
+
+    /// A snapshot made again after a manifest listing it was stored, though its upload was
+    /// reported failed, keeps its parts when a stop cuts the new one short.
+    #[test]
+    fn parts_a_stop_cuts_short_are_deleted_unless_the_buckets_manifest_lists_them() {
+        let objects: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let remote = Remote::with_store("memory:///", objects, Duration::from_secs(5)).unwrap();
+        let store_uuid = uuid::Uuid::new_v4();
+        let base = BaseInfo { seq: 0, time_ns: 0, parts: 0, data_bytes: 0 };
+        let mut manifest = Manifest::new(store_uuid, 1 << 20, 4096, base);
+        manifest.shipped_seq = 11;
+        manifest.deltas.push(DeltaInfo { seq: 10, from: 0, time_ns: 1, parts: 4, data_bytes: 400, full: false });
+        remote.put(MANIFEST_KEY, manifest.encode()).unwrap();
+        for (seq, listed) in [(10, true), (11, false)] {
+            // Parts of one extent each, the fifth never stored.
+            let uploader = PartUploader::new(&remote, PartOf::Delta, store_uuid, seq, 64);
+            let cut_short = uploader.fill(|parts| {
+                for extent in 0..4 {
+                    parts.push(PartExtent { offset: extent * 4096, data: PartData::Bytes(vec![7; 100]) })?;
+                }
+                Err(Error::Stopped("the test"))
+            });
+            assert!(matches!(cut_short, Err(Error::Stopped(_))), "{cut_short:?}");
+            let stored = remote.list(DELTA_DIR).unwrap();
+            let kept = stored.iter().filter(|o| PartOf::Delta.parse_key(&o.key) == Some(seq)).count();
+            assert_eq!(kept, if listed { 4 } else { 0 }, "seq {seq}");
+        }
+    }
 }
