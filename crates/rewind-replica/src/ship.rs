@@ -462,7 +462,7 @@ impl Worker {
             self.remote.url(),
             manifest.base.seq,
             next.base.seq,
-            if manifest.deltas.iter().any(|d| d.full && d.seq == next.base.seq) {
+            if manifest.counts_base_parts_of(next.base.seq) {
                 " (a full snapshot became the base as it is)"
             } else {
                 ""
@@ -1282,21 +1282,16 @@ fn remove_unlisted(remote: &Remote, manifest: &Manifest) -> Result<()> {
             remote.delete(&object.key)?;
         }
     }
-    for object in remote.list(BASE_DIR)? {
-        if !PartOf::Base.parse_key(&object.key).is_some_and(|seq| manifest.counts_base_parts_of(seq)) {
-            log::info!(
-                "replication to {}: removing {} (not the manifest's base or full snapshot)",
-                remote.url(),
-                object.key
-            );
-            remote.delete(&object.key)?;
-        }
-    }
-    for object in remote.list(DELTA_DIR)? {
-        let seq = PartOf::Delta.parse_key(&object.key);
-        if !manifest.deltas.iter().any(|delta| !delta.full && Some(delta.seq) == seq) {
-            log::info!("replication to {}: removing {} (not one of the manifest's deltas)", remote.url(), object.key);
-            remote.delete(&object.key)?;
+    for (of, dir) in [(PartOf::Base, BASE_DIR), (PartOf::Delta, DELTA_DIR)] {
+        for object in remote.list(dir)? {
+            if !of.parse_key(&object.key).is_some_and(|seq| manifest.counts_parts(of, seq)) {
+                log::info!(
+                    "replication to {}: removing {} (not a part of a snapshot the manifest lists)",
+                    remote.url(),
+                    object.key
+                );
+                remote.delete(&object.key)?;
+            }
         }
     }
     Ok(())
