@@ -97,16 +97,43 @@ fn unsynced_writes_through_a_mapping_are_dropped_too() {
     fsync(&path);
     fsync_dir(&fx.path(""));
     let file = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-    let prot = libc::PROT_READ | libc::PROT_WRITE;
-    // SAFETY: a fresh shared mapping of an open file; unmapped below, written only inside its length.
-    let map = unsafe { libc::mmap(std::ptr::null_mut(), LEN, prot, libc::MAP_SHARED, file.as_raw_fd(), 0) };
-    assert_ne!(map, libc::MAP_FAILED);
-    // Closed before the writes: close(2) would flush them to crashfs.
-    drop(file);
-    // SAFETY: `map` is LEN writable bytes until munmap.
-    unsafe { std::slice::from_raw_parts_mut(map as *mut u8, LEN) }.copy_from_slice(&pattern(5, LEN));
-    // SAFETY: mapped above with this length, not used after.
-    assert_eq!(unsafe { libc::munmap(map, LEN) }, 0);
+    write_through_mapping_in_child(file, &pattern(5, LEN));
+    assert!(fs::read(&path).unwrap() == pattern(5, LEN), "the mapping's writes reached the file");
     fx.mount.crash().unwrap();
     assert!(fs::read(&path).unwrap() == pattern(4, LEN), "the mapping's writes came back after the crash");
+}
+
+/// Writes `data` through a shared mapping of `file` (closed first: close(2) would flush the
+/// writes to crashfs) and unmaps it, in a child process. Not in this one: unmapping writes the
+/// dirty pages back while holding the process's memory map lock, and crashfs serves that write
+/// from this process's threads, which may need the same lock (an allocator's mprotect did, and
+/// both waited for ever).
+fn write_through_mapping_in_child(file: File, data: &[u8]) {
+    // SAFETY: the child makes only system calls and a copy (no allocation, no lock another
+    // thread could hold at the fork) before _exit.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
+    if child == 0 {
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a fresh shared mapping of an open file, written only inside its length, then
+        // unmapped; the child exits without returning into the test.
+        unsafe {
+            let map = libc::mmap(std::ptr::null_mut(), data.len(), prot, libc::MAP_SHARED, file.as_raw_fd(), 0);
+            if map == libc::MAP_FAILED {
+                libc::_exit(2);
+            }
+            libc::close(file.as_raw_fd());
+            std::ptr::copy_nonoverlapping(data.as_ptr(), map.cast::<u8>(), data.len());
+            libc::_exit(if libc::munmap(map, data.len()) == 0 { 0 } else { 3 });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above.
+    assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+    // Only now: a close while the child wrote would have flushed some of its pages.
+    drop(file);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child writing through a mapping failed: status {status:#x}"
+    );
 }
