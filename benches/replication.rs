@@ -4,6 +4,12 @@
 //! and recovery from the replica against reading its objects alone. Against a one-node Ceph
 //! (radosgw) started here when Ceph is installed, else against a directory.
 //!
+//! Each round also weighs the CPU a write took while writes completed: the busy time of the
+//! cores the daemon and the load ran on, and the daemon's own. On cores the load keeps busy,
+//! the ratio of those costs without and with replication is the IOPS ratio the shipping
+//! allows: it counts what the writes cost, not how much CPU the machine had to give them
+//! (time the hypervisor took, or the cores sat waiting), which changed between runs.
+//!
 //!   cargo bench --bench replication      # writes target/bench/replication.{md,json}
 //!   REWIND_BENCH_QUICK=1 ...             # shorter runs
 //!   REWIND_BENCH_REPLICA_DIRECTORY=1 ... # a directory replica even when Ceph is installed
@@ -16,10 +22,13 @@
 
 #[path = "../tests/common/ceph.rs"]
 mod ceph;
+#[path = "../tests/common/cpu.rs"]
+mod cpu;
 #[path = "../crates/rewind-engine/tests/common/rng.rs"]
 mod rng;
 
 use std::fs::{self, File, OpenOptions};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +51,8 @@ const DEPTH: usize = 32;
 /// A write rate this machine's one-node Ceph keeps up with, for the lag of a store that is not
 /// the bottleneck.
 const PACED_IOPS: f64 = 2000.0;
+/// Cores busy at most this much (of one core) count as idle: a cluster at rest, the kernel.
+const QUIET_CORES: f64 = 0.2;
 /// A lag past this means the store stopped taking objects.
 const LAG_LIMIT: Duration = Duration::from_secs(300);
 
@@ -61,15 +72,24 @@ impl Placement {
             Placement::OwnCore => "cluster on a core of its own",
         }
     }
+
+    /// The cores the daemon and the load run on, of `cpus`.
+    fn ours(self, cpus: usize) -> Range<usize> {
+        match self {
+            Placement::Shared => 0..cpus,
+            Placement::OwnCore => 0..cpus - 1,
+        }
+    }
 }
 
 /// Moves every thread of the cluster's daemons, and of this process (whose children, the
 /// daemons under test, inherit it), to `placement`'s cores among `cpus`.
 fn place(cluster: &ceph::Cluster, placement: Placement, cpus: usize) {
-    let all = format!("0-{}", cpus - 1);
-    let (ours, theirs) = match placement {
-        Placement::Shared => (all.clone(), all),
-        Placement::OwnCore => (format!("0-{}", cpus - 2), (cpus - 1).to_string()),
+    let cores = placement.ours(cpus);
+    let ours = format!("{}-{}", cores.start, cores.end - 1);
+    let theirs = match placement {
+        Placement::Shared => ours.clone(),
+        Placement::OwnCore => (cpus - 1).to_string(),
     };
     let taskset = |cores: &str, pid: u32| {
         let status = Command::new("taskset")
@@ -85,12 +105,11 @@ fn place(cluster: &ceph::Cluster, placement: Placement, cpus: usize) {
     taskset(&ours, std::process::id());
 }
 
-/// One placement's rounds: IOPS without and with replication, and the lags.
+/// One placement's rounds, without and with replication.
 #[derive(Default)]
 struct Rounds {
-    off: Vec<f64>,
-    on: Vec<f64>,
-    lags: Vec<f64>,
+    off: Vec<Round>,
+    on: Vec<Round>,
 }
 
 struct Target {
@@ -111,7 +130,7 @@ fn prepare_image(path: &Path) {
 /// replica in memory (radosgw frees deleted objects hours later) until the OSD was OOM-killed;
 /// purging the bucket between replicas once left its memory store reporting itself full.
 enum Replicas {
-    Directory(PathBuf),
+    Directory { dir: PathBuf, cpus: usize },
     Ceph { cluster: Option<ceph::Cluster>, cpus: usize },
 }
 
@@ -125,7 +144,7 @@ impl Replicas {
         };
         match cluster {
             Some(cluster) => Replicas::Ceph { cluster: Some(cluster), cpus },
-            None => Replicas::Directory(fs::canonicalize(work).unwrap().join("replica")),
+            None => Replicas::Directory { dir: fs::canonicalize(work).unwrap().join("replica"), cpus },
         }
     }
 
@@ -133,10 +152,17 @@ impl Replicas {
         matches!(self, Replicas::Ceph { .. })
     }
 
+    /// The machine's cores, counted before any pinning narrowed this process's.
+    fn cpus(&self) -> usize {
+        match self {
+            Replicas::Ceph { cpus, .. } | Replicas::Directory { cpus, .. } => *cpus,
+        }
+    }
+
     fn describe(&self) -> &'static str {
         match self {
             Replicas::Ceph { .. } => "one-node Ceph (radosgw, memstore OSD)",
-            Replicas::Directory(_) => "a local directory",
+            Replicas::Directory { .. } => "a local directory",
         }
     }
 
@@ -144,7 +170,9 @@ impl Replicas {
     /// process) as `placement` says.
     fn create(&mut self, name: &str, placement: Placement) -> Target {
         match self {
-            Replicas::Directory(dir) => Target { url: format!("file://{}", dir.join(name).display()), env: Vec::new() },
+            Replicas::Directory { dir, .. } => {
+                Target { url: format!("file://{}", dir.join(name).display()), env: Vec::new() }
+            }
             Replicas::Ceph { cluster, cpus } => {
                 let running = cluster.get_or_insert_with(|| start_cluster().expect("Ceph was installed"));
                 running.create_bucket(BUCKET);
@@ -167,7 +195,7 @@ impl Replicas {
     fn delete(&mut self, target: &Target) {
         match self {
             Replicas::Ceph { cluster, .. } => *cluster = None,
-            Replicas::Directory(_) => {
+            Replicas::Directory { .. } => {
                 let remote = remote(target);
                 for object in remote.list("").unwrap() {
                     remote.delete(&object.key).unwrap();
@@ -297,62 +325,132 @@ fn replication(client: &mut QmpClient) -> ReplicationStatus {
     client.execute(HostCommand::QueryReplication).unwrap()
 }
 
-/// Serves `image` replicating to `target` and runs `load` on the daemon's socket (returning
-/// its IOPS) while sampling the lag; returns the IOPS and the lags in ms.
-fn run_replicated(work: &Path, image: &Path, target: &Target, load: impl FnOnce(&Path) -> f64) -> (f64, Vec<f64>) {
+/// What a round measured.
+struct Round {
+    iops: f64,
+    /// Lags in ms (with replication on).
+    lags: Vec<f64>,
+    /// Per write, while writes were completing.
+    costs: Costs,
+}
+
+/// CPU per write, in µs, while writes were completing: what sets the IOPS on cores the load
+/// keeps busy.
+#[derive(Clone, Copy)]
+struct Costs {
+    /// The daemon's CPU time (its shipping threads included).
+    daemon_us: f64,
+    /// The busy time of the cores the daemon and the load ran on, whoever used it (the load,
+    /// the kernel, a cluster sharing them).
+    cores_us: f64,
+    /// How many of those cores were busy, on average.
+    cores_busy: f64,
+}
+
+/// Serves `image` (replicating to `target` when given) and runs `load` on the daemon's socket
+/// (returning its IOPS) while sampling the daemon every 50 ms (and the lag); `cores` are the
+/// ones the daemon and the load run on.
+fn run_round(
+    work: &Path,
+    image: &Path,
+    target: Option<&Target>,
+    cores: Range<usize>,
+    load: impl FnOnce(&Path) -> f64,
+) -> Round {
     let delta_every = std::env::var("REWIND_BENCH_DELTA_EVERY").ok();
     let extra: Vec<&str> = match &delta_every {
         Some(size) => vec!["--replica-delta-every", size],
         None => Vec::new(),
     };
-    let (child, socket, control) = serve(work, image, Some((target, &extra)));
-    wait_caught_up(&control, Duration::from_secs(120));
+    let (child, socket, control) = serve(work, image, target.map(|target| (target, &extra[..])));
+    if target.is_some() {
+        wait_caught_up(&control, Duration::from_secs(120));
+    }
     let running = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (control, running) = (control.clone(), Arc::clone(&running));
-        std::thread::spawn(move || sample_lag(control, running))
+    let watcher = {
+        let (control, running, daemon, replicated) =
+            (control.clone(), Arc::clone(&running), child.id(), target.is_some());
+        std::thread::spawn(move || watch(control, daemon, cores, replicated, running))
     };
     let iops = load(&socket);
     running.store(false, Ordering::Relaxed);
-    let lags = sampler.join().unwrap();
+    let (samples, lags) = watcher.join().unwrap();
     stop(child);
-    (iops, lags)
+    Round { iops, lags, costs: costs(&samples) }
 }
 
-/// While `running`, takes the head every 50 ms and, when writes completed since the last
-/// sample (a guest booting writes none), finds when the manifest first counted it: the lag of
-/// the writes completed by then (±10 ms, the polling interval).
-fn sample_lag(control: PathBuf, running: Arc<AtomicBool>) -> Vec<f64> {
+/// One of a round's samples.
+struct Sample {
+    head: u64,
+    daemon_cpu: Duration,
+    cores_busy: Duration,
+    at: Instant,
+}
+
+/// While `running`, samples the daemon (`daemon` is its pid) every 50 ms: its head, its CPU
+/// time and the busy time of `cores`. When `replicated` and writes completed since the last
+/// sample (a guest booting writes none), finds when the manifest first counted the head: the
+/// lag of the writes completed by then (±10 ms, the polling interval). Returns the samples and
+/// the lags in ms.
+fn watch(
+    control: PathBuf,
+    daemon: u32,
+    cores: Range<usize>,
+    replicated: bool,
+    running: Arc<AtomicBool>,
+) -> (Vec<Sample>, Vec<f64>) {
     let mut client = QmpClient::connect(&control).unwrap();
+    let mut samples: Vec<Sample> = Vec::new();
     let mut pending: Vec<(Instant, u64)> = Vec::new();
     let mut lags = Vec::new();
-    let mut last_sample = Instant::now() - Duration::from_secs(1);
-    let mut last_head = head(&control);
     while running.load(Ordering::Relaxed) || !pending.is_empty() {
-        if running.load(Ordering::Relaxed) && last_sample.elapsed() >= Duration::from_millis(50) {
+        let due = samples.last().is_none_or(|last| last.at.elapsed() >= Duration::from_millis(50));
+        if running.load(Ordering::Relaxed) && due {
             let status: Status = client.execute(AgentCommand::QueryStatus).unwrap();
-            last_sample = Instant::now();
-            if status.head > last_head {
-                pending.push((last_sample, status.head));
-                last_head = status.head;
+            let at = Instant::now();
+            if samples.last().is_some_and(|last| status.head > last.head) {
+                pending.push((at, status.head));
             }
+            let (daemon_cpu, cores_busy) = (cpu::process_cpu(daemon), cpu::cores_busy(cores.clone()));
+            samples.push(Sample { head: status.head, daemon_cpu, cores_busy, at });
         }
-        let shipped = replication(&mut client).shipped_seq;
-        let now = Instant::now();
-        // A store that stopped taking objects fails the bench rather than hang it.
-        if let Some((at, seq)) = pending.first() {
-            assert!(now - *at < LAG_LIMIT, "seq {seq} not in the replica after {LAG_LIMIT:?}");
-        }
-        pending.retain(|&(at, seq)| {
-            let done = shipped >= seq;
-            if done {
-                lags.push((now - at).as_secs_f64() * 1e3);
+        // Asked with replication off too (an error reply), so that both rounds' daemons answer
+        // the same requests.
+        let shipped = client.execute::<ReplicationStatus>(HostCommand::QueryReplication);
+        if replicated {
+            let shipped = shipped.unwrap().shipped_seq;
+            let now = Instant::now();
+            // A store that stopped taking objects fails the bench rather than hang it.
+            if let Some((at, seq)) = pending.first() {
+                assert!(now - *at < LAG_LIMIT, "seq {seq} not in the replica after {LAG_LIMIT:?}");
             }
-            !done
-        });
+            pending.retain(|&(at, seq)| {
+                let done = shipped >= seq;
+                if done {
+                    lags.push((now - at).as_secs_f64() * 1e3);
+                }
+                !done
+            });
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
-    lags
+    (samples, lags)
+}
+
+/// The costs between the first and the last sample that found the head moved (the writes
+/// completed throughout).
+fn costs(samples: &[Sample]) -> Costs {
+    let moved: Vec<&Sample> =
+        samples.windows(2).filter(|pair| pair[1].head > pair[0].head).map(|pair| &pair[1]).collect();
+    let (Some(first), Some(last)) = (moved.first(), moved.last()) else { panic!("no write completed in the round") };
+    assert!(last.head > first.head, "writes completed in only one 50 ms sample of the round");
+    let writes = (last.head - first.head) as f64;
+    let cores_busy = last.cores_busy - first.cores_busy;
+    Costs {
+        daemon_us: (last.daemon_cpu - first.daemon_cpu).as_secs_f64() * 1e6 / writes,
+        cores_us: cores_busy.as_secs_f64() * 1e6 / writes,
+        cores_busy: cores_busy.as_secs_f64() / (last.at - first.at).as_secs_f64(),
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -513,9 +611,10 @@ impl Guest {
     }
 }
 
-/// `rounds` rounds of `load` on the daemon's socket with replication off, then on, in each
-/// placement; returns each placement's rounds, and the remote snapshots stored and their data
-/// bytes.
+/// `rounds` rounds of `load` on the daemon's socket with replication off and on, in each
+/// placement (off first in even rounds, on first in odd ones, so that a drift of the machine's
+/// speed favours neither); returns each placement's rounds, and the remote snapshots stored
+/// and their data bytes.
 fn measure_rounds(
     replicas: &mut Replicas,
     placements: &[Placement],
@@ -530,23 +629,49 @@ fn measure_rounds(
     for round in 0..rounds {
         for (placement, results) in placements.iter().zip(&mut rounds_of) {
             let round_target = replicas.create(&format!("{name}{round}"), *placement);
-            prepare_image(image);
-            let (child, socket, _) = serve(work, image, None);
-            results.off.push(load(&socket));
-            stop(child);
-            prepare_image(image);
-            let (iops, round_lags) = run_replicated(work, image, &round_target, &load);
-            results.on.push(iops);
-            results.lags.extend(round_lags);
+            let cores = placement.ours(replicas.cpus());
+            for replicated in [round % 2 == 1, round % 2 == 0] {
+                wait_quiet(cores.clone());
+                prepare_image(image);
+                let target = replicated.then_some(&round_target);
+                let measured = run_round(work, image, target, cores.clone(), &load);
+                match replicated {
+                    true => results.on.push(measured),
+                    false => results.off.push(measured),
+                }
+            }
             let manifest = rewind_replica::Replica::from_remote(remote(&round_target)).unwrap().manifest().clone();
             deltas += manifest.deltas.len();
             delta_bytes += manifest.deltas.iter().map(|d| d.data_bytes).sum::<u64>();
             replicas.delete(&round_target);
             let label = if replicas.is_ceph() { format!(", {}", placement.label()) } else { String::new() };
-            eprintln!("{name} {round}{label}: off {:.0} IOPS, on {iops:.0} IOPS", results.off[round]);
+            let (off, on) = (&results.off[round], &results.on[round]);
+            eprintln!(
+                "{name} {round}{label}: off {:.0} IOPS, {:.1} µs of CPU a write; on {:.0} IOPS, {:.1} µs",
+                off.iops, off.costs.cores_us, on.iops, on.costs.cores_us
+            );
         }
     }
     (rounds_of, deltas, delta_bytes)
+}
+
+/// Waits (up to 30 s) until `cores` are nearly idle: a cluster just started, or just sent a
+/// round's objects, goes on working for a while, which would count against the next round.
+fn wait_quiet(cores: Range<usize>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let window = Duration::from_millis(500);
+    loop {
+        let before = cpu::cores_busy(cores.clone());
+        std::thread::sleep(window);
+        let busy = (cpu::cores_busy(cores.clone()) - before).as_secs_f64() / window.as_secs_f64();
+        if busy < QUIET_CORES {
+            return;
+        }
+        if Instant::now() > deadline {
+            eprintln!("cores {cores:?} still {busy:.2} busy after 30 s; measuring all the same");
+            return;
+        }
+    }
 }
 
 /// The table of `measure_rounds`' results under `heading` (and their figures in `json`, keys
@@ -558,29 +683,53 @@ fn report_rounds(
     json: &mut serde_json::Value,
     key_prefix: &str,
 ) -> String {
-    let mut line = format!("| replication | {heading} | lag p50 | lag p99 |\n|---|---|---|---|\n");
-    for (placement, mut results) in placements.iter().zip(rounds_of) {
+    let mut line = format!(
+        "| replication | {heading} | CPU a write: cores (busy), daemon | CPU-bound on/off | lag p50 | lag p99 |\n\
+         |---|---|---|---|---|---|\n"
+    );
+    for (placement, results) in placements.iter().zip(rounds_of) {
         let (label, key) = match placement {
             _ if placements.len() == 1 => (String::new(), ""),
             Placement::Shared => (format!(", {}", placement.label()), "shared_"),
             Placement::OwnCore => (format!(", {}", placement.label()), "own_core_"),
         };
-        results.lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        // Each round's on/off pair ran within seconds: its ratio says more than the medians'
-        // on a machine whose load changes.
-        let ratios: Vec<String> =
-            results.on.iter().zip(&results.off).map(|(on, off)| format!("{:.2}", on / off)).collect();
-        let ratios = ratios.join(", ");
-        let (iops_off, iops_on) = (median(results.off), median(results.on));
-        let (p50, p99) = (percentile(&results.lags, 0.5), percentile(&results.lags, 0.99));
+        let mut lags: Vec<f64> = results.on.iter().flat_map(|round| round.lags.iter().copied()).collect();
+        lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let (p50, p99) = (percentile(&lags, 0.5), percentile(&lags, 0.99));
+        // Each round's pair ran within seconds: its ratios say more than the medians' on a
+        // machine whose speed changes. The CPU a write takes on cores the load keeps busy sets
+        // what IOPS they reach, whatever the machine's speed did meanwhile.
+        let pairs = || results.on.iter().zip(&results.off);
+        let iops_ratios: Vec<f64> = pairs().map(|(on, off)| on.iops / off.iops).collect();
+        let cpu_ratios: Vec<f64> = pairs().map(|(on, off)| off.costs.cores_us / on.costs.cores_us).collect();
+        let listed = |ratios: &[f64]| ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", ");
+        let row = |rounds: &[Round]| {
+            let iops = median(rounds.iter().map(|r| r.iops).collect());
+            let cores_us = median(rounds.iter().map(|r| r.costs.cores_us).collect());
+            let busy = median(rounds.iter().map(|r| r.costs.cores_busy).collect());
+            let daemon_us = median(rounds.iter().map(|r| r.costs.daemon_us).collect());
+            (iops, format!("{cores_us:.1} µs ({busy:.2} cores), {daemon_us:.1} µs"), cores_us, daemon_us)
+        };
+        let (iops_off, cpu_off, cores_us_off, daemon_us_off) = row(&results.off);
+        let (iops_on, cpu_on, cores_us_on, daemon_us_on) = row(&results.on);
+        let (iops_ratio, cpu_ratio) = (median(iops_ratios.clone()), median(cpu_ratios.clone()));
         line.push_str(&format!(
-            "| off{label} | {iops_off:.0} | | |\n| on{label} | {iops_on:.0} ({:.2}×; rounds {ratios}) | {p50:.0} ms | {p99:.0} ms |\n",
-            iops_on / iops_off
+            "| off{label} | {iops_off:.0} | {cpu_off} | | | |\n\
+             | on{label} | {iops_on:.0} ({iops_ratio:.2}×; rounds {}) | {cpu_on} | {cpu_ratio:.2}× (rounds {}) | {p50:.0} ms | {p99:.0} ms |\n",
+            listed(&iops_ratios),
+            listed(&cpu_ratios)
         ));
         let key = format!("{key_prefix}{key}");
         json[format!("{key}iops_off")] = iops_off.into();
         json[format!("{key}iops_on")] = iops_on.into();
-        json[format!("{key}round_ratios")] = ratios.into();
+        json[format!("{key}iops_ratio")] = iops_ratio.into();
+        json[format!("{key}round_ratios")] = listed(&iops_ratios).into();
+        json[format!("{key}cores_us_off")] = cores_us_off.into();
+        json[format!("{key}cores_us_on")] = cores_us_on.into();
+        json[format!("{key}daemon_us_off")] = daemon_us_off.into();
+        json[format!("{key}daemon_us_on")] = daemon_us_on.into();
+        json[format!("{key}cpu_bound_ratio")] = cpu_ratio.into();
+        json[format!("{key}cpu_bound_round_ratios")] = listed(&cpu_ratios).into();
         json[format!("{key}lag_p50_ms")] = p50.into();
         json[format!("{key}lag_p99_ms")] = p99.into();
     }
@@ -648,8 +797,10 @@ fn main() {
     for (placement, rate, why) in paced {
         let paced_target = replicas.create("paced", placement);
         prepare_image(&image);
-        let (paced_iops, mut paced_lags) =
-            run_replicated(&work, &image, &paced_target, |socket| drive(socket, secs * 2.0, Some(rate)));
+        let cores = placement.ours(cpus);
+        let paced_round =
+            run_round(&work, &image, Some(&paced_target), cores, |socket| drive(socket, secs * 2.0, Some(rate)));
+        let (paced_iops, mut paced_lags) = (paced_round.iops, paced_round.lags);
         replicas.delete(&paced_target);
         paced_lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let (p50, p99) = (percentile(&paced_lags, 0.5), percentile(&paced_lags, 0.99));

@@ -133,6 +133,8 @@ struct Sample {
     cpu_us_per_io: f64,
 }
 
+#[path = "../tests/common/cpu.rs"]
+mod cpu;
 #[path = "../crates/rewind-engine/tests/common/rng.rs"]
 mod rng;
 use rng::Rng;
@@ -200,14 +202,6 @@ fn start_on_store(backend: Backend, work: &Path, image: &Path, queues: usize) ->
     };
     wait_for(&socket, &mut child);
     (child, socket)
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// Runs `w` for `secs` against the socket; returns (ios, latencies in µs).
@@ -318,11 +312,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn run_once(backend: Backend, work: &Path, image: &Path, w: Workload, secs: f64) -> Sample {
     let (child, socket) = start(backend, work, image, w.queues);
-    let cpu_before = cpu_seconds(child.id());
+    let cpu_before = cpu::process_cpu(child.id()).as_secs_f64();
     let begin = Instant::now();
     let (ios, mut latencies) = drive(&socket, w, secs);
     let elapsed = begin.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(child.id()) - cpu_before;
+    let cpu = cpu::process_cpu(child.id()).as_secs_f64() - cpu_before;
     stop(child);
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     Sample {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 pub mod blocks;
+pub mod cpu;
 #[path = "../../crates/rewind-engine/tests/common/rng.rs"]
 mod rng;
 #[allow(unused_imports)] // not every test binary uses it
@@ -68,13 +69,7 @@ impl Daemon {
 
     /// CPU time (user + system) the daemon has used so far.
     pub fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        // The fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        // SAFETY: sysconf has no preconditions.
-        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-        Duration::from_millis(ticks * 1000 / per_second)
+        cpu::process_cpu(self.child.id())
     }
 
     /// SIGTERM, then the exit status, which must come within `limit`.
