@@ -16,9 +16,13 @@
 //!   REWIND_BENCH_DELTA_EVERY=0 ...       # the IOPS and lag rounds with this --replica-delta-every
 //!
 //! With Ceph, each round runs twice: with the cluster on the cores the daemon and the load
-//! generator use, and with the cluster on a core of its own (the others left to them), a
-//! stand-in for a cluster on another host; in each, the lag is also measured paced at half the
-//! rate the cluster took in a backlog, a load the store keeps up with.
+//! generator use, and with the cluster and the daemon's housekeeping threads (the shipping
+//! among them: `--housekeeping-cpus`) on a core of their own, the others left to the daemon's
+//! I/O and the load: a stand-in for a cluster on another host and a host with a core to spare.
+//! There the cores' figure is what shipping costs the I/O path beside it, and the daemon's
+//! figure (its own CPU, wherever it ran) includes what the shipping itself took. In each
+//! placement the lag is also measured paced at half the rate the cluster took in a backlog, a
+//! load the store keeps up with.
 
 #[path = "../tests/common/ceph.rs"]
 mod ceph;
@@ -57,8 +61,10 @@ const QUIET_CORES: f64 = 0.2;
 const LAG_LIMIT: Duration = Duration::from_secs(300);
 
 /// Where the cluster runs: on the cores the daemon and the load generator use (as the tests run
-/// it), or on the last core alone, the others left to them: a stand-in for a cluster on another
-/// host, where a replica belongs.
+/// it), or on the last core alone with the daemon's housekeeping threads (`--housekeeping-cpus`:
+/// the shipping among them), the others left to the daemon's I/O and the load: a stand-in for a
+/// cluster on another host, where a replica belongs, and a host with a core to spare for
+/// shipping, as hosts with more than two have.
 #[derive(Clone, Copy, PartialEq)]
 enum Placement {
     Shared,
@@ -69,7 +75,15 @@ impl Placement {
     fn label(self) -> &'static str {
         match self {
             Placement::Shared => "cluster sharing the cores",
-            Placement::OwnCore => "cluster on a core of its own",
+            Placement::OwnCore => "cluster and shipping on a core of their own",
+        }
+    }
+
+    /// The daemon's options for this placement, in rounds with and without replication alike.
+    fn daemon_args(self, cpus: usize) -> Vec<String> {
+        match self {
+            Placement::Shared => Vec::new(),
+            Placement::OwnCore => vec!["--housekeeping-cpus".into(), (cpus - 1).to_string()],
         }
     }
 
@@ -218,8 +232,8 @@ fn remote(target: &Target) -> rewind_replica::Remote {
     rewind_replica::Remote::open(&target.url).unwrap()
 }
 
-/// Serves `image`, replicating to `target` (with `extra` options) when given.
-fn serve(work: &Path, image: &Path, target: Option<(&Target, &[&str])>) -> (Child, PathBuf, PathBuf) {
+/// Serves `image` with `extra` options, replicating to `target` when given.
+fn serve(work: &Path, image: &Path, target: Option<&Target>, extra: &[String]) -> (Child, PathBuf, PathBuf) {
     let _ = fs::remove_dir_all(rewind::store::default_store_dir(image));
     let socket = work.join("bench.sock");
     let control = work.join("bench.ctl");
@@ -232,8 +246,9 @@ fn serve(work: &Path, image: &Path, target: Option<(&Target, &[&str])>) -> (Chil
         .arg(&socket)
         .args(["--queue-size", "1024", "--control"])
         .arg(&control);
-    if let Some((target, extra)) = target {
-        command.args(["--replicate", &target.url]).args(extra).envs(target.env.iter().map(|(k, v)| (k, v)));
+    command.args(extra);
+    if let Some(target) = target {
+        command.args(["--replicate", &target.url]).envs(target.env.iter().map(|(k, v)| (k, v)));
     }
     let mut child =
         command.env("RUST_LOG", "error").stderr(File::create(work.join("rewind.log")).unwrap()).spawn().unwrap();
@@ -354,15 +369,15 @@ fn run_round(
     work: &Path,
     image: &Path,
     target: Option<&Target>,
-    cores: Range<usize>,
+    (placement, cpus): (Placement, usize),
     load: impl FnOnce(&Path) -> f64,
 ) -> Round {
-    let delta_every = std::env::var("REWIND_BENCH_DELTA_EVERY").ok();
-    let extra: Vec<&str> = match &delta_every {
-        Some(size) => vec!["--replica-delta-every", size],
-        None => Vec::new(),
-    };
-    let (child, socket, control) = serve(work, image, target.map(|target| (target, &extra[..])));
+    let mut extra = placement.daemon_args(cpus);
+    if let (Some(size), Some(_)) = (std::env::var("REWIND_BENCH_DELTA_EVERY").ok(), target) {
+        extra.extend(["--replica-delta-every".into(), size]);
+    }
+    let cores = placement.ours(cpus);
+    let (child, socket, control) = serve(work, image, target, &extra);
     if target.is_some() {
         wait_caught_up(&control, Duration::from_secs(120));
     }
@@ -519,7 +534,7 @@ fn catch_up(
     cpus: usize,
 ) -> CatchUp {
     prepare_image(image);
-    let (child, socket, control) = serve(work, image, Some((target, &[])));
+    let (child, socket, control) = serve(work, image, Some(target), &placement.daemon_args(cpus));
     wait_caught_up(&control, Duration::from_secs(120));
     cluster.stop_gateway();
     drive(&socket, 1.0, None);
@@ -634,7 +649,7 @@ fn measure_rounds(
                 wait_quiet(cores.clone());
                 prepare_image(image);
                 let target = replicated.then_some(&round_target);
-                let measured = run_round(work, image, target, cores.clone(), &load);
+                let measured = run_round(work, image, target, (*placement, replicas.cpus()), &load);
                 match replicated {
                     true => results.on.push(measured),
                     false => results.off.push(measured),
@@ -797,9 +812,9 @@ fn main() {
     for (placement, rate, why) in paced {
         let paced_target = replicas.create("paced", placement);
         prepare_image(&image);
-        let cores = placement.ours(cpus);
-        let paced_round =
-            run_round(&work, &image, Some(&paced_target), cores, |socket| drive(socket, secs * 2.0, Some(rate)));
+        let paced_round = run_round(&work, &image, Some(&paced_target), (placement, cpus), |socket| {
+            drive(socket, secs * 2.0, Some(rate))
+        });
         let (paced_iops, mut paced_lags) = (paced_round.iops, paced_round.lags);
         replicas.delete(&paced_target);
         paced_lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -849,12 +864,16 @@ fn main() {
          | replica | journal shipped | remote snapshots | objects read | recovery | download alone |\n|---|---|---|---|---|---|\n"
     );
     for (name, label, extra) in [
-        ("deltas", "remote snapshots every 4× the volume (default)", &[][..]),
-        ("journal", "no remote snapshots (`--replica-delta-every 0`)", &["--replica-delta-every", "0"][..]),
+        ("deltas", "remote snapshots every 4× the volume (default)", Vec::new()),
+        (
+            "journal",
+            "no remote snapshots (`--replica-delta-every 0`)",
+            vec!["--replica-delta-every".into(), "0".into()],
+        ),
     ] {
         prepare_image(&image);
         let recovery_target = replicas.create(&format!("recovery-{name}"), Placement::Shared);
-        let (child, socket, control) = serve(&work, &image, Some((&recovery_target, extra)));
+        let (child, socket, control) = serve(&work, &image, Some(&recovery_target), &extra);
         wait_caught_up(&control, Duration::from_secs(120));
         drive(&socket, secs, None);
         wait_settled(&control, Duration::from_secs(600));

@@ -21,6 +21,43 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number.checked_mul(1u64 << shift).ok_or_else(|| format!("size {text:?} is too large"))
 }
 
+/// CPU numbers, as given on the command line.
+#[derive(Clone, Debug)]
+pub struct CpuList {
+    pub cpus: Vec<usize>,
+}
+
+impl std::fmt::Display for CpuList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let numbers: Vec<String> = self.cpus.iter().map(usize::to_string).collect();
+        f.write_str(&numbers.join(","))
+    }
+}
+
+/// Parses a CPU list as taskset and cpusets write it: "1", "0-3,6".
+pub fn parse_cpu_list(text: &str) -> Result<CpuList, String> {
+    let cpu = |number: &str| {
+        number
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{number:?} in {text:?} is not a CPU number (try 1 or 0-3,6)"))
+    };
+    let mut cpus = Vec::new();
+    for part in text.split(',') {
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last) = (cpu(first)?, cpu(last)?);
+                if first > last {
+                    return Err(format!("CPU range {part:?} runs backwards"));
+                }
+                cpus.extend(first..=last);
+            }
+            None => cpus.push(cpu(part)?),
+        }
+    }
+    Ok(CpuList { cpus })
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration (try 30s, 10m, 24h): {e}"))
 }
@@ -54,6 +91,17 @@ pub fn format_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("3").map(|l| l.cpus), Ok(vec![3]));
+        assert_eq!(parse_cpu_list("0-2,6").map(|l| l.cpus), Ok(vec![0, 1, 2, 6]));
+        assert_eq!(parse_cpu_list("0-2,6").map(|l| l.to_string()), Ok("0,1,2,6".into()));
+        assert!(parse_cpu_list("2-1").unwrap_err().contains("runs backwards"));
+        assert!(parse_cpu_list("one").unwrap_err().contains("is not a CPU number"));
+        assert!(parse_cpu_list("").is_err());
+        assert!(parse_cpu_list("1,").is_err());
+    }
 
     #[test]
     fn sizes() {

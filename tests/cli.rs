@@ -114,6 +114,15 @@ fn errors_are_clear_and_exit_non_zero() {
 
     let out = rewind(&["init", "disk.img", "--size", "2M"], d);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+
+    let out = rewind(&["serve", "disk.img", "--socket", "s", "--housekeeping-cpus", "1-0"], d);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runs backwards"));
+    let out = rewind(&["serve", "disk.img", "--socket", "s", "--housekeeping-cpus", "1000"], d);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--housekeeping-cpus 1000: cannot run threads on these CPUs"), "{stderr}");
+    assert!(!d.join("s").exists(), "a daemon that cannot place its threads does not serve");
 }
 
 #[test]

@@ -202,6 +202,45 @@ fn writes_and_markers_on_a_live_daemon_recover_byte_exact_from_a_directory_repli
     markers_and_writes_recover_exactly(dir.path(), &url, &[]);
 }
 
+/// `--housekeeping-cpus` moves the replication threads (and the threads they start to write a
+/// directory replica) and the journal's housekeeping onto the CPUs asked for, and leaves the
+/// threads serving guest I/O where they were.
+#[test]
+fn housekeeping_threads_run_on_the_cpus_asked_for() {
+    let allowed = |status: &str| {
+        let line = status.lines().find_map(|line| line.strip_prefix("Cpus_allowed_list:")).unwrap();
+        rewind::units::parse_cpu_list(line.trim()).unwrap().cpus
+    };
+    let ours = allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let housekeeping = *ours.last().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = file_url(&dir.path().join("replica"));
+    let cpu = housekeeping.to_string();
+    let served = serve_replicated(dir.path(), &url, &[], &["--housekeeping-cpus", &cpu]);
+    let mut client = Client::connect(&served.daemon.socket, 1);
+    let (mut rng, mut model) = (Rng(0x5eed_0015), vec![0u8; SIZE as usize]);
+    write_random(&mut client, &mut model, &mut rng, 64);
+    assert_eq!(client.flush(), 0);
+    caught_up(&served.control, Duration::from_secs(30));
+
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", served.daemon.child.id())).unwrap();
+    let mut placed = std::collections::BTreeMap::<String, Vec<Vec<usize>>>::new();
+    for task in tasks {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap().trim().to_string();
+        placed.entry(name).or_default().push(allowed(&std::fs::read_to_string(task.join("status")).unwrap()));
+    }
+    for name in ["rewind-replica", "rewind-replsync", "rewind-spares", "rewind-uncache", "tokio-rt-worker"] {
+        let cpus = placed.get(name).unwrap_or_else(|| panic!("no thread {name} among {placed:?}"));
+        assert!(cpus.iter().all(|cpus| *cpus == [housekeeping]), "{name} runs on {cpus:?}, not CPU {housekeeping}");
+    }
+    for name in ["rewind", "rewind-queue-0", "rewind-apply-0"] {
+        assert!(placed[name].iter().all(|cpus| *cpus == ours), "{name} moved: {:?}", placed[name]);
+    }
+    drop(client);
+    served.daemon.terminate();
+}
+
 /// A power loss on a directory replica's own disk (a crashfs mount: names and bytes go back to
 /// their last fsync) keeps everything its manifest counted: the manifest, and every object it
 /// lists, so the last shipped point and its markers still recover byte-exact.

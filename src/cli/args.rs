@@ -9,7 +9,7 @@ use crate::control::protocol::RetentionChange;
 use crate::recovery::RecoveryTarget;
 use crate::retention::RetentionPolicy;
 use crate::store::DEFAULT_SEGMENT_CAPACITY;
-use crate::units::{parse_duration, parse_rfc3339_ns, parse_size};
+use crate::units::{parse_cpu_list, parse_duration, parse_rfc3339_ns, parse_size, CpuList};
 
 #[derive(Parser, Debug)]
 #[command(name = "rewind", version, about = "A journaling block store: rewind a VM disk to any marker")]
@@ -189,6 +189,10 @@ pub struct ServeArgs {
     /// replays at most about this much journal; 0: none. Default: 4 times the volume's size.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "replicate")]
     pub replica_delta_every: Option<u64>,
+    /// Run the housekeeping threads (replication, preparing journal segments, dropping cached
+    /// pages) on these CPUs only (e.g. 3 or 2-3,6), away from the cores serving guest I/O.
+    #[arg(long, value_name = "CPUS", value_parser = parse_cpu_list)]
+    pub housekeeping_cpus: Option<CpuList>,
     #[command(flatten)]
     pub at: AtArgs,
 }

@@ -36,6 +36,10 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    if let Some(list) = &args.housekeeping_cpus {
+        crate::fsutil::set_housekeeping_cpus(&list.cpus)
+            .with_context(|| format!("--housekeeping-cpus {list}: cannot run threads on these CPUs"))?;
+    }
     let retention = args.retention;
     let replicate = args.replicate;
     crate::serve::serve(crate::serve::ServeConfig {

@@ -1,21 +1,70 @@
 //! Thin wrappers over the file-system calls std does not offer: vectored positional writes,
-//! hole punching, sparse-aware copies, directory syncs and atomic replacement of small files.
+//! hole punching, sparse-aware copies, directory syncs and atomic replacement of small files;
+//! and the priority and CPUs of housekeeping threads.
 
 use std::fs::{self, File};
 use std::io::{self, IoSlice};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{IoContext, Result};
 
-/// Lowers the calling thread's CPU priority, for housekeeping that must not delay the write
-/// path or the control socket on a machine with few cores. Best effort: a failure only logs.
-pub fn lower_thread_priority() {
+/// The CPUs housekeeping threads run on, when the daemon was asked to keep them off the cores
+/// that serve guest I/O; unset, they run wherever the scheduler puts them.
+static HOUSEKEEPING_CPUS: OnceLock<libc::cpu_set_t> = OnceLock::new();
+
+/// Runs every housekeeping thread started from now on (replication, spare segments, dropping
+/// cached pages) on `cpus` only. Set once per process, before the store opens; the set is
+/// tried on a thread of its own first, so that CPUs the process may not use are an error here
+/// rather than a silent no-op later.
+pub fn set_housekeeping_cpus(cpus: &[usize]) -> io::Result<()> {
+    let invalid = |reason: String| io::Error::new(io::ErrorKind::InvalidInput, reason);
+    if cpus.is_empty() {
+        return Err(invalid("no CPU given".into()));
+    }
+    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let capacity = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    for &cpu in cpus {
+        if cpu >= capacity {
+            return Err(invalid(format!("CPU {cpu} is beyond the {capacity} a CPU set holds")));
+        }
+        // SAFETY: `cpu` is within the set, checked above.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    std::thread::spawn(move || set_thread_affinity(&set))
+        .join()
+        .map_err(|_| io::Error::other("the thread trying the CPU set panicked"))??;
+    HOUSEKEEPING_CPUS
+        .set(set)
+        .map_err(|_| io::Error::new(io::ErrorKind::AlreadyExists, "housekeeping CPUs are set already"))
+}
+
+fn set_thread_affinity(set: &libc::cpu_set_t) -> io::Result<()> {
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes the calling thread a housekeeping thread: a lower CPU priority, so that it does not
+/// delay the write path or the control socket on a machine with few cores, and the CPUs of
+/// [`set_housekeeping_cpus`] if set. Threads it starts inherit both. Best effort: a failure
+/// only logs.
+pub fn enter_housekeeping() {
     // SAFETY: gettid has no preconditions; setpriority on our own thread only ever lowers it.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
     if rc != 0 {
         log::debug!("cannot lower a housekeeping thread's priority: {}", io::Error::last_os_error());
+    }
+    if let Some(set) = HOUSEKEEPING_CPUS.get() {
+        if let Err(e) = set_thread_affinity(set) {
+            log::warn!("cannot move a housekeeping thread to its CPUs: {e}");
+        }
     }
 }
 

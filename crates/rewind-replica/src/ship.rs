@@ -254,7 +254,7 @@ impl Syncer {
         let thread = std::thread::Builder::new()
             .name("rewind-replsync".into())
             .spawn(move || {
-                fsutil::lower_thread_priority();
+                fsutil::enter_housekeeping();
                 while asked.recv().is_ok() {
                     // A failed sync fails the store's later syncs too; the walk that finds
                     // nothing durable syncs itself and reports it.
@@ -333,7 +333,7 @@ impl Worker {
     fn run(&mut self) {
         // Guest I/O comes first on a machine with few cores. The threads that write a
         // directory replica's files are started from this one and inherit its priority.
-        fsutil::lower_thread_priority();
+        fsutil::enter_housekeeping();
         loop {
             if self.stopping() {
                 if self.retry_at.is_none() {

@@ -852,7 +852,7 @@ impl SparePreparer {
         let thread = std::thread::Builder::new()
             .name("rewind-spares".into())
             .spawn(move || {
-                fsutil::lower_thread_priority();
+                fsutil::enter_housekeeping();
                 while wanted.recv().is_ok() && !stopping.load(Ordering::Relaxed) {
                     let pace = || {
                         if stopping.load(Ordering::Relaxed) {
@@ -909,7 +909,7 @@ impl CacheDropper {
         let thread = std::thread::Builder::new()
             .name("rewind-uncache".into())
             .spawn(move || {
-                fsutil::lower_thread_priority();
+                fsutil::enter_housekeeping();
                 while let Ok(Some((file, len))) = segments.recv() {
                     if retention_floor.load(Ordering::Relaxed) != Seq::MAX {
                         continue;
