@@ -423,7 +423,7 @@ fn watch(
         if running.load(Ordering::Relaxed) && due {
             let status: Status = client.execute(AgentCommand::QueryStatus).unwrap();
             let at = Instant::now();
-            if samples.last().is_some_and(|last| status.head > last.head) {
+            if replicated && samples.last().is_some_and(|last| status.head > last.head) {
                 pending.push((at, status.head));
             }
             let (daemon_cpu, cores_busy) = (cpu::process_cpu(daemon), cpu::cores_busy(cores.clone()));
