@@ -6,7 +6,8 @@
 # each time on the same image and socket. Expected: no I/O error in the guest's kernel log or
 # fio, no verify mismatch, every copied file intact, a clean e2fsck of the image afterwards and
 # `rewind verify` (the volume equals its journal). Prints each restart's stall: from the signal
-# until the new daemon completes its first request. The soak (README, Restarts) is
+# until the new daemon completes its first request. A guest whose I/O stops after a restart
+# fails the test within 30 s, with its rings as guest memory holds them. The soak (README, Restarts) is
 # `RESTARTS=100 guest-tests/restart-under-io.sh`. RECONNECT is the chardev's reconnect option
 # (`reconnect=1`, QEMU 7.2; QEMU 9.2 and later: e.g. `reconnect-ms=200`), QEMU the binary.
 set -euo pipefail
@@ -56,6 +57,63 @@ await_exit() {
 requests() {
     "$REWIND" status --control "$work/ctl.sock" --json 2>/dev/null |
         grep -o '"requests": [0-9]*' | head -n 1 | grep -o '[0-9]*$' || echo 0
+}
+
+# queue_states: the disk's rings in guest memory (read through QEMU's monitor: QEMU keeps no
+# indices of its own for a vhost-user device while it runs) and the daemon's status, for a
+# guest whose I/O stopped: requests the driver made available but the device never used, or
+# used ones the driver was not told about.
+queue_states() {
+    python3 - "$work/qmp.sock" <<'PY'
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+stream = sock.makefile("rw")
+def call(command, **arguments):
+    stream.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
+    stream.flush()
+    while True:
+        reply = json.loads(stream.readline())
+        if "return" in reply or "error" in reply:
+            return reply
+def u16(address):
+    words = call("human-monitor-command", **{"command-line": f"xp /1hx {address}"})["return"]
+    return int(words.split(":")[1].split()[0], 16)
+json.loads(stream.readline())
+call("qmp_capabilities")
+for device in call("x-query-virtio").get("return", []):
+    if device["name"] != "virtio-blk":
+        continue
+    for queue in (0, 1):
+        ring = call("x-query-virtio-queue-status", path=device["path"], queue=queue)["return"]
+        avail, used, size = ring["vring-avail"], ring["vring-used"], ring["vring-num"]
+        print(f"queue {queue}: avail idx {u16(avail + 2)}, used_event {u16(avail + 4 + 2 * size)}; "
+              f"used idx {u16(used + 2)}, avail_event {u16(used + 4 + 8 * size)}")
+PY
+    "$REWIND" status --control "$work/ctl.sock" --json
+}
+# requests_grow SECONDS: whether the daemon serves another request within SECONDS.
+requests_grow() {
+    local since i
+    since=$(requests)
+    for i in $(seq 1 $(($1 * 10))); do
+        [ "$(requests)" -gt "$since" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+# check_guest_io RESTART REQUESTS: fails the test, showing the queues, if the guest's I/O
+# stopped after that restart. A guest that runs fio and copies never idles for long: hundreds
+# of requests or more between restarts. Far fewer, and none for 30 s, is a guest whose I/O
+# stopped (without this check it would show only at the guest's timeout, minutes later).
+check_guest_io() {
+    [ "$2" -lt 10 ] || return 0
+    requests_grow 30 && return 0
+    echo "the guest's I/O stopped after restart $1 ($2 request(s) since); its queues:" >&2
+    queue_states >&2 || true
+    echo "daemon log (tail):" >&2
+    tail -40 "$work/daemon.log" >&2
+    exit 1
 }
 
 # fio and its libraries run through the dynamic loader from /data; /data/a holds files to copy.
@@ -127,7 +185,7 @@ GUEST_TIMEOUT=$((runtime + 300)) guest_boot "$work/guest.log" "$work/workload.sh
     -chardev socket,id=disk0,path="$work/vhost.sock","${RECONNECT:-reconnect=1}" \
     -device vhost-user-blk-pci,chardev=disk0,num-queues=2 \
     -device virtio-serial-pci,id=serial0 -chardev socket,id=ctl,path="$work/guest-ctl.sock",server=on,wait=off \
-    -device virtserialport,bus=serial0.0,chardev=ctl,name=ctl &
+    -device virtserialport,bus=serial0.0,chardev=ctl,name=ctl -qmp unix:"$work/qmp.sock",server=on,wait=off &
 guest=$!
 for _ in $(seq 1 1200); do
     grep -q WORKLOAD-START "$work/guest.log" 2>/dev/null && break
@@ -142,6 +200,7 @@ for i in $(seq 1 "$RESTARTS"); do
     sleep "$((1 + RANDOM % 2)).$((RANDOM % 10))"
     grep -q WORKLOAD-DONE "$work/guest.log" && { echo "the guest's workload ended after $((i - 1)) restarts" >&2; exit 1; }
     before=$(requests)
+    check_guest_io "$((i - 1))" "$before"
     if [ $((i % 2)) = 1 ]; then signal=TERM; else signal=KILL; fi
     start=$(date +%s.%N)
     kill -"$signal" "$daemon"
@@ -161,6 +220,7 @@ for i in $(seq 1 "$RESTARTS"); do
     stalls+=("$signal $stall")
     echo "restart $i: SIG$signal (requests before: $before), stall ${stall} s"
 done
+check_guest_io "$RESTARTS" "$(requests)"
 echo "restarts done; telling the guest to stop"
 # The connection stays open until QEMU exits, so the guest's next poll finds the word.
 python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"stop"); s.recv(1)' \
