@@ -548,6 +548,27 @@ fn a_restarted_daemon_resumes_the_ring_or_breaks_the_queue_whatever_base_it_is_g
     assert_eq!(text.matches("queue 0 is broken").count(), 1, "{text}");
 }
 
+/// A backend killed between putting completions on the used ring and signalling them leaves a
+/// driver that is never told: with EVENT_IDX the next backend's completions do not signal it
+/// either, its `used_event` lying behind them. A queue that starts signals the driver once, so
+/// that it looks at its used ring again.
+#[test]
+fn a_started_queue_signals_the_driver_once_for_what_a_previous_backend_left_unsignalled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, _) = start(dir.path(), &[]);
+    let mut vmm = Vmm::connect(&daemon.socket, 1, true);
+    let data = fill(&vmm, BUF, 3, 4096);
+    assert!(write_and_read_on(&mut vmm, 0, 8, &data) == data);
+    daemon.kill();
+    while vmm.take_interrupt(0, std::time::Duration::ZERO) {}
+
+    let (daemon, _) = start(dir.path(), &[]);
+    vmm.reconnect(&daemon.socket, vmm.used_idx(0));
+    assert!(vmm.take_interrupt(0, std::time::Duration::from_secs(20)), "the restarted queue did not signal");
+    assert!(read_back(&mut vmm, 8, 4096) == data);
+    assert!(daemon.terminate().success());
+}
+
 /// Flags queue 0's chain `head` in an inflight region as taken and not completed, with
 /// `counter` (the region's layout: docs/virtio.md, "Restarts"), as a backend that died would
 /// leave it.

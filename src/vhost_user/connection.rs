@@ -186,6 +186,13 @@ impl Connection {
             None => None,
         };
         vring.set_queue_ready(true);
+        // A backend killed between putting completions on the used ring and signalling them
+        // left a driver that was never told, and with EVENT_IDX it would not be told of later
+        // ones either (its used_event lies behind them): one signal makes it look at the ring
+        // again. A driver with nothing new there ignores it.
+        if let Err(e) = vring.signal_used_queue() {
+            log::warn!("queue {index}: cannot signal the driver: {e}");
+        }
         self.backend.start_queue(index, tracking);
         let worker = QueueWorker::spawn(Arc::clone(&self.backend), index, vring, kick)
             .map_err(ProtocolError::ReqHandlerError)?;

@@ -336,13 +336,19 @@ impl Vmm {
             if got.len() > before {
                 continue;
             }
-            let fd = std::os::unix::io::AsRawFd::as_raw_fd(&self.queues[q].call);
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
-            let ready = unsafe { libc::poll(&mut pfd, 1, 20_000) };
-            assert_eq!(ready, 1, "no interrupt within 20 s ({} of {count} completions seen)", got.len());
-            let _ = self.queues[q].call.read();
+            let interrupted = self.take_interrupt(q, std::time::Duration::from_secs(20));
+            assert!(interrupted, "no interrupt within 20 s ({} of {count} completions seen)", got.len());
         }
+    }
+
+    /// Waits up to `timeout` for an interrupt of queue `q` (its call eventfd) and consumes it.
+    pub fn take_interrupt(&self, q: usize, timeout: std::time::Duration) -> bool {
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&self.queues[q].call);
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        let _ = self.queues[q].call.read();
+        ready == 1
     }
 
     /// Moves the used ring's new entries into `got`.
